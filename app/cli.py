@@ -1,0 +1,288 @@
+"""The ``ledgerlake`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from app.embedded_redis import EmbeddedRedis
+from app.logs import setup_logging
+from app.services import Services
+from app.settings import Settings
+from events.errors import LedgerError
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextmanager
+def redis_for(settings: Settings) -> Iterator[str]:
+    """The Redis URL to use: the configured one, or the embedded server of the data dir
+    (started if it is not running, and stopped on exit if nobody else uses it)."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    embedded = EmbeddedRedis(
+        settings.data_dir, binary=settings.redis_server, appendfsync=settings.redis_appendfsync
+    )
+    url = embedded.start()
+    try:
+        yield url
+    finally:
+        embedded.stop_if_last()
+
+
+@asynccontextmanager
+async def services_for(settings: Settings, url: str) -> AsyncIterator[Services]:
+    services = Services.build(settings, url)
+    try:
+        yield services
+    finally:
+        await services.close()
+
+
+class Progress:
+    """A one-line progress report on stderr, at most a few times per second."""
+
+    def __init__(self, what: str, unit: str) -> None:
+        self.what, self.unit = what, unit
+        self.started = time.monotonic()
+        self.last = self.started
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int) -> None:
+        t = time.monotonic()
+        if t - self.last < 0.5:
+            return
+        self.last = t
+        self._print(done, end="\r" if self.tty else "\n")
+
+    def _print(self, done: int, end: str) -> None:
+        rate = done / max(time.monotonic() - self.started, 1e-6)
+        print(f"{self.what}: {done:,} {self.unit} ({rate:,.0f}/s)", end=end, file=sys.stderr)
+
+    def finish(self, done: int) -> None:
+        self._print(done, end="\n")
+
+
+def _split(value: str, parts: int, what: str) -> list[str]:
+    pieces = value.split("/")
+    if len(pieces) != parts or not all(pieces):
+        raise SystemExit(f"{what} must look like {'/'.join(['name'] * parts)}, not {value!r}")
+    return pieces
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.http import create_app
+
+    if not is_loopback(settings.host) and not settings.api_token:
+        raise SystemExit(
+            f"refusing to bind {settings.host}: it is not a loopback address and no "
+            "authentication is configured (set LEDGERLAKE_API_TOKEN)"
+        )
+    with redis_for(settings) as url:
+        app = create_app(settings, url)
+        uvicorn.run(
+            app, host=settings.host, port=settings.port, log_config=None, access_log=False
+        )
+    return 0
+
+
+async def _until_signal(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            stop.set()
+            return
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    async def main(url: str) -> None:
+        async with services_for(settings, url) as services:
+            stop = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_until_signal, stop)
+                projector = services.projector()
+                if args.burst:
+                    n = await projector.run_until_caught_up()
+                    await projector.release_all()
+                    print(f"projected {n} events", file=sys.stderr)
+                else:
+                    await projector.run(stop)
+                tg.cancel_scope.cancel()
+
+    with redis_for(settings) as url:
+        anyio.run(main, url)
+    return 0
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from projections.replay import replay
+
+    async def main(url: str) -> int:
+        async with services_for(settings, url) as services:
+            progress = Progress("replayed", "events")
+            report = await replay(
+                services.log, services.store, verify=args.verify, progress=progress
+            )
+            progress.finish(report.events)
+            for line in report.differences:
+                print(f"DIFF {line}", file=sys.stderr)
+            verb = "verified" if args.verify else "rebuilt"
+            print(
+                f"{verb} {report.supers} supers from {report.events} events: "
+                f"{len(report.differences)} difference(s)"
+            )
+            return 1 if report.differences else 0
+
+    with redis_for(settings) as url:
+        return anyio.run(main, url)
+
+
+def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
+    org, sup = _split(args.super, 2, "--super")
+
+    async def main(url: str) -> int:
+        async with services_for(settings, url) as services:
+            state = await services.reader.require_super(org, sup)
+            result = await services.engine.run(
+                state, args.sql, limit=args.limit, timeout_s=args.timeout
+            )
+            _print_table(result.table, args.format)
+            if result.truncated:
+                print(f"(truncated at {result.table.num_rows} rows)", file=sys.stderr)
+            return 0
+
+    with redis_for(settings) as url:
+        return anyio.run(main, url)
+
+
+def _print_table(table: Any, fmt: str) -> None:
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+        return
+    if fmt == "json":
+        for row in table.to_pylist():
+            print(json.dumps(row, default=str))
+        return
+    names = table.column_names
+    rows = [[str(v) for v in row.values()] for row in table.to_pylist()]
+    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+    print(" | ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
+    from app.ingest import format_for_path
+    from app.writes import IngestRequest
+
+    org, sup, table = _split(args.table, 3, "--table")
+    path = Path(args.file)
+    if not path.is_file():
+        raise SystemExit(f"no such file: {path}")
+    if path.stat().st_size == 0:
+        raise SystemExit(f"{path} is empty")
+    fmt = args.format or format_for_path(path)
+
+    async def main(url: str) -> int:
+        async with services_for(settings, url) as services:
+            progress = Progress(f"ingesting {path.name}", "rows")
+            result = await services.writer.ingest(
+                IngestRequest(
+                    org=org, super_=sup, table=table, source=path, fmt=fmt, mode=args.mode,
+                    actor="cli", request_id=uuid.uuid4().hex,
+                ),  # fmt: skip
+                progress=progress,
+            )
+            progress.finish(result.rows)
+            print(json.dumps({"table": result.table, "version": result.version,
+                              "rows": result.rows, "event_id": result.event_id}))  # fmt: skip
+            return 0
+
+    with redis_for(settings) as url:
+        return anyio.run(main, url)
+
+
+# -- parsing --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ledgerlake", description="Event-sourced data catalog and warehouse."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, fn: Callable[..., int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--data-dir", type=Path, help="data directory (LEDGERLAKE_DATA_DIR)")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command("serve", cmd_serve, "Run the HTTP API and the projector.")
+    p.add_argument("--host", help="bind address (LEDGERLAKE_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (LEDGERLAKE_PORT, default 8000)")
+    p = command("worker", cmd_worker, "Run projections only (scale-out).")
+    p.add_argument("--burst", action="store_true", help="catch up once, then exit")
+    p = command("replay", cmd_replay, "Rebuild every projection from the event log.")
+    p.add_argument("--verify", action="store_true",
+                   help="compare a rebuild with the stored snapshots; exit 1 on a difference")  # fmt: skip
+    p = command("query", cmd_query, "Run a read-only SQL query.")
+    p.add_argument("sql")
+    p.add_argument("--super", required=True, help="org/super whose tables the SQL names")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--timeout", type=float, help="seconds")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p = command("ingest", cmd_ingest, "Load a file into a table.")
+    p.add_argument("file")
+    p.add_argument("--table", required=True, help="org/super/table")
+    p.add_argument("--mode", choices=["append", "overwrite"], default="append")
+    p.add_argument("--format", choices=["json", "ndjson", "csv", "parquet", "arrow"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {
+        "data_dir": args.data_dir,
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+    }
+    settings = Settings.from_env(**overrides)
+    setup_logging(settings.log_format, settings.log_level)
+    try:
+        code: int = args.fn(settings, args)
+    except LedgerError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The Litestar application: lifespan, error mapping, request ids and access logs."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from litestar import Litestar, Request, Response
+from litestar.datastructures import MutableScopeHeaders
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.routes import DEPENDENCIES, ROUTES
+from app.schemas import ErrorBody, ErrorResponse
+from app.services import Services
+from app.settings import Settings
+from events.errors import (
+    ConflictError,
+    IdempotencyMismatch,
+    InvalidInput,
+    LedgerError,
+    NotFound,
+    PayloadTooLarge,
+    QueryRejected,
+    QueryTimeout,
+    TypeMismatch,
+    Unauthorized,
+    Unavailable,
+)
+
+access_log = logging.getLogger("ledgerlake.access")
+log = logging.getLogger("ledgerlake")
+
+# The one place where domain errors become HTTP statuses.
+STATUS: dict[type[LedgerError], int] = {
+    InvalidInput: 400,
+    QueryRejected: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    QueryTimeout: 408,
+    ConflictError: 409,
+    PayloadTooLarge: 413,
+    TypeMismatch: 422,
+    IdempotencyMismatch: 422,
+    Unavailable: 503,
+}
+CODE_STATUS = {"unsupported_media_type": 415}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def error_response(status: int, code: str, message: str, **details: Any) -> Response[Any]:
+    body = ErrorResponse(ErrorBody(code=code, message=message, details=details))
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return Response(body, status_code=status, headers=headers)
+
+
+def handle_ledger_error(_: Request[Any, Any, Any], exc: LedgerError) -> Response[Any]:
+    status = CODE_STATUS.get(exc.code) or next(
+        (s for cls, s in STATUS.items() if isinstance(exc, cls)), 500
+    )
+    return error_response(status, exc.code, exc.message, **exc.details)
+
+
+def handle_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    status = exc.status_code
+    code = {
+        400: "bad_request",
+        401: "unauthorized",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "payload_too_large",
+        415: "unsupported_media_type",
+    }.get(status, "http_error")
+    details: dict[str, Any] = {}
+    if isinstance(exc, ValidationException) and exc.extra:
+        code = "invalid_request"
+        details["errors"] = exc.extra
+    return error_response(status, code, str(exc.detail), **details)
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "internal error; see the server log")
+
+
+class RequestIdMiddleware:
+    """Gives each request an id (or keeps a sane incoming ``X-Request-ID``), returns it
+    as a header, and logs one line per request when it completes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableScopeHeaders.from_message(message)["x-request-id"] = rid
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            access_log.info(
+                "%s %s %s %.1fms",
+                scope["method"],
+                scope["path"],
+                status,
+                (time.perf_counter() - started) * 1000,
+                extra={
+                    "request_id": rid,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+
+
+def create_app(settings: Settings, redis_url: str, *, run_projector: bool = True) -> Litestar:
+    """The API. With ``run_projector`` the catalog projection runs in this process."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        services = Services.build(settings, redis_url)
+        app.state.services = services
+        stop = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                if run_projector:
+                    tg.start_soon(services.projector().run, stop)
+                try:
+                    yield
+                finally:
+                    stop.set()
+        finally:
+            await services.close()
+
+    return Litestar(
+        route_handlers=ROUTES,
+        dependencies=DEPENDENCIES,
+        lifespan=[lifespan],
+        middleware=[RequestIdMiddleware],
+        exception_handlers={
+            LedgerError: handle_ledger_error,
+            HTTPException: handle_http_error,
+            Exception: handle_unexpected,
+        },
+        openapi_config=OpenAPIConfig(
+            title="Ledgerlake", version="0.1.0", path="/schema", description=__doc__
+        ),
+        request_max_body_size=settings.max_body_bytes,
+        debug=False,
+        logging_config=None,
+    )

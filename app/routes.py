@@ -1,0 +1,313 @@
+"""HTTP route handlers. They parse and authorize; the services do the work."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import time
+from typing import Any
+
+import anyio
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from litestar import Request, Response, Router, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.handlers import BaseRouteHandler
+from litestar.params import Parameter
+
+from app.audit import check_cursor, history_fields, scan_org, scan_super
+from app.ingest import format_for_content_type
+from app.schemas import (
+    EventPage,
+    History,
+    HistoryEntry,
+    IngestResponse,
+    OrgList,
+    OrgOut,
+    QueryColumn,
+    QueryRequest,
+    QueryResponse,
+    SuperList,
+    SuperOut,
+    TableDetail,
+    TableList,
+    table_detail,
+    table_summary,
+)
+from app.services import Services
+from app.writes import IngestRequest, check_name
+from events.errors import InvalidInput, LedgerError, NotFound, PayloadTooLarge, Unauthorized
+from events.model import to_builtins
+from events.redis_log import guarded
+from projections.arrow import from_arrow, normalize_type, type_name
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+
+
+def provide_services(state: State) -> Services:
+    services: Services = state.services
+    return services
+
+
+def actor_for(request: Request[Any, Any, Any]) -> str:
+    return "api-token" if request.app.state.services.settings.api_token else "anonymous"
+
+
+def request_id(request: Request[Any, Any, Any]) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+async def require_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """With ``LEDGERLAKE_API_TOKEN`` set, /v1 needs ``Authorization: Bearer <token>``."""
+    expected = connection.app.state.services.settings.api_token
+    if not expected:
+        return
+    header = connection.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), expected):
+        raise Unauthorized("missing or wrong bearer token", code="unauthorized")
+
+
+@get("/health")
+async def health(services: Services) -> Response[dict[str, Any]]:
+    """Redis reachability and projection lag. 503 when Redis cannot be reached."""
+    started = time.perf_counter()
+    try:
+        await guarded(services.redis.ping())
+        latency = (time.perf_counter() - started) * 1000
+        lag = await services.projection_lag()
+    except LedgerError as exc:
+        body = {"status": "degraded", "redis": {"ok": False, "error": exc.message}}
+        return Response(body, status_code=503)
+    body = {
+        "status": "ok",
+        "redis": {"ok": True, "latency_ms": round(latency, 2)},
+        "projections": {"catalog": lag},
+    }
+    return Response(body, status_code=200)
+
+
+def _parse_if_match(value: str | None) -> int | None:
+    if value is None:
+        return None
+    raw = value.strip().removeprefix("W/").strip('"')
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(
+            f"If-Match must be a table version number, not {value!r}", code="invalid_if_match"
+        ) from None
+
+
+@post("/v1/{org:str}/{super_name:str}/tables/{table:str}/rows", status_code=200)
+async def ingest_rows(
+    request: Request[Any, Any, Any],
+    services: Services,
+    org: str,
+    super_name: str,
+    table: str,
+    mode: str = "append",
+) -> IngestResponse:
+    """Append (or overwrite with ``mode=overwrite``) rows. The body format follows
+    Content-Type: JSON array, NDJSON, CSV, Parquet or Arrow IPC stream."""
+    for kind, name in (("org", org), ("super", super_name), ("table", table)):
+        check_name(kind, name)
+    fmt = format_for_content_type(request.headers.get("content-type"))
+    if_match = _parse_if_match(request.headers.get("if-match"))
+    limit = services.settings.max_body_bytes
+    staged = services.storage.staging_file(".body")
+    digest = hashlib.sha256(f"{org}/{super_name}/{table}|{mode}|{fmt}|".encode())
+    try:
+        size = 0
+        async with await anyio.open_file(staged, "wb") as fh:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body is larger than the limit of {limit} bytes")
+                digest.update(chunk)
+                await fh.write(chunk)
+        if size == 0:
+            raise InvalidInput("the request body is empty", code="empty_body")
+        result = await services.writer.ingest(
+            IngestRequest(
+                org=org,
+                super_=super_name,
+                table=table,
+                source=staged,
+                fmt=fmt,
+                mode=mode,
+                if_match=if_match,
+                idempotency_key=request.headers.get("idempotency-key"),
+                fingerprint=digest.hexdigest(),
+                actor=actor_for(request),
+                request_id=request_id(request),
+            )
+        )
+    finally:
+        staged.unlink(missing_ok=True)
+    return IngestResponse(
+        result.table, result.version, result.rows, result.event_id, result.mode, result.replayed
+    )
+
+
+@get("/v1/orgs")
+async def list_orgs(services: Services) -> OrgList:
+    registry = await services.reader.registry()
+    orgs = [OrgOut(o.name, len(o.supers), o.created_at) for o in registry.orgs.values()]
+    return OrgList(sorted(orgs, key=lambda o: o.name))
+
+
+@get("/v1/{org:str}/supers")
+async def list_supers(services: Services, org: str) -> SuperList:
+    registry = await services.reader.registry()
+    info = registry.orgs.get(org)
+    if info is None:
+        raise NotFound(f"org {org!r} does not exist", code="org_not_found")
+    supers = []
+    for sup in sorted(info.supers.values(), key=lambda s: s.name):
+        state = await services.reader.super_state(org, sup.name)
+        supers.append(SuperOut(sup.name, len(state.tables), sup.created_at))
+    return SuperList(org, supers)
+
+
+@get("/v1/{org:str}/{super_name:str}/tables")
+async def list_tables(services: Services, org: str, super_name: str) -> TableList:
+    state = await services.reader.require_super(org, super_name)
+    tables = [table_summary(t) for t in sorted(state.tables.values(), key=lambda t: t.name)]
+    return TableList(org, super_name, tables)
+
+
+@get("/v1/{org:str}/{super_name:str}/tables/{table:str}")
+async def describe_table(services: Services, org: str, super_name: str, table: str) -> TableDetail:
+    found = await services.reader.require_table(org, super_name, table)
+    return table_detail(org, super_name, found)
+
+
+@get("/v1/{org:str}/{super_name:str}/tables/{table:str}/history")
+async def table_history(
+    services: Services,
+    org: str,
+    super_name: str,
+    table: str,
+    after: str = "0-0",
+    limit: int = Parameter(default=100, ge=1, le=1000),
+) -> History:
+    """One entry per version, oldest first, paged with ``after`` = ``next_after``."""
+    await services.reader.require_table(org, super_name, table)
+    events, cursor = await scan_super(
+        services.log, org, super_name, after=check_cursor(after), limit=limit, table=table
+    )
+    entries = []
+    for e in events:
+        added, removed, columns = history_fields(e)
+        entries.append(
+            HistoryEntry(
+                version=e.version,
+                event_type=type(e).__name__,
+                event_id=e.id,
+                actor=e.actor,
+                time=e.time,
+                request_id=e.request_id,
+                rows_added=added,
+                rows_removed=removed,
+                columns_added=columns,
+            )
+        )
+    return History(table, entries, cursor)
+
+
+def _result_columns(table: pa.Table) -> list[QueryColumn]:
+    out = []
+    for f in table.schema:
+        try:
+            name = type_name(from_arrow(normalize_type(f.type), f.name))
+        except LedgerError:
+            name = str(f.type)
+        out.append(QueryColumn(f.name, name))
+    return out
+
+
+@post("/v1/{org:str}/{super_name:str}/query", status_code=200)
+async def run_query(
+    request: Request[Any, Any, Any],
+    services: Services,
+    org: str,
+    super_name: str,
+    data: QueryRequest,
+) -> Response[Any]:
+    """Run one read-only SELECT over the super's tables (referenced by name).
+
+    ``Accept: text/csv`` or ``application/vnd.apache.arrow.stream`` change the format."""
+    state = await services.reader.require_super(org, super_name)
+    result = await services.engine.run(state, data.sql, limit=data.limit, timeout_s=data.timeout_s)
+    table = result.table
+    accept = request.headers.get("accept", "")
+    headers = {
+        "X-Ledgerlake-Row-Count": str(table.num_rows),
+        "X-Ledgerlake-Truncated": str(result.truncated).lower(),
+    }
+    if "text/csv" in accept:
+        sink = io.BytesIO()
+        try:
+            pacsv.write_csv(table, sink)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise InvalidInput(
+                f"this result cannot be written as CSV ({exc}); ask for JSON or Arrow",
+                code="format_unsupported",
+            ) from exc
+        return Response(sink.getvalue(), media_type="text/csv", headers=headers)
+    if ARROW_STREAM in accept:
+        sink = io.BytesIO()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return Response(sink.getvalue(), media_type=ARROW_STREAM, headers=headers)
+    columns = [c.to_pylist() for c in table.columns]
+    rows = [list(r) for r in zip(*columns, strict=True)] if columns else []
+    body = QueryResponse(
+        columns=_result_columns(table),
+        rows=rows,
+        row_count=table.num_rows,
+        truncated=result.truncated,
+        elapsed_ms=round(result.elapsed_ms, 2),
+    )
+    return Response(body, headers=headers)
+
+
+@get("/v1/events")
+async def list_events(
+    services: Services,
+    org: str,
+    super_name: str | None = Parameter(query="super", default=None),
+    table: str | None = None,
+    after: str = "0-0",
+    limit: int = Parameter(default=100, ge=1, le=1000),
+) -> EventPage:
+    """The audit log, straight from the streams, oldest first."""
+    registry = await services.reader.registry()
+    if org not in registry.orgs:
+        raise NotFound(f"org {org!r} does not exist", code="org_not_found")
+    cursor = check_cursor(after)
+    if super_name is None:
+        if table is not None:
+            raise InvalidInput("'table' needs 'super'", code="invalid_filter")
+        supers = sorted(registry.orgs[org].supers)
+        events, nxt = await scan_org(services.log, org, supers, after=cursor, limit=limit)
+    else:
+        await services.reader.require_super(org, super_name)
+        events, nxt = await scan_super(
+            services.log, org, super_name, after=cursor, limit=limit, table=table
+        )
+    return EventPage([to_builtins(e) for e in events], nxt)
+
+
+V1 = Router(
+    path="/",
+    route_handlers=[ingest_rows, list_orgs, list_supers, list_tables, describe_table,
+                    table_history, run_query, list_events],
+    guards=[require_token],
+)  # fmt: skip
+ROUTES = [health, V1]
+DEPENDENCIES = {"services": Provide(provide_services, sync_to_thread=False)}

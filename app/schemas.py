@@ -1,0 +1,167 @@
+"""Wire schemas of the HTTP API (kept apart from stored events so each can evolve)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from events.model import ColumnStats, Field
+from projections.arrow import type_name
+from projections.catalog import TableState
+
+
+class ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody
+
+
+class IngestResponse(msgspec.Struct):
+    table: str
+    version: int
+    rows: int
+    event_id: str
+    mode: str
+    replayed: bool
+
+
+class OrgOut(msgspec.Struct):
+    name: str
+    supers: int
+    created_at: datetime
+
+
+class OrgList(msgspec.Struct):
+    orgs: list[OrgOut]
+
+
+class SuperOut(msgspec.Struct):
+    name: str
+    tables: int
+    created_at: datetime
+
+
+class SuperList(msgspec.Struct):
+    org: str
+    supers: list[SuperOut]
+
+
+class ColumnOut(msgspec.Struct):
+    name: str
+    type: str
+    nullable: bool
+
+
+class TableSummary(msgspec.Struct):
+    name: str
+    version: int
+    row_count: int
+    file_count: int
+    size_bytes: int
+    updated_at: datetime
+
+
+class TableList(msgspec.Struct):
+    org: str
+    super: str
+    tables: list[TableSummary]
+
+
+class ColumnStatsOut(msgspec.Struct):
+    null_count: int
+    min: Any = None
+    max: Any = None
+
+
+class TableDetail(msgspec.Struct):
+    org: str
+    super: str
+    name: str
+    version: int
+    columns: list[ColumnOut]
+    row_count: int
+    file_count: int
+    size_bytes: int
+    stats: dict[str, ColumnStatsOut]
+    created_at: datetime
+    created_by: str
+    updated_at: datetime
+    updated_by: str
+
+
+class HistoryEntry(msgspec.Struct):
+    version: int
+    event_type: str
+    event_id: str
+    actor: str
+    time: datetime
+    request_id: str
+    rows_added: int
+    rows_removed: int
+    columns_added: list[str] = []
+
+
+class History(msgspec.Struct):
+    table: str
+    entries: list[HistoryEntry]
+    next_after: str | None
+
+
+class QueryRequest(msgspec.Struct, forbid_unknown_fields=True):
+    sql: str
+    limit: int | None = None
+    timeout_s: float | None = None
+
+
+class QueryColumn(msgspec.Struct):
+    name: str
+    type: str
+
+
+class QueryResponse(msgspec.Struct):
+    columns: list[QueryColumn]
+    rows: list[list[Any]]
+    row_count: int
+    truncated: bool
+    elapsed_ms: float
+
+
+class EventPage(msgspec.Struct):
+    events: list[dict[str, Any]]
+    next_after: str | None
+
+
+def columns_out(columns: tuple[Field, ...]) -> list[ColumnOut]:
+    return [ColumnOut(f.name, type_name(f.type), f.nullable) for f in columns]
+
+
+def stats_out(stats: dict[str, ColumnStats]) -> dict[str, ColumnStatsOut]:
+    return {k: ColumnStatsOut(v.null_count, v.min, v.max) for k, v in stats.items()}
+
+
+def table_summary(t: TableState) -> TableSummary:
+    return TableSummary(t.name, t.version, t.row_count, len(t.files), t.size_bytes, t.updated_at)
+
+
+def table_detail(org: str, sup: str, t: TableState) -> TableDetail:
+    return TableDetail(
+        org=org,
+        super=sup,
+        name=t.name,
+        version=t.version,
+        columns=columns_out(t.columns),
+        row_count=t.row_count,
+        file_count=len(t.files),
+        size_bytes=t.size_bytes,
+        stats=stats_out(t.column_stats()),
+        created_at=t.created_at,
+        created_by=t.created_by,
+        updated_at=t.updated_at,
+        updated_by=t.updated_by,
+    )

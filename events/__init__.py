@@ -1,0 +1,1 @@
+"""Events: stored structs, codec, the EventLog port and its Redis Streams adapter."""

@@ -1,0 +1,205 @@
+"""Stored events: frozen msgspec structs in one tagged union, and their codec.
+
+Events are past-tense facts. They are stored in a Redis Stream entry as four fields:
+``t`` (type tag), ``v`` (schema version of the payload), ``tb`` (table name, so readers
+can filter without decoding) and ``e`` (the JSON payload). The stream entry id *is* the
+event id: it is assigned by XADD, ordered, and used as the projection position.
+
+Schema versions: every struct has ``CURRENT_VERSION``. An entry written with an older
+``v`` is upcast on read by the functions in ``UPCASTERS``; stored entries are never
+rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, ClassVar, TypeAlias
+
+import msgspec
+
+CURRENT_VERSION = 1
+
+
+class DataType(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A column type, independent of Arrow so that events stay pure data.
+
+    ``kind`` is one of: null, bool, int8, int16, int32, int64, uint8, uint16, uint32,
+    uint64, float32, float64, decimal, string, binary, date, time, timestamp, list,
+    struct, map. Timestamps and times are stored in microseconds; ``tz`` is ``"UTC"``
+    for instants and absent for wall-clock timestamps.
+    """
+
+    kind: str
+    precision: int | None = None
+    scale: int | None = None
+    tz: str | None = None
+    item: DataType | None = None
+    key: DataType | None = None
+    fields: tuple[Field, ...] | None = None
+
+
+class Field(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A named, nullable column."""
+
+    name: str
+    type: DataType
+    nullable: bool = True
+
+
+class ColumnStats(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Per-file column statistics. ``min``/``max`` are JSON values (temporal values
+    and decimals as ISO / decimal strings); absent when not meaningful."""
+
+    null_count: int = 0
+    min: Any = None
+    max: Any = None
+
+
+class DataFile(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An immutable Parquet file, addressed by its key relative to the storage root."""
+
+    path: str
+    rows: int
+    size_bytes: int
+    columns: dict[str, ColumnStats] = {}
+
+
+class EventBase(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
+    """Fields every event carries.
+
+    ``id`` is the stream entry id; it is not part of the stored payload and is filled in
+    on read. ``version`` is the table version this event produced (empty table name and
+    version 0 for registry events).
+    """
+
+    TYPE_VERSION: ClassVar[int] = CURRENT_VERSION
+
+    id: str = ""
+    org: str
+    super_: str = msgspec.field(name="super")
+    table: str = ""
+    version: int = 0
+    actor: str
+    time: datetime
+    request_id: str = ""
+
+
+class OrgCreated(EventBase, frozen=True, tag="OrgCreated"):
+    """An org appeared (recorded in the registry stream)."""
+
+
+class SuperCreated(EventBase, frozen=True, tag="SuperCreated"):
+    """A super table appeared inside an org (recorded in the registry stream)."""
+
+
+class TableCreated(EventBase, frozen=True, tag="TableCreated"):
+    """A table was created with an inferred schema; its version is 0 and it is empty."""
+
+    columns: tuple[Field, ...]
+
+
+class SchemaEvolved(EventBase, frozen=True, tag="SchemaEvolved"):
+    """The table schema changed: new nullable columns, or an all-null column got a type."""
+
+    columns: tuple[Field, ...]
+    added: tuple[str, ...] = ()
+    promoted: tuple[str, ...] = ()
+
+
+class RowsAppended(EventBase, frozen=True, tag="RowsAppended"):
+    """New data files were added to the table."""
+
+    files: tuple[DataFile, ...]
+    rows: int
+
+
+class TableOverwritten(EventBase, frozen=True, tag="TableOverwritten"):
+    """Every current file was replaced by ``files``."""
+
+    files: tuple[DataFile, ...]
+    removed_files: tuple[str, ...]
+    rows: int
+    rows_removed: int
+
+
+Event: TypeAlias = (
+    OrgCreated | SuperCreated | TableCreated | SchemaEvolved | RowsAppended | TableOverwritten
+)
+TABLE_EVENTS = (TableCreated, SchemaEvolved, RowsAppended, TableOverwritten)
+
+# (type tag, stored version) -> function upgrading the raw payload dict by one version.
+UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+_encoder = msgspec.json.Encoder(decimal_format="string")
+_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+
+
+def encode_event(event: EventBase) -> dict[str, bytes]:
+    """Encode an event into stream entry fields."""
+    payload = _encoder.encode(msgspec.structs.replace(event, id=""))
+    tag = type(event).__struct_config__.tag
+    return {
+        "t": str(tag).encode(),
+        "v": str(event.TYPE_VERSION).encode(),
+        "tb": event.table.encode(),
+        "e": payload,
+    }
+
+
+def decode_event(entry_id: str | bytes, fields: Mapping[bytes, bytes] | Mapping[str, bytes]) -> Event:
+    """Decode a stream entry, upcasting old payload versions, and set ``id``."""
+    get = _field_getter(fields)
+    raw = get("e")
+    version = int(get("v") or CURRENT_VERSION)
+    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    if version == CURRENT_VERSION:
+        event = _decoder.decode(raw)
+    else:
+        data = msgspec.json.decode(raw)
+        tag = data.get("type", "")
+        while version < CURRENT_VERSION:
+            data = UPCASTERS[(tag, version)](data)
+            version += 1
+        event = msgspec.convert(data, Event)
+    return msgspec.structs.replace(event, id=eid)
+
+
+def _field_getter(fields: Mapping[Any, bytes]) -> Callable[[str], bytes | None]:
+    def get(name: str) -> bytes | None:
+        value = fields.get(name.encode())
+        if value is None:
+            value = fields.get(name)
+        return value
+
+    return get
+
+
+def to_builtins(event: EventBase) -> dict[str, Any]:
+    """The event as a JSON-ready dict (for the audit API): its type tag, every common
+    field (even when it has its default value) and the type's own fields."""
+    data: dict[str, Any] = msgspec.to_builtins(event, builtin_types=(datetime,))
+    common = {
+        "id": event.id,
+        "type": data.pop("type"),
+        "org": event.org,
+        "super": event.super_,
+        "table": event.table,
+        "version": event.version,
+        "actor": event.actor,
+        "time": event.time,
+        "request_id": event.request_id,
+    }
+    return {**common, **{k: v for k, v in data.items() if k not in common}}
+
+
+def now() -> datetime:
+    """The current time, in UTC, truncated to milliseconds (the stream id resolution)."""
+    t = datetime.now(UTC)
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+def stream_id_tuple(entry_id: str) -> tuple[int, int]:
+    """Parse a stream id ``"<ms>-<seq>"`` into a comparable tuple."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

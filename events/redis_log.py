@@ -1,0 +1,262 @@
+"""Redis Streams adapter for the ``EventLog`` port.
+
+Layout (every key of one super shares the hash tag ``{org/super}``, so each Lua script
+touches a single Cluster slot):
+
+    <p>:{org/super}:events        the super's event stream
+    <p>:{org/super}:ver           hash: table -> current version
+    <p>:{org/super}:idem:<sha>    hash: fingerprint, version, ids, result (expires)
+    <p>:{registry}:events         registry stream (OrgCreated, SuperCreated)
+    <p>:{registry}:orgs|supers    sets backing the registry's "create once" check
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from events.errors import ConflictError, IdempotencyMismatch, Unavailable
+from events.log import Appended, Idempotency, StoredResult
+from events.model import Event, EventBase, decode_event, encode_event
+
+T = TypeVar("T")
+
+APPEND_LUA = """
+-- KEYS: stream, versions, idempotency key (a same-slot placeholder when unused)
+-- ARGV: table, expected version, fingerprint ('' = none), ttl, result, n, then
+--       (type, schema version, payload) per event
+local tbl = ARGV[1]
+local expected = tonumber(ARGV[2])
+local fp = ARGV[3]
+if fp ~= '' then
+  local prev = redis.call('HMGET', KEYS[3], 'fp', 'version', 'ids', 'result')
+  if prev[1] then return {'idem', prev[1], prev[2], prev[3], prev[4]} end
+end
+local cur = redis.call('HGET', KEYS[2], tbl)
+local curv = -1
+if cur then curv = tonumber(cur) end
+if curv ~= expected then return {'conflict', tostring(curv)} end
+local n = tonumber(ARGV[6])
+local ids = {}
+local i = 7
+for _ = 1, n do
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 't', ARGV[i], 'v', ARGV[i + 1],
+                             'tb', tbl, 'e', ARGV[i + 2])
+  i = i + 3
+end
+local newv = curv + n
+redis.call('HSET', KEYS[2], tbl, newv)
+local joined = table.concat(ids, ',')
+if fp ~= '' then
+  redis.call('HSET', KEYS[3], 'fp', fp, 'version', newv, 'ids', joined, 'result', ARGV[5])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
+end
+return {'ok', tostring(newv), joined}
+"""
+
+REGISTRY_LUA = """
+-- KEYS: registry stream, orgs set, supers set
+-- ARGV: org, org/super, (type, version, payload) for OrgCreated, then for SuperCreated
+if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then return 0 end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  redis.call('XADD', KEYS[1], '*', 't', ARGV[3], 'v', ARGV[4], 'tb', '', 'e', ARGV[5])
+end
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('XADD', KEYS[1], '*', 't', ARGV[6], 'v', ARGV[7], 'tb', '', 'e', ARGV[8])
+return 1
+"""
+
+
+class Keys:
+    """Key names under a configurable prefix (tests use one prefix per test)."""
+
+    def __init__(self, prefix: str = "ll") -> None:
+        self.prefix = prefix
+
+    def tag(self, org: str, super_: str) -> str:
+        return f"{self.prefix}:{{{org}/{super_}}}"
+
+    def stream(self, org: str, super_: str) -> str:
+        return f"{self.tag(org, super_)}:events"
+
+    def versions(self, org: str, super_: str) -> str:
+        return f"{self.tag(org, super_)}:ver"
+
+    def idempotency(self, org: str, super_: str, key: str) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return f"{self.tag(org, super_)}:idem:{digest}"
+
+    def snapshot(self, org: str, super_: str) -> str:
+        return f"{self.tag(org, super_)}:snap"
+
+    def checkpoint(self, org: str, super_: str, projection: str) -> str:
+        return f"{self.tag(org, super_)}:ckpt:{projection}"
+
+    def lease(self, org: str, super_: str, projection: str) -> str:
+        return f"{self.tag(org, super_)}:lease:{projection}"
+
+    @property
+    def registry_tag(self) -> str:
+        return f"{self.prefix}:{{registry}}"
+
+    @property
+    def registry_stream(self) -> str:
+        return f"{self.registry_tag}:events"
+
+    @property
+    def registry_orgs(self) -> str:
+        return f"{self.registry_tag}:orgs"
+
+    @property
+    def registry_supers(self) -> str:
+        return f"{self.registry_tag}:supers"
+
+
+async def guarded(call: Awaitable[T]) -> T:
+    """Await a Redis call, turning connection failures into ``Unavailable``."""
+    try:
+        return await call
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise Unavailable(f"the event log (Redis) is unreachable: {exc}") from exc
+
+
+@asynccontextmanager
+async def redis_errors() -> AsyncIterator[None]:
+    """Context form of ``guarded`` for blocks of several Redis calls."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise Unavailable(f"the event log (Redis) is unreachable: {exc}") from exc
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A Redis client for ``url`` (``redis://``, ``rediss://`` or ``unix://``)."""
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url, decode_responses=False, health_check_interval=15, socket_connect_timeout=5
+    )
+    return client
+
+
+def _s(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisEventLog:
+    """The ``EventLog`` port on Redis Streams, with Lua for atomic appends."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, idempotency_ttl_s: int = 86400):
+        self.client = client
+        self.keys = keys
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self._append: Callable[..., Awaitable[Any]] = client.register_script(APPEND_LUA)
+        self._registry: Callable[..., Awaitable[Any]] = client.register_script(REGISTRY_LUA)
+
+    async def append(
+        self,
+        org: str,
+        super_: str,
+        table: str,
+        events: Sequence[EventBase],
+        *,
+        expected_version: int,
+        idempotency: Idempotency | None = None,
+    ) -> Appended:
+        idem_key = (
+            self.keys.idempotency(org, super_, idempotency.key)
+            if idempotency
+            else f"{self.keys.tag(org, super_)}:idem:-"
+        )
+        args: list[Any] = [
+            table,
+            expected_version,
+            idempotency.fingerprint if idempotency else "",
+            self.idempotency_ttl_s,
+            idempotency.result if idempotency else b"",
+            len(events),
+        ]
+        for event in events:
+            fields = encode_event(event)
+            args += [fields["t"], fields["v"], fields["e"]]
+        keys = [self.keys.stream(org, super_), self.keys.versions(org, super_), idem_key]
+        reply = await guarded(self._append(keys=keys, args=args))
+        status = _s(reply[0])
+        if status == "conflict":
+            current = int(_s(reply[1]))
+            raise ConflictError(
+                f"table {org}/{super_}/{table} is at version {current}, "
+                f"not {expected_version}",
+                current_version=current,
+            )
+        if status == "idem":
+            stored = StoredResult(
+                fingerprint=_s(reply[1]),
+                version=int(_s(reply[2])),
+                event_ids=tuple(_s(reply[3]).split(",")),
+                result=bytes(reply[4] or b""),
+            )
+            return self._replay(stored, idempotency)
+        return Appended(
+            version=int(_s(reply[1])),
+            event_ids=tuple(_s(reply[2]).split(",")),
+            result=idempotency.result if idempotency else b"",
+        )
+
+    @staticmethod
+    def _replay(stored: StoredResult, idempotency: Idempotency | None) -> Appended:
+        if idempotency is None or stored.fingerprint != idempotency.fingerprint:
+            raise IdempotencyMismatch(
+                "this Idempotency-Key was already used for a different request"
+            )
+        return Appended(
+            version=stored.version, event_ids=stored.event_ids, result=stored.result, replayed=True
+        )
+
+    async def stored_result(self, org: str, super_: str, key: str) -> StoredResult | None:
+        raw = await guarded(
+            self.client.hmget(
+                self.keys.idempotency(org, super_, key), "fp", "version", "ids", "result"
+            )
+        )
+        if raw[0] is None:
+            return None
+        return StoredResult(
+            fingerprint=_s(raw[0]),
+            version=int(_s(raw[1])),
+            event_ids=tuple(_s(raw[2]).split(",")),
+            result=bytes(raw[3] or b""),
+        )
+
+    async def ensure_super(
+        self, org: str, super_: str, org_event: EventBase, super_event: EventBase
+    ) -> None:
+        if await guarded(self.client.sismember(self.keys.registry_supers, f"{org}/{super_}")):
+            return
+        o, s = encode_event(org_event), encode_event(super_event)
+        keys = [self.keys.registry_stream, self.keys.registry_orgs, self.keys.registry_supers]
+        args = [org, f"{org}/{super_}", o["t"], o["v"], o["e"], s["t"], s["v"], s["e"]]
+        await guarded(self._registry(keys=keys, args=args))
+
+    async def read(
+        self, org: str, super_: str, *, after: str = "0-0", count: int = 1000
+    ) -> list[Event]:
+        return await self._read(self.keys.stream(org, super_), after, count)
+
+    async def read_registry(self, *, after: str = "0-0", count: int = 1000) -> list[Event]:
+        return await self._read(self.keys.registry_stream, after, count)
+
+    async def _read(self, stream: str, after: str, count: int) -> list[Event]:
+        entries = await guarded(self.client.xrange(stream, min=f"({after}", max="+", count=count))
+        return [decode_event(entry_id, fields) for entry_id, fields in entries]
+
+    async def last_id(self, org: str, super_: str) -> str:
+        """The id of the newest event of a super, or ``"0-0"``."""
+        entries = await guarded(self.client.xrevrange(self.keys.stream(org, super_), count=1))
+        return _s(entries[0][0]) if entries else "0-0"

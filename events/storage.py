@@ -1,0 +1,100 @@
+"""Object storage for immutable data files: the ``Storage`` port and its local backend.
+
+It lives in ``events/`` (the lowest layer) because every layer writes or reads files:
+ingestion (``app/``), the query engine (``projections/``), mirrors and the event archive.
+
+Files are built in a local staging directory and then *published* under their final key.
+Publishing is atomic (rename, or a completed upload on S3), so a reader never sees a
+partial file, and a key that no event references is an invisible orphan.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+
+
+class Storage(Protocol):
+    """Where data files live."""
+
+    def staging_file(self, suffix: str = "") -> Path:
+        """A fresh local path to build a file in before publishing it."""
+        ...
+
+    async def publish(self, staged: Path, key: str) -> int:
+        """Move a staged file to ``key`` durably and atomically; return its size."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` if it exists."""
+        ...
+
+    async def exists(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+        ...
+
+    def engine_path(self, key: str) -> str:
+        """The path or URL under which DuckDB reads ``key``."""
+        ...
+
+
+def data_file_key(org: str, super_: str, table: str) -> str:
+    """A new, unique key for a table's data file."""
+    return f"{org}/{super_}/{table}/data/{uuid.uuid4().hex}.parquet"
+
+
+class LocalStorage:
+    """A local directory. Publishing is fsync + rename + fsync of the directory, so a
+    file referenced by an acknowledged event survives a power cut."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.staging = self.root / "_staging"
+        self.staging.mkdir(parents=True, exist_ok=True)
+
+    def staging_file(self, suffix: str = "") -> Path:
+        return self.staging / f"{uuid.uuid4().hex}{suffix}"
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise ValueError(f"storage key escapes the root: {key!r}")
+        return path
+
+    async def publish(self, staged: Path, key: str) -> int:
+        target = self._path(key)
+        return await anyio.to_thread.run_sync(_publish_local, staged, target)
+
+    async def delete(self, key: str) -> None:
+        await anyio.to_thread.run_sync(lambda: self._path(key).unlink(missing_ok=True))
+
+    async def exists(self, key: str) -> bool:
+        return await anyio.to_thread.run_sync(self._path(key).exists)
+
+    def engine_path(self, key: str) -> str:
+        return str(self._path(key))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish_local(staged: Path, target: Path) -> int:
+    with open(staged, "rb+") as fh:
+        os.fsync(fh.fileno())
+        size = os.fstat(fh.fileno()).st_size
+    created = not target.parent.exists()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, target)
+    _fsync_dir(target.parent)
+    if created:
+        _fsync_dir(target.parent.parent)
+    return size

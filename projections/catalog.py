@@ -1,0 +1,203 @@
+"""The catalog projection: a pure fold of events into the current catalog.
+
+``apply_super`` folds one super's stream into a ``SuperState`` (tables, schemas,
+versions, files); ``apply_registry`` folds the registry stream into the list of orgs and
+supers. States are frozen; each event returns a new state that shares what did not
+change. Every event advances ``position``, including the ones a fold ignores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+from functools import singledispatch
+from typing import Any
+
+import msgspec
+
+from events.model import (
+    ColumnStats,
+    DataFile,
+    Event,
+    EventBase,
+    Field,
+    OrgCreated,
+    RowsAppended,
+    SchemaEvolved,
+    SuperCreated,
+    TableCreated,
+    TableOverwritten,
+)
+
+
+class TableState(msgspec.Struct, frozen=True):
+    """One table at one version."""
+
+    name: str
+    columns: tuple[Field, ...]
+    version: int
+    files: tuple[DataFile, ...]
+    created_at: datetime
+    updated_at: datetime
+    created_by: str
+    updated_by: str
+    last_event_id: str
+
+    @property
+    def row_count(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.files)
+
+    def column_stats(self) -> dict[str, ColumnStats]:
+        """Per-column stats over every current file (min of mins, max of maxes)."""
+        out: dict[str, ColumnStats] = {}
+        for field in self.columns:
+            nulls, lo, hi, complete = 0, None, None, True
+            for f in self.files:
+                stats = f.columns.get(field.name)
+                if stats is None:  # the file predates the column: all nulls
+                    nulls += f.rows
+                    continue
+                nulls += stats.null_count
+                if stats.min is None or stats.max is None:
+                    complete = complete and stats.null_count == f.rows
+                    continue
+                key = _sort_key(field)
+                lo = stats.min if lo is None else min(lo, stats.min, key=key)
+                hi = stats.max if hi is None else max(hi, stats.max, key=key)
+            if not complete:
+                lo = hi = None
+            out[field.name] = ColumnStats(null_count=nulls, min=lo, max=hi)
+        return out
+
+
+def _sort_key(field: Field) -> Callable[[Any], Any]:
+    """Stats are JSON values: decimals are strings that must compare as numbers."""
+    if field.type.kind == "decimal":
+        return Decimal
+    return lambda v: v
+
+
+class SuperState(msgspec.Struct, frozen=True):
+    """Every table of one super, as of stream position ``position``."""
+
+    org: str
+    name: str
+    tables: dict[str, TableState] = {}
+    position: str = "0-0"
+
+
+class SuperInfo(msgspec.Struct, frozen=True):
+    name: str
+    created_at: datetime
+    created_by: str
+
+
+class OrgInfo(msgspec.Struct, frozen=True):
+    name: str
+    created_at: datetime
+    created_by: str
+    supers: dict[str, SuperInfo] = {}
+
+
+class RegistryState(msgspec.Struct, frozen=True):
+    """Every org and super, as of registry stream position ``position``."""
+
+    orgs: dict[str, OrgInfo] = {}
+    position: str = "0-0"
+
+
+def apply_super(state: SuperState, event: Event) -> SuperState:
+    """Fold one event of the super's stream into ``state``."""
+    tables = state.tables
+    if isinstance(event, TableCreated | SchemaEvolved | RowsAppended | TableOverwritten):
+        updated = _apply_table(event, tables.get(event.table))
+        tables = {**tables, event.table: updated}
+    return msgspec.structs.replace(state, tables=tables, position=event.id)
+
+
+def fold_super(state: SuperState, events: list[Event]) -> SuperState:
+    """Fold many events."""
+    for event in events:
+        state = apply_super(state, event)
+    return state
+
+
+@singledispatch
+def _apply_table(event: EventBase, table: TableState | None) -> TableState:
+    raise TypeError(f"no table handler for {type(event).__name__}")
+
+
+def _touch(table: TableState, event: EventBase, **changes: Any) -> TableState:
+    return msgspec.structs.replace(
+        table,
+        version=event.version,
+        updated_at=event.time,
+        updated_by=event.actor,
+        last_event_id=event.id,
+        **changes,
+    )
+
+
+@_apply_table.register
+def _(event: TableCreated, table: TableState | None) -> TableState:
+    return TableState(
+        name=event.table,
+        columns=event.columns,
+        version=event.version,
+        files=(),
+        created_at=event.time,
+        updated_at=event.time,
+        created_by=event.actor,
+        updated_by=event.actor,
+        last_event_id=event.id,
+    )
+
+
+def _require(table: TableState | None, event: EventBase) -> TableState:
+    if table is None:
+        raise ValueError(f"event {event.id} changes table {event.table!r} before it exists")
+    return table
+
+
+@_apply_table.register
+def _(event: SchemaEvolved, table: TableState | None) -> TableState:
+    return _touch(_require(table, event), event, columns=event.columns)
+
+
+@_apply_table.register
+def _(event: RowsAppended, table: TableState | None) -> TableState:
+    current = _require(table, event)
+    return _touch(current, event, files=current.files + event.files)
+
+
+@_apply_table.register
+def _(event: TableOverwritten, table: TableState | None) -> TableState:
+    current = _require(table, event)
+    removed = set(event.removed_files)
+    kept = tuple(f for f in current.files if f.path not in removed)
+    return _touch(current, event, files=kept + event.files)
+
+
+def apply_registry(state: RegistryState, event: Event) -> RegistryState:
+    """Fold one registry event into ``state``."""
+    orgs = state.orgs
+    if isinstance(event, OrgCreated) and event.org not in orgs:
+        info = OrgInfo(name=event.org, created_at=event.time, created_by=event.actor)
+        orgs = {**orgs, event.org: info}
+    elif isinstance(event, SuperCreated) and event.org in orgs:
+        org = orgs[event.org]
+        sup = SuperInfo(name=event.super_, created_at=event.time, created_by=event.actor)
+        org = msgspec.structs.replace(org, supers={**org.supers, event.super_: sup})
+        orgs = {**orgs, event.org: org}
+    return msgspec.structs.replace(state, orgs=orgs, position=event.id)
+
+
+def fold_registry(state: RegistryState, events: list[Event]) -> RegistryState:
+    for event in events:
+        state = apply_registry(state, event)
+    return state

@@ -1,0 +1,206 @@
+"""Read-only SQL over a super's tables through DuckDB, with safety enforced by the engine.
+
+Each query gets a throwaway in-memory DuckDB database in which every table of the super
+is a view over exactly its current Parquet files. Before the user's SQL runs:
+
+* file access is limited to those files (``allowed_paths`` + ``enable_external_access``
+  off): ``read_csv('/etc/passwd')``, ``glob``, ``COPY``, ``ATTACH`` fail in the engine;
+* extensions cannot be installed or loaded, and the configuration is locked, so ``SET``
+  cannot undo any of it;
+* the statement must be one SELECT according to DuckDB's own parser *and* a query
+  expression according to sqlglot (which also rejects PRAGMA/SHOW/DESCRIBE, which DuckDB
+  rewrites into SELECTs);
+* results are streamed up to a row and byte limit, and a timer interrupts the query at
+  its timeout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+import duckdb
+import pyarrow as pa
+import sqlglot
+import sqlglot.errors
+from sqlglot import exp
+
+from events.errors import InvalidInput, QueryRejected, QueryTimeout
+from projections.arrow import arrow_schema, duckdb_type, quote_ident
+from projections.catalog import SuperState, TableState
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    default_rows: int = 1000
+    max_rows: int = 100_000
+    default_timeout_s: float = 30.0
+    max_timeout_s: float = 300.0
+    max_result_bytes: int = 64 * 1024 * 1024
+    threads: int = 2
+    memory_limit: str = "2GB"
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    table: pa.Table
+    truncated: bool
+    elapsed_ms: float
+
+
+_DISABLED_OPTIONS = {
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "allow_unsigned_extensions": False,
+    "python_enable_replacements": False,
+}
+
+
+def check_sql(sql: str) -> None:
+    """Reject anything but a single read-only query, judged on parsed trees."""
+    if not sql.strip():
+        raise InvalidInput("the SQL text is empty", code="sql_empty")
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise InvalidInput(f"SQL syntax error: {_first_line(exc)}", code="sql_syntax") from exc
+    if len(statements) != 1:
+        raise QueryRejected(
+            f"exactly one SQL statement is allowed, got {len(statements)}",
+            code="sql_multiple_statements",
+        )
+    if statements[0].type != duckdb.StatementType.SELECT:
+        raise QueryRejected(
+            f"only SELECT queries are allowed, got {statements[0].type.name}",
+            code="sql_not_select",
+        )
+    try:
+        tree = sqlglot.parse_one(sql, dialect="duckdb")
+    except sqlglot.errors.SqlglotError as exc:
+        raise QueryRejected(
+            f"the query could not be verified as a plain SELECT: {_first_line(exc)}",
+            code="sql_not_select",
+        ) from exc
+    if not isinstance(tree, exp.Query):
+        raise QueryRejected(
+            f"only SELECT queries are allowed, got {tree.key.upper()}", code="sql_not_select"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+class QueryEngine:
+    """Runs checked SQL against a super's snapshot."""
+
+    def __init__(self, resolve_path: Callable[[str], str], limits: QueryLimits) -> None:
+        self.resolve_path = resolve_path
+        self.limits = limits
+
+    def clamp(self, limit: int | None, timeout_s: float | None) -> tuple[int, float]:
+        rows = self.limits.default_rows if limit is None else limit
+        if rows < 1 or rows > self.limits.max_rows:
+            raise InvalidInput(
+                f"limit must be between 1 and {self.limits.max_rows}", code="invalid_limit"
+            )
+        timeout = self.limits.default_timeout_s if timeout_s is None else timeout_s
+        if not 0 < timeout <= self.limits.max_timeout_s:
+            raise InvalidInput(
+                f"timeout_s must be > 0 and <= {self.limits.max_timeout_s}",
+                code="invalid_timeout",
+            )
+        return rows, timeout
+
+    async def run(
+        self, state: SuperState, sql: str, *, limit: int | None = None, timeout_s: float | None = None
+    ) -> QueryResult:
+        rows, timeout = self.clamp(limit, timeout_s)
+        check_sql(sql)
+        return await anyio.to_thread.run_sync(self._run_sync, state, sql, rows, timeout)
+
+    def _connect(self, state: SuperState) -> duckdb.DuckDBPyConnection:
+        config = {
+            **_DISABLED_OPTIONS,
+            "threads": self.limits.threads,
+            "memory_limit": self.limits.memory_limit,
+        }
+        con = duckdb.connect(":memory:", config=config)
+        paths: list[str] = []
+        for table in state.tables.values():
+            paths += [self.resolve_path(f.path) for f in table.files]
+        con.execute("SET allowed_paths = $1", [paths])
+        con.execute("SET enable_external_access = false")
+        for table in state.tables.values():
+            self._create_view(con, table)
+        con.execute("SET lock_configuration = true")
+        return con
+
+    def _create_view(self, con: duckdb.DuckDBPyConnection, table: TableState) -> None:
+        name = quote_ident(table.name)
+        if not table.files:
+            con.register(f"__empty_{table.name}", arrow_schema(table.columns).empty_table())
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM {quote_ident('__empty_' + table.name)}")
+            return
+        present: set[str] = set()
+        for f in table.files:
+            present.update(f.columns)
+        select = []
+        for field in table.columns:
+            col = quote_ident(field.name)
+            if field.name in present:
+                select.append(col)
+            else:  # a column no current file has yet: typed NULLs
+                select.append(f"CAST(NULL AS {duckdb_type(field.type)}) AS {col}")
+        files = ", ".join("'" + self.resolve_path(f.path).replace("'", "''") + "'" for f in table.files)
+        con.execute(
+            f"CREATE VIEW {name} AS SELECT {', '.join(select)} "
+            f"FROM read_parquet([{files}], union_by_name = true)"
+        )
+
+    def _run_sync(self, state: SuperState, sql: str, limit: int, timeout: float) -> QueryResult:
+        started = time.perf_counter()
+        con = self._connect(state)
+        timer = threading.Timer(timeout, con.interrupt)
+        timer.start()
+        try:
+            reader = con.execute(sql).fetch_record_batch(min(limit + 1, 65536))
+            batches: list[pa.RecordBatch] = []
+            count, size, truncated = 0, 0, False
+            for batch in reader:
+                if count + batch.num_rows > limit:
+                    batch = batch.slice(0, limit - count)
+                    truncated = True
+                batches.append(batch)
+                count += batch.num_rows
+                size += batch.nbytes
+                if truncated or size > self.limits.max_result_bytes:
+                    truncated = truncated or size > self.limits.max_result_bytes
+                    break
+            table = pa.Table.from_batches(batches, schema=reader.schema)
+        except duckdb.InterruptException as exc:
+            raise QueryTimeout(
+                f"the query ran longer than its timeout of {timeout:g}s and was stopped"
+            ) from exc
+        except duckdb.PermissionException as exc:
+            raise QueryRejected(
+                f"the query tried something the engine does not allow: {_first_line(exc)}",
+                code="query_forbidden",
+            ) from exc
+        except duckdb.OutOfMemoryException as exc:
+            raise QueryRejected(
+                f"the query needs more memory than allowed: {_first_line(exc)}",
+                code="query_out_of_memory",
+            ) from exc
+        except duckdb.Error as exc:
+            raise InvalidInput(f"SQL error: {_first_line(exc)}", code="sql_error") from exc
+        finally:
+            timer.cancel()
+            con.close()
+        return QueryResult(
+            table=table, truncated=truncated, elapsed_ms=(time.perf_counter() - started) * 1000
+        )
