@@ -104,9 +104,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         )
     with redis_for(settings) as url:
         app = create_app(settings, url)
-        uvicorn.run(
-            app, host=settings.host, port=settings.port, log_config=None, access_log=False
-        )
+        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     return 0
 
 
@@ -214,8 +212,14 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
             progress = Progress(f"ingesting {path.name}", "rows")
             result = await services.writer.ingest(
                 IngestRequest(
-                    org=org, super_=sup, table=table, source=path, fmt=fmt, mode=args.mode,
-                    actor="cli", request_id=uuid.uuid4().hex,
+                    org=org,
+                    super_=sup,
+                    table=table,
+                    source=path,
+                    fmt=fmt,
+                    mode=args.mode,
+                    actor="cli",
+                    request_id=uuid.uuid4().hex,
                 ),  # fmt: skip
                 progress=progress,
             )

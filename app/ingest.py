@@ -223,9 +223,7 @@ def _read_arrow(path: Path) -> Source:
         with pa.memory_map(str(path)) as src:
             schema = pa.ipc.open_stream(src).schema
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InvalidInput(
-            f"malformed Arrow IPC stream: {exc}", code="invalid_arrow"
-        ) from exc
+        raise InvalidInput(f"malformed Arrow IPC stream: {exc}", code="invalid_arrow") from exc
 
     def batches() -> Iterator[pa.RecordBatch]:
         try:

@@ -6,17 +6,18 @@ import hashlib
 import hmac
 import io
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
+import msgspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 from litestar import Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.handlers import BaseRouteHandler
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from app.audit import check_cursor, history_fields, scan_org, scan_super
 from app.ingest import format_for_content_type
@@ -45,6 +46,8 @@ from events.redis_log import guarded
 from projections.arrow import from_arrow, normalize_type, type_name
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
+# Query results carry decimals (e.g. sum() over integers) as JSON numbers, not strings.
+_RESULT_ENCODER = msgspec.json.Encoder(decimal_format="number")
 
 
 def provide_services(state: State) -> Services:
@@ -60,7 +63,9 @@ def request_id(request: Request[Any, Any, Any]) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
-async def require_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def require_token(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
     """With ``LEDGERLAKE_API_TOKEN`` set, /v1 needs ``Authorization: Bearer <token>``."""
     expected = connection.app.state.services.settings.api_token
     if not expected:
@@ -72,7 +77,7 @@ async def require_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseR
 
 
 @get("/health")
-async def health(services: Services) -> Response[dict[str, Any]]:
+async def health(services: NamedDependency[Services]) -> Response[dict[str, Any]]:
     """Redis reachability and projection lag. 503 when Redis cannot be reached."""
     started = time.perf_counter()
     try:
@@ -105,11 +110,11 @@ def _parse_if_match(value: str | None) -> int | None:
 @post("/v1/{org:str}/{super_name:str}/tables/{table:str}/rows", status_code=200)
 async def ingest_rows(
     request: Request[Any, Any, Any],
-    services: Services,
-    org: str,
-    super_name: str,
-    table: str,
-    mode: str = "append",
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: FromPath[str],
+    table: FromPath[str],
+    mode: Annotated[str, QueryParameter(description="append or overwrite")] = "append",
 ) -> IngestResponse:
     """Append (or overwrite with ``mode=overwrite``) rows. The body format follows
     Content-Type: JSON array, NDJSON, CSV, Parquet or Arrow IPC stream."""
@@ -154,14 +159,14 @@ async def ingest_rows(
 
 
 @get("/v1/orgs")
-async def list_orgs(services: Services) -> OrgList:
+async def list_orgs(services: NamedDependency[Services]) -> OrgList:
     registry = await services.reader.registry()
     orgs = [OrgOut(o.name, len(o.supers), o.created_at) for o in registry.orgs.values()]
     return OrgList(sorted(orgs, key=lambda o: o.name))
 
 
 @get("/v1/{org:str}/supers")
-async def list_supers(services: Services, org: str) -> SuperList:
+async def list_supers(services: NamedDependency[Services], org: FromPath[str]) -> SuperList:
     registry = await services.reader.registry()
     info = registry.orgs.get(org)
     if info is None:
@@ -174,26 +179,33 @@ async def list_supers(services: Services, org: str) -> SuperList:
 
 
 @get("/v1/{org:str}/{super_name:str}/tables")
-async def list_tables(services: Services, org: str, super_name: str) -> TableList:
+async def list_tables(
+    services: NamedDependency[Services], org: FromPath[str], super_name: FromPath[str]
+) -> TableList:
     state = await services.reader.require_super(org, super_name)
     tables = [table_summary(t) for t in sorted(state.tables.values(), key=lambda t: t.name)]
     return TableList(org, super_name, tables)
 
 
 @get("/v1/{org:str}/{super_name:str}/tables/{table:str}")
-async def describe_table(services: Services, org: str, super_name: str, table: str) -> TableDetail:
+async def describe_table(
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: FromPath[str],
+    table: FromPath[str],
+) -> TableDetail:
     found = await services.reader.require_table(org, super_name, table)
     return table_detail(org, super_name, found)
 
 
 @get("/v1/{org:str}/{super_name:str}/tables/{table:str}/history")
 async def table_history(
-    services: Services,
-    org: str,
-    super_name: str,
-    table: str,
-    after: str = "0-0",
-    limit: int = Parameter(default=100, ge=1, le=1000),
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: FromPath[str],
+    table: FromPath[str],
+    after: Annotated[str, QueryParameter(description="event id cursor")] = "0-0",
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
 ) -> History:
     """One entry per version, oldest first, paged with ``after`` = ``next_after``."""
     await services.reader.require_table(org, super_name, table)
@@ -233,10 +245,10 @@ def _result_columns(table: pa.Table) -> list[QueryColumn]:
 @post("/v1/{org:str}/{super_name:str}/query", status_code=200)
 async def run_query(
     request: Request[Any, Any, Any],
-    services: Services,
-    org: str,
-    super_name: str,
-    data: QueryRequest,
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: FromPath[str],
+    data: JSONBody[QueryRequest],
 ) -> Response[Any]:
     """Run one read-only SELECT over the super's tables (referenced by name).
 
@@ -273,17 +285,17 @@ async def run_query(
         truncated=result.truncated,
         elapsed_ms=round(result.elapsed_ms, 2),
     )
-    return Response(body, headers=headers)
+    return Response(_RESULT_ENCODER.encode(body), media_type="application/json", headers=headers)
 
 
 @get("/v1/events")
 async def list_events(
-    services: Services,
-    org: str,
-    super_name: str | None = Parameter(query="super", default=None),
-    table: str | None = None,
-    after: str = "0-0",
-    limit: int = Parameter(default=100, ge=1, le=1000),
+    services: NamedDependency[Services],
+    org: Annotated[str, QueryParameter()],
+    super_name: Annotated[str | None, QueryParameter(name="super")] = None,
+    table: Annotated[str | None, QueryParameter()] = None,
+    after: Annotated[str, QueryParameter(description="event id cursor")] = "0-0",
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
 ) -> EventPage:
     """The audit log, straight from the streams, oldest first."""
     registry = await services.reader.registry()

@@ -126,7 +126,9 @@ class Writer:
         registered = False
         try:
             for _attempt in range(self.retries + 1):
-                plan = plan_schema(table.columns if table else None, source.fields, text=source.text)
+                plan = plan_schema(
+                    table.columns if table else None, source.fields, text=source.text
+                )
                 if written is None or written.targets != plan.targets:
                     # First try, or a concurrent writer changed the types this file must
                     # have: (re)write it against the current schema.
@@ -209,7 +211,9 @@ class Writer:
             size = await self.storage.publish(staged, key)
         finally:
             staged.unlink(missing_ok=True)
-        return written, DataFile(path=key, rows=written.rows, size_bytes=size, columns=written.stats)
+        return written, DataFile(
+            path=key, rows=written.rows, size_bytes=size, columns=written.stats
+        )
 
     async def _register(self, req: IngestRequest) -> None:
         common = {"org": req.org, "super_": req.super_, "actor": req.actor, "time": now()}
@@ -265,7 +269,9 @@ class Writer:
                 )
             )
         else:
-            events.append(RowsAppended(version=version, files=(data_file,), rows=written.rows, **base))  # type: ignore[arg-type]
+            events.append(
+                RowsAppended(version=version, files=(data_file,), rows=written.rows, **base)
+            )  # type: ignore[arg-type]
         idempotency = None
         if req.idempotency_key is not None:
             stored = _Stored(table=req.table, rows=written.rows, mode=req.mode)

@@ -147,7 +147,9 @@ def encode_event(event: EventBase) -> dict[str, bytes]:
     }
 
 
-def decode_event(entry_id: str | bytes, fields: Mapping[bytes, bytes] | Mapping[str, bytes]) -> Event:
+def decode_event(
+    entry_id: str | bytes, fields: Mapping[bytes, bytes] | Mapping[str, bytes]
+) -> Event:
     """Decode a stream entry, upcasting old payload versions, and set ``id``."""
     get = _field_getter(fields)
     raw = get("e")

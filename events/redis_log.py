@@ -191,8 +191,7 @@ class RedisEventLog:
         if status == "conflict":
             current = int(_s(reply[1]))
             raise ConflictError(
-                f"table {org}/{super_}/{table} is at version {current}, "
-                f"not {expected_version}",
+                f"table {org}/{super_}/{table} is at version {current}, not {expected_version}",
                 current_version=current,
             )
         if status == "idem":

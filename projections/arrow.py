@@ -200,8 +200,7 @@ def normalize_array(arr: pa.ChunkedArray, column: str) -> pa.ChunkedArray:
 def _mismatch(column: str, want: DataType, have: DataType, why: str = "") -> TypeMismatch:
     detail = f" ({why})" if why else ""
     return TypeMismatch(
-        f"column {column!r} has type {type_name(want)} but the data has "
-        f"{type_name(have)}{detail}",
+        f"column {column!r} has type {type_name(want)} but the data has {type_name(have)}{detail}",
         column=column,
         expected=type_name(want),
         actual=type_name(have),

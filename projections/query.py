@@ -117,7 +117,12 @@ class QueryEngine:
         return rows, timeout
 
     async def run(
-        self, state: SuperState, sql: str, *, limit: int | None = None, timeout_s: float | None = None
+        self,
+        state: SuperState,
+        sql: str,
+        *,
+        limit: int | None = None,
+        timeout_s: float | None = None,
     ) -> QueryResult:
         rows, timeout = self.clamp(limit, timeout_s)
         check_sql(sql)
@@ -144,7 +149,9 @@ class QueryEngine:
         name = quote_ident(table.name)
         if not table.files:
             con.register(f"__empty_{table.name}", arrow_schema(table.columns).empty_table())
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM {quote_ident('__empty_' + table.name)}")
+            con.execute(
+                f"CREATE VIEW {name} AS SELECT * FROM {quote_ident('__empty_' + table.name)}"
+            )
             return
         present: set[str] = set()
         for f in table.files:
@@ -156,7 +163,9 @@ class QueryEngine:
                 select.append(col)
             else:  # a column no current file has yet: typed NULLs
                 select.append(f"CAST(NULL AS {duckdb_type(field.type)}) AS {col}")
-        files = ", ".join("'" + self.resolve_path(f.path).replace("'", "''") + "'" for f in table.files)
+        files = ", ".join(
+            "'" + self.resolve_path(f.path).replace("'", "''") + "'" for f in table.files
+        )
         con.execute(
             f"CREATE VIEW {name} AS SELECT {', '.join(select)} "
             f"FROM read_parquet([{files}], union_by_name = true)"
@@ -168,7 +177,7 @@ class QueryEngine:
         timer = threading.Timer(timeout, con.interrupt)
         timer.start()
         try:
-            reader = con.execute(sql).fetch_record_batch(min(limit + 1, 65536))
+            reader = con.execute(sql).to_arrow_reader(min(limit + 1, 65536))
             batches: list[pa.RecordBatch] = []
             count, size, truncated = 0, 0, False
             for batch in reader:

@@ -81,9 +81,7 @@ class CatalogReader:
         state = await self.require_super(org, super_)
         found = state.tables.get(table)
         if found is None:
-            raise NotFound(
-                f"table {org}/{super_}/{table} does not exist", code="table_not_found"
-            )
+            raise NotFound(f"table {org}/{super_}/{table} does not exist", code="table_not_found")
         return found
 
 

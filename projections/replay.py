@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from events.redis_log import RedisEventLog
 from events.model import stream_id_tuple
+from events.redis_log import RedisEventLog
 from projections.catalog import (
     RegistryState,
     SuperState,

@@ -179,9 +179,7 @@ class CatalogProjector:
 
     async def _read(self, unit: _Unit, start: str) -> list[tuple[Any, Any]]:
         reply = await guarded(
-            self.client.xreadgroup(
-                CATALOG, self.consumer, {unit.stream: start}, count=self.batch
-            )
+            self.client.xreadgroup(CATALOG, self.consumer, {unit.stream: start}, count=self.batch)
         )
         if not reply:
             return []
@@ -217,9 +215,7 @@ class CatalogProjector:
         start = "0-0"
         while True:
             reply = await guarded(
-                self.client.xautoclaim(
-                    unit.stream, CATALOG, self.consumer, 0, start, count=1000
-                )
+                self.client.xautoclaim(unit.stream, CATALOG, self.consumer, 0, start, count=1000)
             )
             start = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
             if start == "0-0":
@@ -261,9 +257,7 @@ class CatalogProjector:
                     state, expected=expected, group=CATALOG, acks=acks
                 )
 
-            self.units[name] = _Unit(
-                name, stream, lease, registry, apply_registry, commit_registry
-            )
+            self.units[name] = _Unit(name, stream, lease, registry, apply_registry, commit_registry)
             return
         org, sup = name.split("/", 1)
         state = await self.store.load_super(org, sup)

@@ -1,0 +1,100 @@
+"""Shared fixtures: one real redis-server for the session (127.0.0.1, free port),
+a fresh key prefix and data dir per test, and the app under Litestar's test client."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from litestar.testing import TestClient
+
+from app.embedded_redis import find_redis_server
+from app.http import create_app
+from app.services import Services
+from app.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_redis(
+    workdir: Path, extra: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server on 127.0.0.1 and a free port; waits until it answers PING."""
+    for _ in range(5):
+        port = free_port()
+        proc = subprocess.Popen(
+            [find_redis_server(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+             "--appendonly", "no", "--dir", str(workdir), *(extra or [])],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=port, socket_connect_timeout=0.2)
+        for _ in range(500):
+            if proc.poll() is not None:
+                break  # port taken in the meantime: try another
+            try:
+                client.ping()
+                client.close()
+                return proc, f"redis://127.0.0.1:{port}/0"
+            except redis.ConnectionError:
+                try:
+                    proc.wait(timeout=0.01)  # poll without a bare sleep
+                except subprocess.TimeoutExpired:
+                    pass
+        proc.kill()
+        proc.wait()
+    raise RuntimeError("could not start redis-server")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        redis_url=redis_url,
+        redis_prefix=f"t{uuid.uuid4().hex[:10]}",
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient[Any]]:
+    assert settings.redis_url
+    with TestClient(create_app(settings, settings.redis_url)) as c:
+        yield c
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def services(settings: Settings) -> AsyncIterator[Services]:
+    assert settings.redis_url
+    s = Services.build(settings, settings.redis_url)
+    yield s
+    await s.close()
+
+
+def ingest(client: TestClient[Any], path: str, body: Any, **kwargs: Any) -> Any:
+    """POST rows as JSON (a list) or raw bytes with a content type."""
+    if isinstance(body, bytes | str):
+        return client.post(path, content=body, **kwargs)
+    return client.post(path, json=body, **kwargs)
