@@ -140,15 +140,16 @@ def create_app(settings: Settings, redis_url: str, *, run_projector: bool = True
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         services = Services.build(settings, redis_url)
         app.state.services = services
-        stop = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
                 if run_projector:
-                    tg.start_soon(services.projector().run, stop)
+                    # Cancelled, not stopped, on shutdown: a commit is atomic, so
+                    # cancelling anywhere is safe and does not wait out a blocking read.
+                    tg.start_soon(services.projector().run, anyio.Event())
                 try:
                     yield
                 finally:
-                    stop.set()
+                    tg.cancel_scope.cancel()
         finally:
             await services.close()
 
