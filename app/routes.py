@@ -315,11 +315,8 @@ async def list_events(
     return EventPage([to_builtins(e) for e in events], nxt)
 
 
-V1 = Router(
-    path="/",
-    route_handlers=[ingest_rows, list_orgs, list_supers, list_tables, describe_table,
-                    table_history, run_query, list_events],
-    guards=[require_token],
-)  # fmt: skip
+V1_HANDLERS = [ingest_rows, list_orgs, list_supers, list_tables, describe_table,
+               table_history, run_query, list_events]  # fmt: skip
+V1 = Router(path="/", route_handlers=V1_HANDLERS, guards=[require_token])
 ROUTES = [health, V1]
 DEPENDENCIES = {"services": Provide(provide_services, sync_to_thread=False)}

@@ -159,8 +159,12 @@ class QueryEngine:
         select = []
         for field in table.columns:
             col = quote_ident(field.name)
-            if field.name in present:
-                select.append(col)
+            if field.type.kind == "null":
+                select.append(col if field.name in present else f"NULL AS {col}")
+            elif field.name in present:
+                # Files written before a column got its type hold NULL-typed data; the
+                # cast makes every view show exactly the declared schema.
+                select.append(f"CAST({col} AS {duckdb_type(field.type)}) AS {col}")
             else:  # a column no current file has yet: typed NULLs
                 select.append(f"CAST(NULL AS {duckdb_type(field.type)}) AS {col}")
         files = ", ".join(

@@ -1,0 +1,26 @@
+"""Completeness: every setting and every route is documented in the README."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from app.routes import V1_HANDLERS, health
+from app.settings import SETTINGS_DOC, Settings
+
+README = (Path(__file__).parents[2] / "README.md").read_text()
+
+
+def test_every_setting_is_in_the_readme_table() -> None:
+    documented = set(re.findall(r"^\| `LEDGERLAKE_([A-Z_]+)` \|", README, flags=re.M))
+    fields = {name.upper() for name in Settings.__struct_fields__}
+    assert documented == fields
+    assert set(SETTINGS_DOC) == set(Settings.__struct_fields__)
+
+
+def test_every_route_is_in_the_readme() -> None:
+    handlers = [health, *V1_HANDLERS]
+    for handler in handlers:
+        for path in handler.paths:
+            shown = re.sub(r"\{(\w+):\w+\}", r"{\1}", path).replace("{super_name}", "{super}")
+            assert f" {shown}" in README, shown
