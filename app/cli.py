@@ -220,12 +220,13 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
                     mode=args.mode,
                     actor="cli",
                     request_id=uuid.uuid4().hex,
-                ),  # fmt: skip
+                ),
                 progress=progress,
             )
             progress.finish(result.rows)
-            print(json.dumps({"table": result.table, "version": result.version,
-                              "rows": result.rows, "event_id": result.event_id}))  # fmt: skip
+            summary = {"table": result.table, "version": result.version,
+                       "rows": result.rows, "event_id": result.event_id}  # fmt: skip
+            print(json.dumps(summary))
             return 0
 
     with redis_for(settings) as url:
@@ -253,8 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("worker", cmd_worker, "Run projections only (scale-out).")
     p.add_argument("--burst", action="store_true", help="catch up once, then exit")
     p = command("replay", cmd_replay, "Rebuild every projection from the event log.")
-    p.add_argument("--verify", action="store_true",
-                   help="compare a rebuild with the stored snapshots; exit 1 on a difference")  # fmt: skip
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare a rebuild with the stored snapshots; exit 1 on a difference",
+    )
     p = command("query", cmd_query, "Run a read-only SQL query.")
     p.add_argument("sql")
     p.add_argument("--super", required=True, help="org/super whose tables the SQL names")

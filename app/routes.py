@@ -64,7 +64,7 @@ def request_id(request: Request[Any, Any, Any]) -> str:
 
 
 async def require_token(
-    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
 ) -> None:
     """With ``LEDGERLAKE_API_TOKEN`` set, /v1 needs ``Authorization: Bearer <token>``."""
     expected = connection.app.state.services.settings.api_token
@@ -318,5 +318,5 @@ async def list_events(
 V1_HANDLERS = [ingest_rows, list_orgs, list_supers, list_tables, describe_table,
                table_history, run_query, list_events]  # fmt: skip
 V1 = Router(path="/", route_handlers=V1_HANDLERS, guards=[require_token])
-ROUTES = [health, V1]
+ROUTES: list[Any] = [health, V1]
 DEPENDENCIES = {"services": Provide(provide_services, sync_to_thread=False)}

@@ -13,11 +13,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
 
-from app.ingest import Plan, WrittenFile, open_source, plan_schema, write_parquet
+from app.ingest import Plan, Source, WrittenFile, open_source, plan_schema, write_parquet
 from events.errors import ConflictError, IdempotencyMismatch, InvalidInput
 from events.log import NEW_TABLE, Idempotency
 from events.model import (
@@ -83,6 +84,19 @@ class _Stored(msgspec.Struct, frozen=True):
     mode: str
 
 
+def _replayed(result: bytes, version: int, event_ids: tuple[str, ...]) -> IngestResult:
+    """The answer to a retried request: what the first one recorded."""
+    extra = msgspec.json.decode(result, type=_Stored)
+    return IngestResult(
+        table=extra.table,
+        version=version,
+        rows=extra.rows,
+        event_id=event_ids[-1],
+        mode=extra.mode,
+        replayed=True,
+    )
+
+
 class Writer:
     """Turns ingest requests into files plus events."""
 
@@ -135,6 +149,7 @@ class Writer:
                     if data_file is not None:
                         await self.storage.delete(data_file.path)
                     written, data_file = await self._write_file(req, source, plan, progress)
+                assert data_file is not None
                 if not registered:
                     await self._register(req)
                     registered = True
@@ -167,15 +182,7 @@ class Writer:
             raise IdempotencyMismatch(
                 "this Idempotency-Key was already used for a different request"
             )
-        extra = msgspec.json.decode(stored.result, type=_Stored)
-        return IngestResult(
-            table=extra.table,
-            version=stored.version,
-            rows=extra.rows,
-            event_id=stored.event_ids[-1],
-            mode=extra.mode,
-            replayed=True,
-        )
+        return _replayed(stored.result, stored.version, stored.event_ids)
 
     @staticmethod
     def _check_if_match(req: IngestRequest, table: TableState | None) -> None:
@@ -191,7 +198,7 @@ class Writer:
     async def _write_file(
         self,
         req: IngestRequest,
-        source: object,
+        source: Source,
         plan: Plan,
         progress: Callable[[int], None] | None,
     ) -> tuple[WrittenFile, DataFile]:
@@ -199,7 +206,7 @@ class Writer:
         try:
             written = await anyio.to_thread.run_sync(
                 lambda: write_parquet(
-                    source,  # type: ignore[arg-type]
+                    source,
                     plan,
                     staged,
                     row_group_rows=self.row_group_rows,
@@ -216,12 +223,18 @@ class Writer:
         )
 
     async def _register(self, req: IngestRequest) -> None:
-        common = {"org": req.org, "super_": req.super_, "actor": req.actor, "time": now()}
+        common: dict[str, Any] = {
+            "org": req.org,
+            "super_": req.super_,
+            "actor": req.actor,
+            "time": now(),
+            "request_id": req.request_id,
+        }
         await self.log.ensure_super(
             req.org,
             req.super_,
-            OrgCreated(request_id=req.request_id, **common),  # type: ignore[arg-type]
-            SuperCreated(request_id=req.request_id, **common),  # type: ignore[arg-type]
+            OrgCreated(**common),
+            SuperCreated(**common),
         )
 
     async def _append(
@@ -232,7 +245,7 @@ class Writer:
         written: WrittenFile,
         data_file: DataFile,
     ) -> IngestResult:
-        base = {
+        base: dict[str, Any] = {
             "org": req.org,
             "super_": req.super_,
             "table": req.table,
@@ -244,7 +257,7 @@ class Writer:
         events: list[EventBase] = []
         if table is None:
             version += 1
-            events.append(TableCreated(version=version, columns=plan.columns, **base))  # type: ignore[arg-type]
+            events.append(TableCreated(version=version, columns=plan.columns, **base))
         elif plan.schema_changed:
             version += 1
             events.append(
@@ -253,7 +266,7 @@ class Writer:
                     columns=plan.columns,
                     added=plan.added,
                     promoted=plan.promoted,
-                    **base,  # type: ignore[arg-type]
+                    **base,
                 )
             )
         version += 1
@@ -265,13 +278,13 @@ class Writer:
                     removed_files=tuple(f.path for f in table.files),
                     rows=written.rows,
                     rows_removed=table.row_count,
-                    **base,  # type: ignore[arg-type]
+                    **base,
                 )
             )
         else:
             events.append(
                 RowsAppended(version=version, files=(data_file,), rows=written.rows, **base)
-            )  # type: ignore[arg-type]
+            )
         idempotency = None
         if req.idempotency_key is not None:
             stored = _Stored(table=req.table, rows=written.rows, mode=req.mode)
@@ -291,15 +304,7 @@ class Writer:
         if appended.replayed:
             # A concurrent retry with the same key won the race: ours is an orphan.
             await self.storage.delete(data_file.path)
-            extra = msgspec.json.decode(appended.result, type=_Stored)
-            return IngestResult(
-                table=extra.table,
-                version=appended.version,
-                rows=extra.rows,
-                event_id=appended.event_ids[-1],
-                mode=extra.mode,
-                replayed=True,
-            )
+            return _replayed(appended.result, appended.version, appended.event_ids)
         return IngestResult(
             table=req.table,
             version=appended.version,

@@ -153,6 +153,8 @@ def decode_event(
     """Decode a stream entry, upcasting old payload versions, and set ``id``."""
     get = _field_getter(fields)
     raw = get("e")
+    if raw is None:
+        raise ValueError(f"stream entry {entry_id!r} has no event payload")
     version = int(get("v") or CURRENT_VERSION)
     eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     if version == CURRENT_VERSION:

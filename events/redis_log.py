@@ -143,6 +143,12 @@ def connect(url: str) -> aioredis.Redis:
     return client
 
 
+def _b(value: bytes | str | None) -> bytes:
+    if value is None:
+        return b""
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
 def _s(value: bytes | str | None) -> str:
     if value is None:
         return ""
@@ -199,7 +205,7 @@ class RedisEventLog:
                 fingerprint=_s(reply[1]),
                 version=int(_s(reply[2])),
                 event_ids=tuple(_s(reply[3]).split(",")),
-                result=bytes(reply[4] or b""),
+                result=_b(reply[4]),
             )
             return self._replay(stored, idempotency)
         return Appended(
@@ -230,7 +236,7 @@ class RedisEventLog:
             fingerprint=_s(raw[0]),
             version=int(_s(raw[1])),
             event_ids=tuple(_s(raw[2]).split(",")),
-            result=bytes(raw[3] or b""),
+            result=_b(raw[3]),
         )
 
     async def ensure_super(
@@ -252,7 +258,8 @@ class RedisEventLog:
         return await self._read(self.keys.registry_stream, after, count)
 
     async def _read(self, stream: str, after: str, count: int) -> list[Event]:
-        entries = await guarded(self.client.xrange(stream, min=f"({after}", max="+", count=count))
+        call: Any = self.client.xrange(stream, min=f"({after}", max="+", count=count)
+        entries: list[Any] = await guarded(call)
         return [decode_event(entry_id, fields) for entry_id, fields in entries]
 
     async def last_id(self, org: str, super_: str) -> str:

@@ -129,7 +129,7 @@ class QueryEngine:
         return await anyio.to_thread.run_sync(self._run_sync, state, sql, rows, timeout)
 
     def _connect(self, state: SuperState) -> duckdb.DuckDBPyConnection:
-        config = {
+        config: dict[str, str | bool | int | float | list[str]] = {
             **_DISABLED_OPTIONS,
             "threads": self.limits.threads,
             "memory_limit": self.limits.memory_limit,

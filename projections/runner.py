@@ -161,7 +161,7 @@ class CatalogProjector:
         if not self.units:
             return False
         # XREAD (not XREADGROUP) so nothing is delivered twice: the next cycle reads.
-        ids = {unit.stream: unit.state.position for unit in self.units.values()}
+        ids: dict[Any, Any] = {u.stream: u.state.position for u in self.units.values()}
         reply = await guarded(self.client.xread(ids, count=1, block=self.block_ms))
         return bool(reply)
 
@@ -178,7 +178,7 @@ class CatalogProjector:
         return await self._apply(unit, entries)
 
     async def _read(self, unit: _Unit, start: str) -> list[tuple[Any, Any]]:
-        reply = await guarded(
+        reply: Any = await guarded(
             self.client.xreadgroup(CATALOG, self.consumer, {unit.stream: start}, count=self.batch)
         )
         if not reply:
