@@ -158,6 +158,7 @@ def _read_json(path: Path, *, ndjson: bool) -> pa.Table:
             values.append(row.get(key))
     arrays = {}
     for name, values in columns.items():
+        _check_bools_alone(name, values)
         try:
             arrays[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -166,8 +167,23 @@ def _read_json(path: Path, *, ndjson: bool) -> pa.Table:
                 code="mixed_types",
                 column=name,
             ) from exc
+        except OverflowError as exc:
+            raise TypeMismatch(
+                f"column {name!r} has an integer outside the 64-bit range ({exc})",
+                code="value_out_of_range",
+                column=name,
+            ) from exc
     check_column_names(list(arrays))
     return pa.table(arrays) if arrays else pa.table({})
+
+
+def _check_bools_alone(name: str, values: list[Any]) -> None:
+    """pyarrow would turn ``true`` into 1.0 next to numbers: refuse the mix instead."""
+    kinds = {type(v) for v in values if v is not None}
+    if bool in kinds and kinds & {int, float}:
+        raise TypeMismatch(
+            f"column {name!r} mixes booleans and numbers", code="mixed_types", column=name
+        )
 
 
 _CSV_COLUMN = re.compile(r"In CSV column #(\d+): (?:Row #\d+: )?(.*)")
@@ -190,17 +206,46 @@ def _read_csv(path: Path, known: dict[str, DataType]) -> pa.Table:
     except pa.ArrowInvalid as exc:
         message = str(exc)
         match = _CSV_COLUMN.search(message)
-        if match and "conversion error" in message:
-            name = header[int(match.group(1))]
+        name = header[int(match.group(1))] if match else ""
+        if match and name in known:
             want = known[name]
+            why = match.group(2)
+            bad = _first_bad_csv_value(path, name, column_types[name])
+            if bad is not None and repr(bad) not in why:
+                why = f"{bad!r}: {why}"
             raise TypeMismatch(
                 f"column {name!r} has type {type_name(want)} but the CSV has a value that is "
-                f"not one: {match.group(2)}",
+                f"not one: {why}",
                 column=name,
                 expected=type_name(want),
                 actual="string",
             ) from exc
         raise InvalidInput(f"malformed CSV: {message}", code="invalid_csv") from exc
+
+
+def _first_bad_csv_value(path: Path, name: str, target: pa.DataType) -> str | None:
+    """On the error path only: the first value of a CSV column that does not convert
+    (pyarrow does not always say which one)."""
+    try:
+        strings = pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(
+                include_columns=[name], column_types={name: pa.string()}
+            ),
+        ).column(name)
+    except pa.ArrowInvalid:
+        return None
+    for value in strings.to_pylist():
+        if value in (None, ""):
+            continue
+        try:
+            pacsv.read_csv(
+                pa.py_buffer(('x\n"' + value.replace('"', '""') + '"\n').encode()),
+                convert_options=pacsv.ConvertOptions(column_types={"x": target}),
+            )
+        except pa.ArrowInvalid:
+            return str(value)
+    return None
 
 
 def _read_parquet(path: Path) -> Source:

@@ -67,7 +67,10 @@ def test_every_body_format_lands_the_same_rows(client: TestClient[Any], content_
     assert r.status_code == 200, r.text
     assert query(client, "select id, name from orders order by id") == [[1, "a"], [2, "b"]]
     detail = client.get("/v1/acme/sales/tables/orders").json()
-    assert [(c["name"], c["type"]) for c in detail["columns"]] == [("id", "int64"), ("name", "string")]
+    assert [(c["name"], c["type"]) for c in detail["columns"]] == [
+        ("id", "int64"),
+        ("name", "string"),
+    ]
 
 
 def test_every_format_appends_to_one_table(client: TestClient[Any]) -> None:
@@ -142,7 +145,9 @@ def test_if_match_current_version_succeeds(client: TestClient[Any]) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["version"] == v + 1
     # If-Match: -1 means "the table must not exist yet"
-    r = client.post("/v1/acme/sales/tables/fresh/rows", json=[{"id": 1}], headers={"If-Match": "-1"})
+    r = client.post(
+        "/v1/acme/sales/tables/fresh/rows", json=[{"id": 1}], headers={"If-Match": "-1"}
+    )
     assert r.status_code == 200, r.text
 
 
@@ -186,7 +191,9 @@ def test_concurrent_appends_rebase_and_lose_nothing(settings: Settings) -> None:
             async with anyio.create_task_group() as tg:
                 for w in range(writers):
                     tg.start_soon(writer, w)
-            r = await c.post(QUERY, json={"sql": "select count(*), count(distinct (w, i)) from orders"})
+            r = await c.post(
+                QUERY, json={"sql": "select count(*), count(distinct (w, i)) from orders"}
+            )
             assert r.json()["rows"] == [[writers * per_writer + 1, writers * per_writer + 1]]
 
     anyio.run(main)

@@ -105,7 +105,10 @@ async def test_registry_records_orgs_and_supers_once(services: Services) -> None
     reg = {"actor": "me", "time": T0}
     for sup in ("s", "s", "s2"):
         await log.ensure_super(
-            "o", sup, OrgCreated(org="o", super_=sup, **reg), SuperCreated(org="o", super_=sup, **reg)
+            "o",
+            sup,
+            OrgCreated(org="o", super_=sup, **reg),
+            SuperCreated(org="o", super_=sup, **reg),
         )
     events = await log.read_registry()
     assert [(type(e).__name__, e.super_) for e in events] == [

@@ -17,7 +17,9 @@ from projections.store import CATALOG, encode_table
 pytestmark = pytest.mark.anyio
 
 
-async def write(services: Services, tmp: Path, table: str, rows: list[dict], sup: str = "s") -> None:
+async def write(
+    services: Services, tmp: Path, table: str, rows: list[dict], sup: str = "s"
+) -> None:
     src = tmp / f"{table}-{len(rows)}-{id(rows)}.json"
     src.write_text(json.dumps(rows))
     await services.writer.ingest(IngestRequest("o", sup, table, src, "json"))
@@ -82,7 +84,9 @@ async def test_takeover_claims_what_a_dead_runner_left_pending(
     assert await pending(services) == 0
 
 
-async def test_redelivered_entries_are_not_applied_twice(services: Services, tmp_path: Path) -> None:
+async def test_redelivered_entries_are_not_applied_twice(
+    services: Services, tmp_path: Path
+) -> None:
     for i in range(4):
         await write(services, tmp_path, "t", [{"x": i}])
     runner = services.projector()
@@ -103,9 +107,7 @@ async def test_a_stale_commit_writes_nothing(services: Services, tmp_path: Path)
     await services.projector().run_until_caught_up()
     stored = await services.store.load_super("o", "s")
     bogus = msgspec.structs.replace(stored, position="99999999999999-0", tables={})
-    ok = await services.store.commit_super(
-        bogus, expected="1-0", changed=[], removed=["t"]
-    )
+    ok = await services.store.commit_super(bogus, expected="1-0", changed=[], removed=["t"])
     assert not ok
     assert (await services.store.load_super("o", "s")).tables.keys() == {"t"}
 
