@@ -273,7 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread so that every ``finally`` (stopping the
+    embedded Redis among them) runs, as it does for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    # uvicorn captures SIGTERM during serve and re-raises it after a graceful shutdown;
+    # with this handler that re-raise becomes an exception instead of an abrupt exit.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     args = build_parser().parse_args(argv)
     overrides = {
         "data_dir": args.data_dir,
@@ -289,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        return 0
     return code
 
 

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger("ledgerlake.redis")
 
@@ -84,7 +86,10 @@ class EmbeddedRedis:
         return f"unix://{self.socket}"
 
     def _client(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5)
+        # No retries: "is a server there?" must be answered at once, not after backoff.
+        return redis.Redis(
+            unix_socket_path=str(self.socket), socket_timeout=5, retry=Retry(NoBackoff(), 0)
+        )
 
     def alive(self) -> bool:
         try:

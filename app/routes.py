@@ -72,7 +72,8 @@ async def require_token(
         return
     header = connection.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), expected):
+    given = token.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected.encode()):
         raise Unauthorized("missing or wrong bearer token", code="unauthorized")
 
 

@@ -44,6 +44,12 @@ SETTINGS_DOC: dict[str, str] = {
 }
 
 
+def _decode_path(t: type, value: Any) -> Any:
+    if t is Path and isinstance(value, str | Path):
+        return Path(value)
+    raise NotImplementedError(f"cannot read a {t.__name__} setting from {value!r}")
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path = Path(".ledgerlake")
     redis_url: str | None = None
@@ -80,7 +86,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 raw[name] = value
         raw.update({k: v for k, v in overrides.items() if v is not None})
         try:
-            settings = msgspec.convert(raw, cls, strict=False)
+            settings = msgspec.convert(raw, cls, strict=False, dec_hook=_decode_path)
         except msgspec.ValidationError as exc:
             raise SystemExit(f"invalid setting: {exc}") from exc
         settings.validate()

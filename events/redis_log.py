@@ -18,6 +18,8 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -137,8 +139,14 @@ async def redis_errors() -> AsyncIterator[None]:
 
 def connect(url: str) -> aioredis.Redis:
     """A Redis client for ``url`` (``redis://``, ``rediss://`` or ``unix://``)."""
+    # A few quick retries ride out a reconnect; more would only delay the 503 a client
+    # gets while Redis is down (redis-py's default is 10 with backoff, ~4 s).
     client: aioredis.Redis = aioredis.Redis.from_url(
-        url, decode_responses=False, health_check_interval=15, socket_connect_timeout=5
+        url,
+        decode_responses=False,
+        health_check_interval=15,
+        socket_connect_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
     )
     return client
 

@@ -79,16 +79,18 @@ def check_sql(sql: str) -> None:
             code="sql_not_select",
         )
     try:
-        tree = sqlglot.parse_one(sql, dialect="duckdb")
+        trees = sqlglot.parse(sql, dialect="duckdb")
     except sqlglot.errors.SqlglotError as exc:
         raise QueryRejected(
             f"the query could not be verified as a plain SELECT: {_first_line(exc)}",
             code="sql_not_select",
         ) from exc
+    # A trailing comment or extra ';' is an empty statement to sqlglot, not to DuckDB.
+    real = [t for t in trees if t is not None and not isinstance(t, exp.Semicolon)]
+    tree = real[0] if len(real) == 1 else None
     if not isinstance(tree, exp.Query):
-        raise QueryRejected(
-            f"only SELECT queries are allowed, got {tree.key.upper()}", code="sql_not_select"
-        )
+        got = tree.key.upper() if tree is not None else f"{len(real)} statements"
+        raise QueryRejected(f"only SELECT queries are allowed, got {got}", code="sql_not_select")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -3,6 +3,7 @@ a fresh key prefix and data dir per test, and the app under Litestar's test clie
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import uuid
@@ -47,10 +48,8 @@ def start_redis(
                 client.close()
                 return proc, f"redis://127.0.0.1:{port}/0"
             except redis.ConnectionError:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=0.01)  # poll without a bare sleep
-                except subprocess.TimeoutExpired:
-                    pass
         proc.kill()
         proc.wait()
     raise RuntimeError("could not start redis-server")
