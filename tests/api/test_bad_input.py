@@ -4,20 +4,19 @@ leaves no trace (no event in Redis, no data file, an empty staging directory).""
 from __future__ import annotations
 
 import datetime as dt
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import redis
 from litestar.testing import TestClient
 
 from app.http import create_app
 from app.settings import Settings
+from tests.bodies import arrow_bytes, parquet_bytes
 
 ORG, SUP, TBL = "acme", "sales", "orders"
 ROWS = f"/v1/{ORG}/{SUP}/tables/{TBL}/rows"
@@ -39,19 +38,6 @@ TARGETS = {
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def arrow_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
 
 
 SEED_TABLE = pa.table({"id": pa.array([1, 2], pa.int64()), "name": ["a", "b"]})

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import anyio
 import httpx
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from litestar.testing import AsyncTestClient, TestClient
 
 from app.http import create_app
 from app.settings import Settings
+from tests.bodies import arrow_bytes, parquet_bytes
 
 ROWS = "/v1/acme/sales/tables/orders/rows"
 QUERY = "/v1/acme/sales/query"
@@ -23,19 +22,6 @@ def query(client: TestClient[Any], sql: str) -> list[list[Any]]:
     r = client.post(QUERY, json={"sql": sql})
     assert r.status_code == 200, r.text
     return r.json()["rows"]
-
-
-def arrow_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue()
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
 
 
 def test_first_write_creates_org_super_and_table(client: TestClient[Any]) -> None:
