@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +80,18 @@ class IngestResult(msgspec.Struct, frozen=True):
 
 
 class _Stored(msgspec.Struct, frozen=True):
+    """What an append records with its idempotency token, for a retry to answer with."""
+
     table: str
     rows: int
     mode: str
+    file: str = ""
+
+
+# Every append carries a token (the client's Idempotency-Key, or one of ours), so that
+# re-running the script after a lost reply returns the first outcome instead of
+# appending twice. Our own tokens only need to outlive the client's retries.
+INTERNAL_TOKEN_TTL_S = 600
 
 
 def _replayed(result: bytes, version: int, event_ids: tuple[str, ...]) -> IngestResult:
@@ -138,6 +148,10 @@ class Writer:
         written: WrittenFile | None = None
         data_file: DataFile | None = None
         registered = False
+        token = self._token(req)
+        # True while an append is in flight: if it fails then (a lost connection), the
+        # event may or may not be in the log, so the file must stay (an orphan at worst).
+        unsure = False
         try:
             for _attempt in range(self.retries + 1):
                 plan = plan_schema(
@@ -154,8 +168,12 @@ class Writer:
                     await self._register(req)
                     registered = True
                 try:
-                    return await self._append(req, table, plan, written, data_file)
-                except ConflictError:
+                    unsure = True
+                    result = await self._append(req, table, plan, written, data_file, token)
+                    unsure = False
+                    return result
+                except (ConflictError, IdempotencyMismatch):
+                    unsure = False
                     if req.if_match is not None:
                         raise
                     table = (await self.reader.super_state(req.org, req.super_)).tables.get(
@@ -168,10 +186,18 @@ class Writer:
                 current_version=current,
             )
         except BaseException:
-            if data_file is not None:
+            if data_file is not None and not unsure:
                 with anyio.CancelScope(shield=True):
                     await self.storage.delete(data_file.path)
             raise
+
+    @staticmethod
+    def _token(req: IngestRequest) -> tuple[str, str, int | None]:
+        """(key, fingerprint, ttl) guarding this request's append."""
+        if req.idempotency_key is not None:
+            return req.idempotency_key, req.fingerprint, None
+        internal = f"w:{uuid.uuid4().hex}"
+        return internal, internal, INTERNAL_TOKEN_TTL_S
 
     async def _earlier_result(self, req: IngestRequest) -> IngestResult | None:
         assert req.idempotency_key is not None
@@ -244,6 +270,7 @@ class Writer:
         plan: Plan,
         written: WrittenFile,
         data_file: DataFile,
+        token: tuple[str, str, int | None],
     ) -> IngestResult:
         base: dict[str, Any] = {
             "org": req.org,
@@ -285,14 +312,11 @@ class Writer:
             events.append(
                 RowsAppended(version=version, files=(data_file,), rows=written.rows, **base)
             )
-        idempotency = None
-        if req.idempotency_key is not None:
-            stored = _Stored(table=req.table, rows=written.rows, mode=req.mode)
-            idempotency = Idempotency(
-                key=req.idempotency_key,
-                fingerprint=req.fingerprint,
-                result=msgspec.json.encode(stored),
-            )
+        key, fingerprint, ttl = token
+        stored = _Stored(table=req.table, rows=written.rows, mode=req.mode, file=data_file.path)
+        idempotency = Idempotency(
+            key=key, fingerprint=fingerprint, result=msgspec.json.encode(stored), ttl_s=ttl
+        )
         appended = await self.log.append(
             req.org,
             req.super_,
@@ -302,7 +326,17 @@ class Writer:
             idempotency=idempotency,
         )
         if appended.replayed:
-            # A concurrent retry with the same key won the race: ours is an orphan.
+            first = msgspec.json.decode(appended.result, type=_Stored)
+            if first.file == data_file.path:
+                # Our own append, run twice because its reply was lost: it counts once.
+                return IngestResult(
+                    table=req.table,
+                    version=appended.version,
+                    rows=written.rows,
+                    event_id=appended.event_ids[-1],
+                    mode=req.mode,
+                )
+            # A concurrent request with the same key won: our file is not referenced.
             await self.storage.delete(data_file.path)
             return _replayed(appended.result, appended.version, appended.event_ids)
         return IngestResult(

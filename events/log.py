@@ -30,6 +30,7 @@ class Idempotency(msgspec.Struct, frozen=True):
     key: str
     fingerprint: str
     result: bytes = b""
+    ttl_s: int | None = None
 
 
 class StoredResult(msgspec.Struct, frozen=True):

@@ -192,7 +192,7 @@ class RedisEventLog:
             table,
             expected_version,
             idempotency.fingerprint if idempotency else "",
-            self.idempotency_ttl_s,
+            (idempotency.ttl_s if idempotency else None) or self.idempotency_ttl_s,
             idempotency.result if idempotency else b"",
             len(events),
         ]
