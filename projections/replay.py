@@ -13,7 +13,7 @@ from projections.catalog import (
     apply_registry,
     apply_super,
 )
-from projections.store import SnapshotStore, encode_table
+from projections.store import CommitOutcome, SnapshotStore, encode_table
 
 PAGE = 5000
 
@@ -115,9 +115,10 @@ async def replay(
                     report.differences += diff_supers(live, rebuilt)
                     break
                 stale = [t for t in live.tables if t not in rebuilt.tables]
-                if await store.commit_super(
+                outcome = await store.commit_super(
                     rebuilt, expected=live.position, changed=list(rebuilt.tables), removed=stale
-                ):
+                )
+                if outcome is CommitOutcome.DONE:
                     break  # else a projector committed meanwhile: fold again
             else:
                 report.differences.append(f"{org.name}/{sup}: kept changing, not rebuilt")

@@ -1,16 +1,22 @@
 """The projection runner: folds each stream into its stored snapshot.
 
 One *unit* is one stream with its snapshot: the registry, and each super. A runner holds
-a lease on a unit before it projects it, so that with several ``worker`` processes each
-unit has one writer at a time and events are folded strictly in order. Entries are read
-through a consumer group (``catalog``); they are acknowledged inside the same atomic
-commit that writes the snapshot and moves the checkpoint (``SnapshotStore``). On taking
-over a unit, the runner claims what the previous holder left pending and skips every
-entry at or before the stored checkpoint, so a crash at any point neither loses an event
-nor applies one twice.
+a lease on a unit before it projects it (renewed every cycle; a unit whose renewal fails
+is dropped at once), so that with several ``worker`` processes each unit has one writer
+at a time. Entries are read through a consumer group (``catalog``) and acknowledged
+inside the same atomic commit that writes the snapshot and moves the checkpoint
+(``SnapshotStore``).
+
+Two checks in that commit make it safe even when leases overlap (a paused process whose
+lease lapsed): the stored checkpoint must be the one the runner started from, and the
+events folded must be *every* event between the old and the new checkpoint. If either
+fails, nothing is written; the runner reloads the snapshot, claims every pending entry
+of the group (``XAUTOCLAIM``) and reads them again in order. Entries at or before the
+checkpoint are only acknowledged. So a crash or an overlap at any point neither loses an
+event nor applies one twice.
 
 ``run_until_caught_up`` is burst mode: it drains every stream and returns, for tests and
-the ``replay`` command.
+``worker --burst``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -30,13 +36,8 @@ from redis.exceptions import ResponseError
 from events.errors import Unavailable
 from events.model import Event, decode_event, stream_id_tuple
 from events.redis_log import Keys, guarded
-from projections.catalog import (
-    RegistryState,
-    SuperState,
-    apply_registry,
-    apply_super,
-)
-from projections.store import CATALOG, SnapshotStore
+from projections.catalog import RegistryState, apply_registry, apply_super, fold_registry
+from projections.store import CATALOG, CommitOutcome, SnapshotStore
 
 log = logging.getLogger("ledgerlake.projections")
 
@@ -52,6 +53,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+REGISTRY = "registry"
+Commit = Callable[[Any, str, set[str], list[str], int], Awaitable[CommitOutcome]]
+
 
 @dataclass
 class _Unit:
@@ -62,9 +66,9 @@ class _Unit:
     lease: str
     state: Any
     fold: Callable[[Any, Event], Any]
-    commit: Callable[[Any, str, set[str], list[str]], Awaitable[bool]]
-    claimed: bool = False
-    changed: set[str] = field(default_factory=set)
+    commit: Commit
+    # Where to continue reading this consumer's pending entries; None once drained.
+    pending_from: str | None = "0"
 
 
 def default_consumer_name() -> str:
@@ -96,6 +100,9 @@ class CatalogProjector:
         self.applied = 0
         self._renew = client.register_script(RENEW_LUA)
         self._release = client.register_script(RELEASE_LUA)
+        # Every runner follows the registry (to learn the supers) whether or not it
+        # holds the registry's lease.
+        self._registry_view = RegistryState()
 
     # -- public -----------------------------------------------------------------------
 
@@ -124,11 +131,6 @@ class CatalogProjector:
             with anyio.CancelScope(shield=True):
                 await self.release_all()
 
-    async def _pause(self, stop: anyio.Event) -> None:
-        self.units.clear()
-        with anyio.move_on_after(1.0):
-            await stop.wait()
-
     async def release_all(self) -> None:
         for unit in list(self.units.values()):
             try:
@@ -139,43 +141,63 @@ class CatalogProjector:
 
     # -- one cycle --------------------------------------------------------------------
 
+    async def _pause(self, stop: anyio.Event) -> None:
+        self.units.clear()
+        with anyio.move_on_after(self.block_ms / 1000):
+            await stop.wait()
+
     async def _cycle(self, *, block: bool) -> bool:
-        """Acquire units, read one batch from each, commit. True if anything was read."""
-        await self._acquire(self._registry_unit_spec())
-        registry = self.units.get("registry")
+        """Renew and acquire leases, read one batch per unit, commit. True if anything
+        was read."""
+        await self._follow_registry()
+        await self._renew_held()
+        specs = [self._registry_spec()]
+        for org in self._registry_view.orgs.values():
+            specs += [self._super_spec(org.name, sup) for sup in org.supers]
+        for spec in specs:
+            if spec[0] not in self.units:
+                await self._acquire(spec)
         progressed = False
-        if registry is not None:
-            progressed |= await self._step(registry)
-            for org in registry.state.orgs.values():
-                for sup in org.supers:
-                    await self._acquire(self._super_unit_spec(org.name, sup))
         for unit in list(self.units.values()):
-            if unit.name != "registry":
-                progressed |= await self._step(unit)
+            progressed |= await self._step(unit)
         if not progressed and block:
-            progressed = await self._wait_for_entries()
+            await self._wait_for_entries()
         return progressed
 
-    async def _wait_for_entries(self) -> bool:
-        """Block until any held stream has new entries (without consuming them)."""
-        if not self.units:
-            return False
-        # XREAD (not XREADGROUP) so nothing is delivered twice: the next cycle reads.
+    async def _follow_registry(self) -> None:
+        entries: Any = await guarded(
+            self.client.xrange(
+                self.keys.registry_stream, min=f"({self._registry_view.position}", max="+"
+            )
+        )
+        events = [decode_event(eid, fields) for eid, fields in entries]
+        self._registry_view = fold_registry(self._registry_view, events)
+
+    async def _renew_held(self) -> None:
+        for name, unit in list(self.units.items()):
+            if not await guarded(
+                self._renew(keys=[unit.lease], args=[self.consumer, self.lease_ms])
+            ):
+                log.warning("lease on %s lost; dropping it", name)
+                del self.units[name]
+
+    async def _wait_for_entries(self) -> None:
+        """Block until a held stream (or the registry) has new entries, or ``block_ms``.
+
+        XREAD, not XREADGROUP, so nothing is delivered here: the next cycle reads."""
         ids: dict[Any, Any] = {u.stream: u.state.position for u in self.units.values()}
-        reply = await guarded(self.client.xread(ids, count=1, block=self.block_ms))
-        return bool(reply)
+        ids.setdefault(self.keys.registry_stream, self._registry_view.position)
+        await guarded(self.client.xread(ids, count=1, block=self.block_ms))
 
     async def _step(self, unit: _Unit) -> bool:
-        if not unit.claimed:
-            await self._claim_pending(unit)
-            unit.claimed = True
-            pending = await self._read(unit, "0")
-            if pending:
-                return await self._apply(unit, pending)
+        if unit.pending_from is not None:
+            entries = await self._read(unit, unit.pending_from)
+            if entries:
+                unit.pending_from = _decode(entries[-1][0])
+                return await self._apply(unit, entries)
+            unit.pending_from = None  # this consumer's pending entries are drained
         entries = await self._read(unit, ">")
-        if not entries:
-            return False
-        return await self._apply(unit, entries)
+        return await self._apply(unit, entries) if entries else False
 
     async def _read(self, unit: _Unit, start: str) -> list[tuple[Any, Any]]:
         reply: Any = await guarded(
@@ -188,85 +210,93 @@ class CatalogProjector:
 
     async def _apply(self, unit: _Unit, entries: list[tuple[Any, Any]]) -> bool:
         expected = unit.state.position
+        base = stream_id_tuple(expected)
         state = unit.state
         acks: list[str] = []
         changed: set[str] = set()
-        base = stream_id_tuple(expected)
+        folded = 0
         for raw_id, fields in entries:
-            eid = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            eid = _decode(raw_id)
             acks.append(eid)
             if stream_id_tuple(eid) <= base:
                 continue  # folded in before a crash; only the ack was lost
             event = decode_event(eid, fields)
             state = unit.fold(state, event)
+            folded += 1
             if event.table:
                 changed.add(event.table)
-            self.applied += 1
-        ok = await unit.commit(state, expected, changed, acks)
-        if not ok:
-            # Someone else moved the checkpoint (our lease lapsed): start over from it.
-            log.warning("lost %s to another runner; reloading", unit.name)
-            self.units.pop(unit.name, None)
+        outcome = await unit.commit(state, expected, changed, acks, folded)
+        if outcome is CommitOutcome.DONE:
+            unit.state = state
+            self.applied += folded
             return True
-        unit.state = state
+        # The checkpoint moved (another runner committed), or our batch skipped entries
+        # delivered to another consumer: start over from the stored snapshot, with every
+        # pending entry claimed so they are read again, in order.
+        log.warning("%s: commit refused (%s); reloading", unit.name, outcome.name)
+        del self.units[unit.name]
+        await self._acquire((unit.name, unit.stream, unit.lease))
         return True
 
-    async def _claim_pending(self, unit: _Unit) -> None:
+    async def _claim_pending(self, stream: str) -> None:
         start = "0-0"
         while True:
-            reply = await guarded(
-                self.client.xautoclaim(unit.stream, CATALOG, self.consumer, 0, start, count=1000)
+            reply: Any = await guarded(
+                self.client.xautoclaim(stream, CATALOG, self.consumer, 0, start, count=1000)
             )
-            start = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+            start = _decode(reply[0])
             if start == "0-0":
                 return
 
     # -- units ------------------------------------------------------------------------
 
-    def _registry_unit_spec(self) -> tuple[str, str, str]:
+    def _registry_spec(self) -> tuple[str, str, str]:
         tag = self.keys.registry_tag
-        return ("registry", self.keys.registry_stream, f"{tag}:lease:{CATALOG}")
+        return (REGISTRY, self.keys.registry_stream, f"{tag}:lease:{CATALOG}")
 
-    def _super_unit_spec(self, org: str, sup: str) -> tuple[str, str, str]:
-        return (
-            f"{org}/{sup}",
-            self.keys.stream(org, sup),
-            self.keys.lease(org, sup, CATALOG),
-        )
+    def _super_spec(self, org: str, sup: str) -> tuple[str, str, str]:
+        return (f"{org}/{sup}", self.keys.stream(org, sup), self.keys.lease(org, sup, CATALOG))
 
     async def _acquire(self, spec: tuple[str, str, str]) -> None:
+        """Take the unit's lease if free, load its snapshot and claim its pending entries."""
         name, stream, lease = spec
-        got = await guarded(self._renew(keys=[lease], args=[self.consumer, self.lease_ms]))
-        if not got:
-            self.units.pop(name, None)
-            return
-        if name in self.units:
+        if not await guarded(self._renew(keys=[lease], args=[self.consumer, self.lease_ms])):
             return
         try:
             await guarded(self.client.xgroup_create(stream, CATALOG, id="0", mkstream=True))
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        if name == "registry":
+        await self._claim_pending(stream)
+        if name == REGISTRY:
             registry = await self.store.load_registry()
 
             async def commit_registry(
-                state: RegistryState, expected: str, _changed: set[str], acks: list[str]
-            ) -> bool:
+                state: Any, expected: str, _changed: set[str], acks: list[str], folded: int
+            ) -> CommitOutcome:
                 return await self.store.commit_registry(
-                    state, expected=expected, group=CATALOG, acks=acks
+                    state, expected=expected, group=CATALOG, acks=acks, folded=folded
                 )
 
             self.units[name] = _Unit(name, stream, lease, registry, apply_registry, commit_registry)
             return
         org, sup = name.split("/", 1)
-        state = await self.store.load_super(org, sup)
+        snapshot = await self.store.load_super(org, sup)
 
         async def commit_super(
-            state: SuperState, expected: str, changed: set[str], acks: list[str]
-        ) -> bool:
+            state: Any, expected: str, changed: set[str], acks: list[str], folded: int
+        ) -> CommitOutcome:
             return await self.store.commit_super(
-                state, expected=expected, changed=sorted(changed), group=CATALOG, acks=acks
+                state,
+                expected=expected,
+                changed=sorted(changed),
+                group=CATALOG,
+                acks=acks,
+                folded=folded,
             )
 
-        self.units[name] = _Unit(name, stream, lease, state, apply_super, commit_super)
+        self.units[name] = _Unit(name, stream, lease, snapshot, apply_super, commit_super)
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -11,6 +11,7 @@ applies nothing twice.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -22,11 +23,17 @@ from projections.catalog import RegistryState, SuperState, TableState
 
 COMMIT_LUA = """
 -- KEYS: snapshot hash, checkpoint, stream
--- ARGV: expected checkpoint, new checkpoint, group ('' = none), n set, fields..., n del,
---       fields..., n ack, ids...
+-- ARGV: expected checkpoint, new checkpoint, group ('' = none), events folded (-1 = do
+--       not check), n set, fields..., n del, fields..., n ack, ids...
 local cur = redis.call('GET', KEYS[2]) or '0-0'
 if cur ~= ARGV[1] then return 0 end
-local i = 4
+local folded = tonumber(ARGV[4])
+if folded >= 0 and ARGV[2] ~= cur then
+  -- every entry between the two checkpoints must have been folded: no gaps
+  local between = redis.call('XRANGE', KEYS[3], '(' .. cur, ARGV[2])
+  if #between ~= folded then return -1 end
+end
+local i = 5
 local nset = tonumber(ARGV[i]); i = i + 1
 for _ = 1, nset do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2
@@ -37,8 +44,13 @@ for _ = 1, ndel do
 end
 redis.call('SET', KEYS[2], ARGV[2])
 local nack = tonumber(ARGV[i]); i = i + 1
-if ARGV[3] ~= '' and nack > 0 then
-  redis.call('XACK', KEYS[3], ARGV[3], unpack(ARGV, i, i + nack - 1))
+if ARGV[3] ~= '' then
+  local last = i + nack - 1
+  while i <= last do  -- in chunks: unpack() has a limit on its results
+    local j = math.min(i + 499, last)
+    redis.call('XACK', KEYS[3], ARGV[3], unpack(ARGV, i, j))
+    i = j + 1
+  end
 end
 return 1
 """
@@ -53,6 +65,15 @@ _encoder = msgspec.json.Encoder(decimal_format="string")
 
 def encode_table(table: TableState) -> bytes:
     return _encoder.encode(table)
+
+
+class CommitOutcome(enum.IntEnum):
+    """What a commit did: written, refused because the checkpoint moved, or refused
+    because the events folded were not every event since the checkpoint."""
+
+    GAP = -1
+    MOVED = 0
+    DONE = 1
 
 
 class SnapshotStore:
@@ -102,41 +123,45 @@ class SnapshotStore:
         removed: Iterable[str] = (),
         group: str = "",
         acks: Iterable[str] = (),
-    ) -> bool:
+        folded: int = -1,
+    ) -> CommitOutcome:
         """Write the changed tables and the checkpoint if the stored checkpoint is still
-        ``expected``. Returns False (writing nothing) if someone else moved it."""
+        ``expected`` and (when ``folded`` >= 0) exactly ``folded`` events lie between the
+        two checkpoints. Otherwise write nothing and say why."""
         sets = [(name, encode_table(state.tables[name])) for name in changed]
         return await self._commit_fields(
             self._super_keys(state.org, state.name),
-            expected,
-            state.position,
+            (expected, state.position, group, folded),
             sets,
             list(removed),
-            group,
             list(acks),
         )
 
     async def commit_registry(
-        self, state: RegistryState, *, expected: str, group: str = "", acks: Iterable[str] = ()
-    ) -> bool:
+        self,
+        state: RegistryState,
+        *,
+        expected: str,
+        group: str = "",
+        acks: Iterable[str] = (),
+        folded: int = -1,
+    ) -> CommitOutcome:
         snapshot = _encoder.encode(msgspec.structs.replace(state, position=""))
         sets = [(REGISTRY_FIELD, snapshot)]
         return await self._commit_fields(
-            self._registry_keys(), expected, state.position, sets, [], group, list(acks)
+            self._registry_keys(), (expected, state.position, group, folded), sets, [], list(acks)
         )
 
     async def _commit_fields(
         self,
         keys: list[str],
-        expected: str,
-        position: str,
+        head: tuple[str, str, str, int],
         sets: list[tuple[str, bytes]],
         removed: list[str],
-        group: str,
         acks: list[str],
-    ) -> bool:
-        args: list[Any] = [expected, position, group, len(sets)]
+    ) -> CommitOutcome:
+        args: list[Any] = [*head, len(sets)]
         for name, value in sets:
             args += [name, value]
         args += [len(removed), *removed, len(acks), *acks]
-        return bool(await guarded(self._commit(keys=keys, args=args)))
+        return CommitOutcome(int(await guarded(self._commit(keys=keys, args=args))))

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
 from app.services import Services
 from app.writes import IngestRequest
+from events.model import DataFile, DataType, Field, RowsAppended, TableCreated
 from projections.replay import rebuild_super
 from projections.runner import CatalogProjector
-from projections.store import CATALOG, encode_table
+from projections.store import CATALOG, CommitOutcome, encode_table
 
 pytestmark = pytest.mark.anyio
 
@@ -107,8 +111,8 @@ async def test_a_stale_commit_writes_nothing(services: Services, tmp_path: Path)
     await services.projector().run_until_caught_up()
     stored = await services.store.load_super("o", "s")
     bogus = msgspec.structs.replace(stored, position="99999999999999-0", tables={})
-    ok = await services.store.commit_super(bogus, expected="1-0", changed=[], removed=["t"])
-    assert not ok
+    outcome = await services.store.commit_super(bogus, expected="1-0", changed=[], removed=["t"])
+    assert outcome is CommitOutcome.MOVED
     assert (await services.store.load_super("o", "s")).tables.keys() == {"t"}
 
 
@@ -121,3 +125,69 @@ async def test_runners_project_many_supers(services: Services, tmp_path: Path) -
         await assert_snapshot_is_fold_of_log(services, sup)
     registry = await services.store.load_registry()
     assert sorted(registry.orgs["o"].supers) == ["s", "s2", "s3"]
+
+
+async def test_overlapping_runners_never_lose_or_repeat_events(
+    services: Services, tmp_path: Path
+) -> None:
+    """A runner whose lease lapsed (a long pause) keeps working on stale state while
+    another takes over and the consumer group splits entries between them."""
+    await write(services, tmp_path, "t", [{"x": 1}])
+    a = CatalogProjector(services.redis, services.keys, services.store, consumer="A", batch=2)
+    b = CatalogProjector(services.redis, services.keys, services.store, consumer="B", batch=2)
+    await a.run_until_caught_up()
+    # A's leases lapse (what the TTL does during a long pause); B takes the units over.
+    for key in await services.redis.keys(f"{services.keys.prefix}:*:lease:*"):
+        await services.redis.delete(key)
+    await b._cycle(block=False)
+    for x in (2, 3, 4, 5):
+        await write(services, tmp_path, "t", [{"x": x}])
+    unit_a, unit_b = a.units["o/s"], b.units["o/s"]
+    stale_batch = await a._read(unit_a, ">")  # A, unaware, takes versions 2 and 3
+    await b._step(unit_b)  # B gets versions 4 and 5: a gap it must not commit over
+    await a._apply(unit_a, stale_batch)  # A's commit must be refused
+    await b.run_until_caught_up()
+    await a.run_until_caught_up()
+    await assert_snapshot_is_fold_of_log(services)
+    assert (await services.store.load_super("o", "s")).tables["t"].row_count == 5
+    assert await pending(services) == 0
+
+
+async def test_an_idle_runner_waits_instead_of_spinning(services: Services, tmp_path: Path) -> None:
+    await write(services, tmp_path, "t", [{"x": 1}])
+    holder = services.projector()
+    await holder.run_until_caught_up()
+
+    class Counting(CatalogProjector):
+        cycles = 0
+
+        async def _cycle(self, *, block: bool) -> bool:
+            Counting.cycles += 1
+            return await super()._cycle(block=block)
+
+    idle = Counting(services.redis, services.keys, services.store, block_ms=100)
+    with anyio.move_on_after(0.5):
+        await idle.run(anyio.Event())
+    assert idle.units == {}  # it holds nothing: the other runner has every lease
+    assert 1 <= Counting.cycles <= 20  # blocked ~100 ms per cycle; spinning would be 1000s
+
+
+async def test_a_commit_can_acknowledge_thousands_of_entries(services: Services) -> None:
+    """More acks than Lua's unpack() takes in one call."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    base = {"org": "o", "super_": "s", "table": "t", "actor": "me", "time": t0}
+    await services.writer._register(IngestRequest("o", "s", "t", Path("-"), "json"))
+    events: list[Any] = [
+        TableCreated(version=0, columns=(Field("x", DataType(kind="int64")),), **base)
+    ]
+    events += [
+        RowsAppended(
+            version=i, files=(DataFile(path=f"f{i}", rows=1, size_bytes=1),), rows=1, **base
+        )
+        for i in range(1, 9001)
+    ]
+    await services.log.append("o", "s", "t", events, expected_version=-1)
+    runner = CatalogProjector(services.redis, services.keys, services.store, batch=10_000)
+    assert await runner.run_until_caught_up() == 9001 + 2
+    assert (await services.store.load_super("o", "s")).tables["t"].version == 9000
+    assert await pending(services) == 0
