@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import anyio
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from litestar import Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
@@ -232,6 +233,32 @@ async def table_history(
     return History(table, entries, cursor)
 
 
+# DuckDB's infinite dates and timestamps, as stored in Arrow.
+_INFINITIES = {2**63 - 1: "infinity", -(2**63) + 1: "-infinity",
+               2**31 - 1: "infinity", -(2**31) + 1: "-infinity"}  # fmt: skip
+
+
+def _json_values(column: pa.ChunkedArray) -> list[Any]:
+    """Python values for JSON; values Python cannot hold (``'infinity'::timestamp``,
+    dates past year 9999) fall back to DuckDB/Arrow's text form for that column."""
+    try:
+        values: list[Any] = column.to_pylist()
+        return values
+    except (OverflowError, ValueError, pa.ArrowException):
+        pass
+    out: list[Any] = []
+    for chunk in column.chunks:
+        raw = pc.cast(
+            chunk.view(pa.int64() if chunk.type.bit_width == 64 else pa.int32()), pa.int64()
+        )
+        for scalar, number in zip(chunk, raw.to_pylist(), strict=True):
+            try:
+                out.append(scalar.as_py())
+            except (OverflowError, ValueError):
+                out.append(_INFINITIES.get(number, f"<out of range: {number}>"))
+    return out
+
+
 def _result_columns(table: pa.Table) -> list[QueryColumn]:
     out = []
     for f in table.schema:
@@ -277,7 +304,7 @@ async def run_query(
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
         return Response(sink.getvalue(), media_type=ARROW_STREAM, headers=headers)
-    columns = [c.to_pylist() for c in table.columns]
+    columns = [_json_values(c) for c in table.columns]
     rows = [list(r) for r in zip(*columns, strict=True)] if columns else []
     body = QueryResponse(
         columns=_result_columns(table),

@@ -61,8 +61,11 @@ class Services:
             max_result_bytes=settings.query_max_result_bytes,
             threads=settings.query_threads,
             memory_limit=settings.query_memory_limit,
+            max_temp_bytes=settings.query_max_temp_bytes,
+            max_sql_chars=settings.query_max_sql_chars,
+            concurrency=settings.query_concurrency,
         )
-        engine = QueryEngine(storage.engine_path, limits)
+        engine = QueryEngine(storage.engine_path, limits, settings.data_dir / "tmp" / "query")
         return cls(settings, client, keys, log, store, reader, storage, writer, engine)
 
     def projector(self) -> CatalogProjector:

@@ -34,6 +34,9 @@ SETTINGS_DOC: dict[str, str] = {
     "query_max_result_bytes": "Results are truncated past this many bytes.",
     "query_threads": "DuckDB threads per query.",
     "query_memory_limit": "DuckDB memory limit per query.",
+    "query_max_temp_bytes": "Disk a query may spill to (in its own temp directory).",
+    "query_max_sql_chars": "Longest accepted SQL text.",
+    "query_concurrency": "Queries run at once per process; more wait for a slot.",
     "idempotency_ttl_s": "How long an `Idempotency-Key` is remembered.",
     "write_retries": "How often a plain append is rebased on a concurrent change before 409.",
     "row_group_rows": "Parquet row group size, in rows.",
@@ -67,6 +70,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     query_max_result_bytes: int = 64 * 1024 * 1024
     query_threads: int = 2
     query_memory_limit: str = "2GB"
+    query_max_temp_bytes: str = "8GB"
+    query_max_sql_chars: int = 100_000
+    query_concurrency: int = 4
     idempotency_ttl_s: int = 86_400
     write_retries: int = 20
     row_group_rows: int = 131_072

@@ -16,10 +16,13 @@ is a view over exactly its current Parquet files. Before the user's SQL runs:
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import duckdb
@@ -28,7 +31,7 @@ import sqlglot
 import sqlglot.errors
 from sqlglot import exp
 
-from events.errors import InvalidInput, QueryRejected, QueryTimeout
+from events.errors import InvalidInput, QueryRejected, QueryTimeout, Unavailable
 from projections.arrow import arrow_schema, duckdb_type, quote_ident
 from projections.catalog import SuperState, TableState
 
@@ -42,6 +45,12 @@ class QueryLimits:
     max_result_bytes: int = 64 * 1024 * 1024
     threads: int = 2
     memory_limit: str = "2GB"
+    max_temp_bytes: str = "8GB"
+    max_sql_chars: int = 100_000
+    concurrency: int = 4
+    # How long past its timeout a query that does not react to the interrupt is waited
+    # for before the client gets its 408 anyway (the engine thread is then abandoned).
+    grace_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -60,10 +69,34 @@ _DISABLED_OPTIONS = {
 }
 
 
-def check_sql(sql: str) -> None:
-    """Reject anything but a single read-only query, judged on parsed trees."""
+# Table and scalar functions that read or change engine state. With the configuration
+# locked they are mostly harmless, but they reveal server paths or toggle logging and
+# profiling, which no catalog query needs.
+_DENIED_FUNCTIONS = frozenset({
+    "current_setting", "duckdb_settings", "duckdb_secrets", "which_secret",
+    "duckdb_extensions", "duckdb_temporary_files", "duckdb_memory", "duckdb_databases",
+    "duckdb_log_contexts", "duckdb_logs", "getvariable", "set_variable",
+})  # fmt: skip
+_DENIED_PREFIXES = ("enable_", "disable_")
+
+
+def check_sql(sql: str, *, max_chars: int = 100_000) -> set[str]:
+    """Reject anything but a single read-only query, judged on parsed trees.
+
+    Returns the lower-cased names of the tables the query references."""
     if not sql.strip():
         raise InvalidInput("the SQL text is empty", code="sql_empty")
+    if len(sql) > max_chars:
+        raise InvalidInput(
+            f"the SQL text is longer than {max_chars} characters", code="sql_too_long"
+        )
+    try:
+        return _check_sql(sql)
+    except RecursionError as exc:
+        raise InvalidInput("the SQL is nested too deeply", code="sql_too_complex") from exc
+
+
+def _check_sql(sql: str) -> set[str]:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
@@ -91,6 +124,14 @@ def check_sql(sql: str) -> None:
     if not isinstance(tree, exp.Query):
         got = tree.key.upper() if tree is not None else f"{len(real)} statements"
         raise QueryRejected(f"only SELECT queries are allowed, got {got}", code="sql_not_select")
+    for node in tree.find_all(exp.Anonymous):
+        name = node.name.lower()
+        if name in _DENIED_FUNCTIONS or name.startswith(_DENIED_PREFIXES):
+            raise QueryRejected(
+                f"the function {name}() is not available in catalog queries",
+                code="query_forbidden",
+            )
+    return {t.name.lower() for t in tree.find_all(exp.Table) if t.name}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -100,9 +141,16 @@ def _first_line(exc: BaseException) -> str:
 class QueryEngine:
     """Runs checked SQL against a super's snapshot."""
 
-    def __init__(self, resolve_path: Callable[[str], str], limits: QueryLimits) -> None:
+    def __init__(
+        self, resolve_path: Callable[[str], str], limits: QueryLimits, temp_root: Path
+    ) -> None:
         self.resolve_path = resolve_path
         self.limits = limits
+        self.temp_root = temp_root
+        temp_root.mkdir(parents=True, exist_ok=True)
+        # Queries get their own threads, so a burst of slow ones cannot starve the
+        # thread pool that ingestion and storage use.
+        self._slots = anyio.CapacityLimiter(limits.concurrency)
 
     def clamp(self, limit: int | None, timeout_s: float | None) -> tuple[int, float]:
         rows = self.limits.default_rows if limit is None else limit
@@ -127,24 +175,50 @@ class QueryEngine:
         timeout_s: float | None = None,
     ) -> QueryResult:
         rows, timeout = self.clamp(limit, timeout_s)
-        check_sql(sql)
-        return await anyio.to_thread.run_sync(self._run_sync, state, sql, rows, timeout)
+        with anyio.move_on_after(timeout + self.limits.grace_s):
+            return await anyio.to_thread.run_sync(
+                self._run_sync,
+                state,
+                sql,
+                rows,
+                timeout,
+                limiter=self._slots,
+                abandon_on_cancel=True,
+            )
+        raise QueryTimeout(
+            f"the query ran longer than its timeout of {timeout:g}s and did not stop; "
+            "it was abandoned"
+        )
 
-    def _connect(self, state: SuperState) -> duckdb.DuckDBPyConnection:
+    def _connect(
+        self, state: SuperState, tables: set[str], temp_dir: Path
+    ) -> duckdb.DuckDBPyConnection:
         config: dict[str, str | bool | int | float | list[str]] = {
             **_DISABLED_OPTIONS,
             "threads": self.limits.threads,
             "memory_limit": self.limits.memory_limit,
+            # Each query spills into a directory of its own: DuckDB names its spill
+            # files alike, and two queries sharing one directory crash the process.
+            "temp_directory": str(temp_dir),
+            "max_temp_directory_size": self.limits.max_temp_bytes,
         }
         con = duckdb.connect(":memory:", config=config)
-        paths: list[str] = []
-        for table in state.tables.values():
-            paths += [self.resolve_path(f.path) for f in table.files]
-        con.execute("SET allowed_paths = $1", [paths])
-        con.execute("SET enable_external_access = false")
-        for table in state.tables.values():
-            self._create_view(con, table)
-        con.execute("SET lock_configuration = true")
+        try:
+            # Only the tables the query names become views (and readable files).
+            used = [t for name, t in state.tables.items() if name in tables]
+            paths = [self.resolve_path(f.path) for t in used for f in t.files]
+            con.execute("SET allowed_paths = $1", [paths])
+            con.execute("SET enable_external_access = false")
+            for table in used:
+                self._create_view(con, table)
+            con.execute("SET lock_configuration = true")
+        except duckdb.Error as exc:
+            con.close()
+            # Only our own statements ran: a failure is a missing or unreadable file.
+            raise Unavailable(
+                f"a data file of this super cannot be read: {_first_line(exc)}",
+                code="data_unavailable",
+            ) from exc
         return con
 
     def _create_view(self, con: duckdb.DuckDBPyConnection, table: TableState) -> None:
@@ -179,7 +253,10 @@ class QueryEngine:
 
     def _run_sync(self, state: SuperState, sql: str, limit: int, timeout: float) -> QueryResult:
         started = time.perf_counter()
-        con = self._connect(state)
+        # Parsing runs here, off the event loop: a huge statement must not stall it.
+        tables = check_sql(sql, max_chars=self.limits.max_sql_chars)
+        temp_dir = self.temp_root / uuid.uuid4().hex
+        con = self._connect(state, tables, temp_dir)
         timer = threading.Timer(timeout, con.interrupt)
         timer.start()
         try:
@@ -216,6 +293,7 @@ class QueryEngine:
         finally:
             timer.cancel()
             con.close()
+            shutil.rmtree(temp_dir, ignore_errors=True)
         return QueryResult(
             table=table, truncated=truncated, elapsed_ms=(time.perf_counter() - started) * 1000
         )

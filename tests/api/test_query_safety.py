@@ -431,3 +431,83 @@ def test_forbidden_sql_is_rejected_in_every_format(catalog: Catalog) -> None:
         )
         assert_rejected(r, REJECTED)
         assert "root:" not in r.text
+
+
+# -- engine state, resources and odd values ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "select current_setting('allowed_paths')",
+        "select * from duckdb_settings()",
+        "select * from duckdb_secrets()",
+        "select * from enable_logging()",
+        "select enable_profiling()",
+        "select * from orders, lateral (select * from disable_logging())",
+    ],
+)
+def test_engine_state_functions_are_refused(catalog: Catalog, sql: str) -> None:
+    error = assert_rejected(run(catalog.client, sql), {"query_forbidden"})
+    assert "not available" in error["message"]
+
+
+def test_a_table_the_query_does_not_name_is_not_readable(catalog: Catalog) -> None:
+    """Only the named tables' files are allowed, even within the same super."""
+    orders_file = next((catalog.settings.storage_root / ORG / SUP / "orders" / "data").iterdir())
+    sql = f"select * from customers, read_parquet('{orders_file}')"
+    assert_rejected(run(catalog.client, sql), {"query_forbidden"})
+
+
+def test_overlong_and_deeply_nested_sql_is_400(catalog: Catalog) -> None:
+    long_sql = "select 1 where 1 in (" + ",".join(["1"] * 60_000) + ")"
+    r = run(catalog.client, long_sql)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "sql_too_long"
+    nested = "select " + "(" * 3000 + "1" + ")" * 3000
+    r = run(catalog.client, nested)
+    assert r.status_code == 400, r.text
+    assert rows_of(catalog.client, "select count(*) from orders") == [[4]]  # still serving
+
+
+def test_infinite_dates_and_timestamps_come_back_as_text(catalog: Catalog) -> None:
+    got = rows_of(
+        catalog.client,
+        "select 'infinity'::timestamp, '-infinity'::date, '2024-01-02'::date, count(*) from orders",
+    )
+    assert got == [["infinity", "-infinity", "2024-01-02", 4]]
+
+
+def test_a_missing_data_file_is_503_not_a_query_error(catalog: Catalog) -> None:
+    victim = next((catalog.settings.storage_root / ORG / SUP / "orders" / "data").iterdir())
+    victim.unlink()
+    r = run(catalog.client, "select count(*) from orders")
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "data_unavailable"
+    assert rows_of(catalog.client, "select count(*) from customers") == [[4]]
+
+
+@pytest.mark.slow
+def test_concurrent_spilling_queries_do_not_collide(settings: Settings) -> None:
+    """Each query spills into its own directory (shared spill files crashed DuckDB)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import msgspec
+
+    from app.http import create_app
+
+    small = msgspec.structs.replace(settings, query_memory_limit="64MB", query_threads=1)
+    assert small.redis_url
+    sql = (
+        "select count(distinct s) "
+        "from (select md5(range::varchar) s from range(1500000) order by s)"
+    )
+    with TestClient(create_app(small, small.redis_url)) as c:
+        write(c, f"/v1/{ORG}/{SUP}/tables/t/rows", [{"x": 1}])
+        with ThreadPoolExecutor(3) as pool:
+            results = list(
+                pool.map(lambda _: c.post(QUERY, json={"sql": sql, "timeout_s": 120}), range(3))
+            )
+        assert [r.status_code for r in results] == [200, 200, 200], [r.text for r in results]
+        assert all(r.json()["rows"] == [[1500000]] for r in results)
+    spill_root = small.data_dir / "tmp" / "query"
+    assert not spill_root.exists() or list(spill_root.iterdir()) == []
