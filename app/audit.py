@@ -16,7 +16,7 @@ from events.model import (
 )
 from events.redis_log import RedisEventLog
 
-_ID = re.compile(r"^\d+(-\d+)?$")
+_ID = re.compile(r"^\d+(-\d+)?(@[a-z0-9_]*)?$")
 PAGE = 1000
 MAX_PAGES = 20  # scanned per request when filtering; the cursor continues from there
 
@@ -27,7 +27,9 @@ def check_cursor(after: str) -> str:
             f"'after' must be an event id like 1700000000000-0, not {after!r}",
             code="invalid_cursor",
         )
-    return after if "-" in after else f"{after}-0"
+    stream_id, sep, source = after.partition("@")
+    stream_id = stream_id if "-" in stream_id else f"{stream_id}-0"
+    return f"{stream_id}{sep}{source}"
 
 
 async def scan_super(
@@ -38,7 +40,7 @@ async def scan_super(
     Returns the events and the cursor to continue from (None at the end of the stream).
     """
     found: list[Event] = []
-    cursor = after
+    cursor = after.partition("@")[0]  # an org-wide cursor names a stream: not needed here
     for _ in range(MAX_PAGES):
         page = await log.read(org, sup, after=cursor, count=PAGE)
         for event in page:
@@ -52,23 +54,39 @@ async def scan_super(
     return found, cursor
 
 
+REGISTRY_SOURCE = ""  # sorts before every super name
+
+
 async def scan_org(
     log: RedisEventLog, org: str, supers: list[str], *, after: str, limit: int
 ) -> tuple[list[Event], str | None]:
-    """Registry and super events of an org, merged in id order."""
-    sources: list[list[Event]] = []
+    """Registry and super events of an org, merged in (id, stream) order.
+
+    Ids are unique only within one stream (two supers can both have ``17-0``), so the
+    cursor is ``<id>@<super>`` (``<id>@`` for the registry): a page resumes exactly
+    after the last event it returned, whatever stream it came from. A bare ``<id>``
+    resumes after that id in every stream."""
+    cursor_id, sep, cursor_src = after.partition("@")
+    if not sep:
+        cursor_src = "\uffff"  # past every stream name: exclusive everywhere
+    sources: list[list[tuple[tuple[int, int], str, Event]]] = []
     more = False
-    for sup in supers:
-        events = await log.read(org, sup, after=after, count=limit)
-        more |= len(events) == limit
-        sources.append(events)
-    registry = await log.read_registry(after=after, count=PAGE)
-    more |= len(registry) == PAGE
-    sources.append([e for e in registry if e.org == org])
-    merged = list(heapq.merge(*sources, key=lambda e: stream_id_tuple(e.id)))[:limit]
-    if len(merged) == limit or (more and merged):
-        return merged, merged[-1].id if merged else None
-    return merged, None
+    for src in [REGISTRY_SOURCE, *sorted(supers)]:
+        # Same id, later stream: still ahead of the cursor, so read it inclusively.
+        start = cursor_id if src > cursor_src else f"({cursor_id}"
+        if src == REGISTRY_SOURCE:
+            page = await log.read_registry_from(start, count=PAGE)
+            events = [e for e in page if e.org == org]
+            more |= len(page) == PAGE
+        else:
+            events = await log.read_from(org, src, start, count=limit)
+            more |= len(events) == limit
+        sources.append([(stream_id_tuple(e.id), src, e) for e in events])
+    merged = list(heapq.merge(*sources, key=lambda item: (item[0], item[1])))[:limit]
+    if merged and (len(merged) == limit or more):
+        _, src, last = merged[-1]
+        return [e for _, _, e in merged], f"{last.id}@{src}"
+    return [e for _, _, e in merged], None
 
 
 def history_fields(event: Event) -> tuple[int, int, list[str]]:

@@ -265,8 +265,18 @@ class RedisEventLog:
     async def read_registry(self, *, after: str = "0-0", count: int = 1000) -> list[Event]:
         return await self._read(self.keys.registry_stream, after, count)
 
+    async def read_from(self, org: str, super_: str, start: str, *, count: int) -> list[Event]:
+        """Events of a super from ``start`` (an id, inclusive, or ``(id``, exclusive)."""
+        return await self._range(self.keys.stream(org, super_), start, count)
+
+    async def read_registry_from(self, start: str, *, count: int) -> list[Event]:
+        return await self._range(self.keys.registry_stream, start, count)
+
     async def _read(self, stream: str, after: str, count: int) -> list[Event]:
-        call: Any = self.client.xrange(stream, min=f"({after}", max="+", count=count)
+        return await self._range(stream, f"({after}", count)
+
+    async def _range(self, stream: str, start: str, count: int) -> list[Event]:
+        call: Any = self.client.xrange(stream, min=start, max="+", count=count)
         entries: list[Any] = await guarded(call)
         return [decode_event(entry_id, fields) for entry_id, fields in entries]
 

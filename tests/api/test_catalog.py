@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from litestar.testing import TestClient
@@ -129,3 +130,39 @@ def test_api_token_guards_v1_but_not_health(settings: Settings) -> None:
         assert c.get("/v1/orgs", headers={"Authorization": "Bearer nope"}).status_code == 401
         assert c.get("/v1/orgs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/health").status_code == 200
+
+
+def test_org_wide_paging_is_exact_when_streams_share_ids(
+    client: TestClient[Any], settings: Settings
+) -> None:
+    """Stream ids are unique per stream only: two supers can both hold ``<ms>-0``."""
+    import redis as redis_sync
+
+    from events.model import RowsAppended, encode_event
+    from events.redis_log import Keys
+
+    put(client, "acme/s1/tables/t", [{"x": 1}])
+    put(client, "acme/s2/tables/t", [{"x": 1}])
+    keys = Keys(settings.redis_prefix)
+    assert settings.redis_url
+    r = redis_sync.Redis.from_url(settings.redis_url)
+    events = client.get("/v1/events?org=acme").json()["events"]
+    last = max(int(e["id"].split("-")[0]) for e in events)
+    for i in range(3):  # the same three ids in both streams
+        for sup in ("s1", "s2"):
+            ev = RowsAppended(
+                org="acme", super_=sup, table="t", actor="me", time=datetime.now(UTC),
+                version=2 + i, files=(), rows=0,
+            )  # fmt: skip
+            r.xadd(keys.stream("acme", sup), encode_event(ev), id=f"{last + 1 + i}-0")
+    r.close()
+    everything = client.get("/v1/events?org=acme&limit=1000").json()["events"]
+    paged: list[dict[str, Any]] = []
+    cursor = "0"
+    while cursor is not None:
+        page = client.get(f"/v1/events?org=acme&limit=1&after={cursor}").json()
+        paged += page["events"]
+        cursor = page["next_after"]
+    key = [(e["id"], e["type"], e["super"], e["table"]) for e in everything]
+    assert [(e["id"], e["type"], e["super"], e["table"]) for e in paged] == key
+    assert len(everything) == 3 + 2 * 2 + 6  # registry, 2 tables x 2 events, 6 injected
