@@ -172,13 +172,25 @@ class Writer:
                     result = await self._append(req, table, plan, written, data_file, token)
                     unsure = False
                     return result
-                except (ConflictError, IdempotencyMismatch):
+                except IdempotencyMismatch:
+                    unsure = False
+                    raise
+                except ConflictError:
                     unsure = False
                     if req.if_match is not None:
                         raise
                     table = (await self.reader.super_state(req.org, req.super_)).tables.get(
                         req.table
                     )
+                    fresh = {f.name: f.type for f in table.columns} if table else {}
+                    if req.fmt == "csv" and fresh != known:
+                        # CSV cells are typed by the table's schema: parse again against
+                        # the schema the concurrent write left.
+                        known = fresh
+                        source = await anyio.to_thread.run_sync(
+                            open_source, req.source, req.fmt, known
+                        )
+                        written = None
             current = table.version if table else NEW_TABLE
             raise ConflictError(
                 f"table {req.org}/{req.super_}/{req.table} kept changing; gave up after "
