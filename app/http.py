@@ -16,6 +16,7 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from app.routes import DEPENDENCIES, ROUTES
@@ -168,7 +169,21 @@ def create_app(settings: Settings, redis_url: str, *, run_projector: bool = True
             Exception: handle_unexpected,
         },
         openapi_config=OpenAPIConfig(
-            title="Ledgerlake", version="0.1.0", path="/schema", description=__doc__
+            title="Ledgerlake",
+            version="0.1.0",
+            path="/schema",
+            description="Event-sourced data catalog and warehouse. Errors are "
+            '{"error": {"code", "message", "details"}}; every response has X-Request-ID.',
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        description="LEDGERLAKE_API_TOKEN, when the server sets one",
+                    )
+                }
+            ),
+            security=[{"bearer": []}],
         ),
         request_max_body_size=settings.max_body_bytes,
         debug=False,

@@ -18,11 +18,13 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.handlers import BaseRouteHandler
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, JSONBody, PathParameter, QueryParameter
 
 from app.audit import check_cursor, history_fields, scan_org, scan_super
 from app.ingest import format_for_content_type
 from app.schemas import (
+    ErrorResponse,
     EventPage,
     History,
     HistoryEntry,
@@ -47,6 +49,21 @@ from events.redis_log import guarded
 from projections.arrow import from_arrow, normalize_type, type_name
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
+SuperName = Annotated[str, PathParameter(name="super", description="the super table (catalog)")]
+
+
+# Error responses, for the OpenAPI document (the body is always ErrorResponse).
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    described = {
+        400: "bad input or a refused query", 401: "missing or wrong bearer token",
+        404: "unknown org, super or table", 408: "the query ran past its timeout",
+        409: "If-Match is stale (details.current_version)", 413: "body larger than the limit",
+        415: "unsupported Content-Type", 422: "type mismatch, or a reused Idempotency-Key",
+        503: "Redis or storage unreachable; retry",
+    }  # fmt: skip
+    return {c: ResponseSpec(ErrorResponse, description=described[c]) for c in codes}
+
+
 # Query results carry decimals (e.g. sum() over integers) as JSON numbers, not strings.
 _RESULT_ENCODER = msgspec.json.Encoder(decimal_format="number")
 
@@ -109,21 +126,33 @@ def _parse_if_match(value: str | None) -> int | None:
         ) from None
 
 
-@post("/v1/{org:str}/{super_name:str}/tables/{table:str}/rows", status_code=200)
+@post(
+    "/v1/{org:str}/{super:str}/tables/{table:str}/rows",
+    status_code=200,
+    responses=_errors(400, 401, 409, 413, 415, 422, 503),
+)
 async def ingest_rows(
     request: Request[Any, Any, Any],
     services: NamedDependency[Services],
     org: FromPath[str],
-    super_name: FromPath[str],
+    super_name: SuperName,
     table: FromPath[str],
     mode: Annotated[str, QueryParameter(description="append or overwrite")] = "append",
-) -> IngestResponse:
+    if_match: Annotated[
+        str | None,
+        HeaderParameter(name="If-Match", description="expected table version (-1: new)"),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        HeaderParameter(name="Idempotency-Key", description="retries return the first result"),
+    ] = None,
+) -> Response[IngestResponse]:
     """Append (or overwrite with ``mode=overwrite``) rows. The body format follows
     Content-Type: JSON array, NDJSON, CSV, Parquet or Arrow IPC stream."""
     for kind, name in (("org", org), ("super", super_name), ("table", table)):
         check_name(kind, name)
     fmt = format_for_content_type(request.headers.get("content-type"))
-    if_match = _parse_if_match(request.headers.get("if-match"))
+    expected_version = _parse_if_match(if_match)
     limit = services.settings.max_body_bytes
     staged = services.storage.staging_file(".body")
     digest = hashlib.sha256(f"{org}/{super_name}/{table}|{mode}|{fmt}|".encode())
@@ -146,8 +175,8 @@ async def ingest_rows(
                 source=staged,
                 fmt=fmt,
                 mode=mode,
-                if_match=if_match,
-                idempotency_key=request.headers.get("idempotency-key"),
+                if_match=expected_version,
+                idempotency_key=idempotency_key,
                 fingerprint=digest.hexdigest(),
                 actor=actor_for(request),
                 request_id=request_id(request),
@@ -155,9 +184,10 @@ async def ingest_rows(
         )
     finally:
         staged.unlink(missing_ok=True)
-    return IngestResponse(
+    body = IngestResponse(
         result.table, result.version, result.rows, result.event_id, result.mode, result.replayed
     )
+    return Response(body, headers={"ETag": f'"{result.version}"'})
 
 
 @get("/v1/orgs")
@@ -180,31 +210,32 @@ async def list_supers(services: NamedDependency[Services], org: FromPath[str]) -
     return SuperList(org, supers)
 
 
-@get("/v1/{org:str}/{super_name:str}/tables")
+@get("/v1/{org:str}/{super:str}/tables")
 async def list_tables(
-    services: NamedDependency[Services], org: FromPath[str], super_name: FromPath[str]
+    services: NamedDependency[Services], org: FromPath[str], super_name: SuperName
 ) -> TableList:
     state = await services.reader.require_super(org, super_name)
     tables = [table_summary(t) for t in sorted(state.tables.values(), key=lambda t: t.name)]
     return TableList(org, super_name, tables)
 
 
-@get("/v1/{org:str}/{super_name:str}/tables/{table:str}")
+@get("/v1/{org:str}/{super:str}/tables/{table:str}", responses=_errors(401, 404))
 async def describe_table(
     services: NamedDependency[Services],
     org: FromPath[str],
-    super_name: FromPath[str],
+    super_name: SuperName,
     table: FromPath[str],
-) -> TableDetail:
+) -> Response[TableDetail]:
     found = await services.reader.require_table(org, super_name, table)
-    return table_detail(org, super_name, found)
+    # The version is the entity tag: send it back as If-Match to write conditionally.
+    return Response(table_detail(org, super_name, found), headers={"ETag": f'"{found.version}"'})
 
 
-@get("/v1/{org:str}/{super_name:str}/tables/{table:str}/history")
+@get("/v1/{org:str}/{super:str}/tables/{table:str}/history")
 async def table_history(
     services: NamedDependency[Services],
     org: FromPath[str],
-    super_name: FromPath[str],
+    super_name: SuperName,
     table: FromPath[str],
     after: Annotated[str, QueryParameter(description="event id cursor")] = "0-0",
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
@@ -270,12 +301,14 @@ def _result_columns(table: pa.Table) -> list[QueryColumn]:
     return out
 
 
-@post("/v1/{org:str}/{super_name:str}/query", status_code=200)
+@post(
+    "/v1/{org:str}/{super:str}/query", status_code=200, responses=_errors(400, 401, 404, 408, 503)
+)
 async def run_query(
     request: Request[Any, Any, Any],
     services: NamedDependency[Services],
     org: FromPath[str],
-    super_name: FromPath[str],
+    super_name: SuperName,
     data: JSONBody[QueryRequest],
 ) -> Response[Any]:
     """Run one read-only SELECT over the super's tables (referenced by name).

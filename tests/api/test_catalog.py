@@ -115,9 +115,28 @@ def test_health_is_503_when_redis_is_unreachable(settings: Settings) -> None:
 
 def test_openapi_schema_lists_the_api(client: TestClient[Any]) -> None:
     schema = client.get("/schema/openapi.json").json()
-    paths = set(schema["paths"])
-    assert {"/health", "/v1/orgs", "/v1/events", "/v1/{org}/{super_name}/query"} <= paths
-    assert "/v1/{org}/{super_name}/tables/{table}/rows" in paths
+    paths = schema["paths"]
+    assert {"/health", "/v1/orgs", "/v1/events", "/v1/{org}/{super}/query"} <= set(paths)
+    ingest = paths["/v1/{org}/{super}/tables/{table}/rows"]["post"]
+    headers = {p["name"] for p in ingest["parameters"] if p["in"] == "header"}
+    assert {"If-Match", "Idempotency-Key"} <= headers
+    assert {"409", "413", "422"} <= set(ingest["responses"])
+    assert "bearer" in schema["components"]["securitySchemes"]
+
+
+def test_table_version_is_the_etag(client: TestClient[Any]) -> None:
+    w = client.post("/v1/a/b/tables/t/rows", json=[{"x": 1}])
+    assert w.headers["etag"] == '"1"'
+    r = client.get("/v1/a/b/tables/t")
+    assert r.headers["etag"] == '"1"'
+    ok = client.post(
+        "/v1/a/b/tables/t/rows", json=[{"x": 2}], headers={"If-Match": r.headers["etag"]}
+    )
+    assert ok.status_code == 200 and ok.headers["etag"] == '"2"'
+    stale = client.post(
+        "/v1/a/b/tables/t/rows", json=[{"x": 3}], headers={"If-Match": r.headers["etag"]}
+    )
+    assert stale.status_code == 409
 
 
 def test_api_token_guards_v1_but_not_health(settings: Settings) -> None:
