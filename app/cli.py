@@ -53,6 +53,7 @@ def redis_for(settings: Settings) -> Iterator[str]:
 async def services_for(settings: Settings, url: str) -> AsyncIterator[Services]:
     services = Services.build(settings, url)
     try:
+        await services.start()
         yield services
     finally:
         await services.close()

@@ -144,6 +144,7 @@ def create_app(settings: Settings, redis_url: str, *, run_projector: bool = True
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         services = Services.build(settings, redis_url)
+        await services.start()
         app.state.services = services
         try:
             async with anyio.create_task_group() as tg:

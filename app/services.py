@@ -10,7 +10,8 @@ import redis.asyncio as aioredis
 from app.settings import Settings
 from app.writes import Writer
 from events.redis_log import Keys, RedisEventLog, connect, guarded
-from events.storage import LocalStorage
+from events.s3_storage import S3Location, S3Storage
+from events.storage import LocalStorage, Storage
 from projections.query import QueryEngine, QueryLimits
 from projections.reader import CatalogReader
 from projections.runner import CatalogProjector
@@ -33,7 +34,7 @@ class Services:
     log: RedisEventLog
     store: SnapshotStore
     reader: CatalogReader
-    storage: LocalStorage
+    storage: Storage
     writer: Writer
     engine: QueryEngine
 
@@ -44,7 +45,7 @@ class Services:
         log = RedisEventLog(client, keys, idempotency_ttl_s=settings.idempotency_ttl_s)
         store = SnapshotStore(client, keys)
         reader = CatalogReader(log, store)
-        storage = LocalStorage(settings.storage_root)
+        storage = open_storage(settings)
         writer = Writer(
             log,
             reader,
@@ -65,8 +66,18 @@ class Services:
             max_sql_chars=settings.query_max_sql_chars,
             concurrency=settings.query_concurrency,
         )
-        engine = QueryEngine(storage.engine_path, limits, settings.data_dir / "tmp" / "query")
+        engine = QueryEngine(
+            storage.engine_path,
+            limits,
+            settings.data_dir / "tmp" / "query",
+            s3_secret=storage.engine_secret(),
+            extension_dir=settings.data_dir / "duckdb_extensions",
+        )
         return cls(settings, client, keys, log, store, reader, storage, writer, engine)
+
+    async def start(self) -> None:
+        """Open what needs an event loop (the object storage client)."""
+        await self.storage.start()
 
     def projector(self) -> CatalogProjector:
         return CatalogProjector(
@@ -74,6 +85,7 @@ class Services:
         )
 
     async def close(self) -> None:
+        await self.storage.close()
         await self.redis.aclose()
 
     async def projection_lag(self) -> dict[str, float | int]:
@@ -95,3 +107,22 @@ class Services:
                 oldest_ms = ms if oldest_ms is None else min(oldest_ms, ms)
         seconds = 0.0 if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
         return {"lag_events": events, "lag_seconds": round(seconds, 3)}
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The local directory, or the S3 bucket of ``LEDGERLAKE_STORAGE_URL``."""
+    if not settings.storage_url:
+        return LocalStorage(settings.storage_root)
+    location = S3Location.from_url(
+        settings.storage_url,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region or "us-east-1",
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=settings.s3_secret_access_key,
+        session_token=settings.s3_session_token,
+        path_style=settings.s3_path_style,
+        create_bucket=settings.s3_create_bucket,
+        part_size=settings.s3_part_size,
+        max_attempts=settings.s3_max_attempts,
+    )
+    return S3Storage(location, settings.data_dir / "staging")

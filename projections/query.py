@@ -16,6 +16,7 @@ is a view over exactly its current Parquet files. Before the user's SQL runs:
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import threading
 import time
@@ -134,6 +135,30 @@ def _check_sql(sql: str) -> set[str]:
     return {t.name.lower() for t in tree.find_all(exp.Table) if t.name}
 
 
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def install_extensions(directory: Path, names: list[str]) -> None:
+    """Install DuckDB extensions into ``directory`` from the ``duckdb-extension-<name>``
+    wheels built for the pinned DuckDB: nothing is downloaded at run time."""
+    directory.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(config={"extension_directory": str(directory)})
+    try:
+        for name in names:
+            module = importlib.import_module(f"duckdb_extension_{name}")
+            version = duckdb.__version__
+            shipped = Path(module.__file__ or "").parent / "extensions" / f"v{version}"
+            binary = shipped / f"{name}.duckdb_extension"
+            if not binary.exists():
+                raise RuntimeError(
+                    f"duckdb-extension-{name} has no build for DuckDB {version} at {binary}"
+                )
+            con.execute(f"INSTALL {_sql_literal(str(binary))}")
+    finally:
+        con.close()
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
@@ -142,12 +167,24 @@ class QueryEngine:
     """Runs checked SQL against a super's snapshot."""
 
     def __init__(
-        self, resolve_path: Callable[[str], str], limits: QueryLimits, temp_root: Path
+        self,
+        resolve_path: Callable[[str], str],
+        limits: QueryLimits,
+        temp_root: Path,
+        *,
+        s3_secret: dict[str, str] | None = None,
+        extension_dir: Path | None = None,
     ) -> None:
         self.resolve_path = resolve_path
         self.limits = limits
         self.temp_root = temp_root
+        self.s3_secret = s3_secret
+        self.extension_dir = extension_dir
         temp_root.mkdir(parents=True, exist_ok=True)
+        if s3_secret is not None:
+            if extension_dir is None:
+                raise ValueError("S3 queries need an extension directory for httpfs")
+            install_extensions(extension_dir, ["httpfs"])
         # Queries get their own threads, so a burst of slow ones cannot starve the
         # thread pool that ingestion and storage use.
         self._slots = anyio.CapacityLimiter(limits.concurrency)
@@ -202,8 +239,16 @@ class QueryEngine:
             "temp_directory": str(temp_dir),
             "max_temp_directory_size": self.limits.max_temp_bytes,
         }
+        if self.extension_dir is not None:
+            config["extension_directory"] = str(self.extension_dir)
         con = duckdb.connect(":memory:", config=config)
         try:
+            if self.s3_secret is not None:
+                # Loaded from the project-local directory (installed offline at start);
+                # the credentials live in a scoped secret, never in the SQL text.
+                con.execute("LOAD httpfs")
+                options = ", ".join(f"{k} {_sql_literal(v)}" for k, v in self.s3_secret.items())
+                con.execute(f"CREATE SECRET ledgerlake_storage (TYPE s3, {options})")
             # Only the tables the query names become views (and readable files).
             used = [t for name, t in state.tables.items() if name in tables]
             paths = [self.resolve_path(f.path) for t in used for f in t.files]

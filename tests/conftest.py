@@ -88,6 +88,7 @@ def anyio_backend() -> str:
 async def services(settings: Settings) -> AsyncIterator[Services]:
     assert settings.redis_url
     s = Services.build(settings, settings.redis_url)
+    await s.start()
     yield s
     await s.close()
 
@@ -97,3 +98,31 @@ def ingest(client: TestClient[Any], path: str, body: Any, **kwargs: Any) -> Any:
     if isinstance(body, bytes | str):
         return client.post(path, content=body, **kwargs)
     return client.post(path, json=body, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3 server (SeaweedFS ``weed mini``) on 127.0.0.1, for the whole session."""
+    from tests.s3server import start_s3
+
+    server = start_s3(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """The test's settings on each storage backend: local disk, then S3."""
+    if request.param == "local":
+        return settings
+    server = request.getfixturevalue("s3_server")
+    import msgspec
+
+    return msgspec.structs.replace(
+        settings,
+        storage_url=f"s3://ll-{uuid.uuid4().hex[:12]}/prefix",
+        s3_endpoint_url=server.endpoint,
+        s3_access_key_id=server.access_key,
+        s3_secret_access_key=server.secret_key,
+        s3_part_size=5 * 1024 * 1024,
+    )
