@@ -71,21 +71,32 @@ async def scan_org(
         cursor_src = "\uffff"  # past every stream name: exclusive everywhere
     sources: list[list[tuple[tuple[int, int], str, Event]]] = []
     more = False
+    cap: tuple[int, int] | None = None  # how far the registry page reached
     for src in [REGISTRY_SOURCE, *sorted(supers)]:
         # Same id, later stream: still ahead of the cursor, so read it inclusively.
         start = cursor_id if src > cursor_src else f"({cursor_id}"
         if src == REGISTRY_SOURCE:
             page = await log.read_registry_from(start, count=PAGE)
             events = [e for e in page if e.org == org]
-            more |= len(page) == PAGE
+            if len(page) == PAGE:
+                # The registry holds every org's events: past this page there may be
+                # more of ours, so nothing later than it may be returned yet.
+                more = True
+                cap = stream_id_tuple(page[-1].id)
+                registry_last = page[-1].id
         else:
             events = await log.read_from(org, src, start, count=limit)
             more |= len(events) == limit
         sources.append([(stream_id_tuple(e.id), src, e) for e in events])
-    merged = list(heapq.merge(*sources, key=lambda item: (item[0], item[1])))[:limit]
+    merged = list(heapq.merge(*sources, key=lambda item: (item[0], item[1])))
+    if cap is not None:
+        merged = [item for item in merged if item[0] <= cap]
+    merged = merged[:limit]
     if merged and (len(merged) == limit or more):
         _, src, last = merged[-1]
         return [e for _, _, e in merged], f"{last.id}@{src}"
+    if cap is not None:  # a page of other orgs' registry events: continue after it
+        return [e for _, _, e in merged], f"{registry_last}@{REGISTRY_SOURCE}"
     return [e for _, _, e in merged], None
 
 

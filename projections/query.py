@@ -77,6 +77,8 @@ _DENIED_FUNCTIONS = frozenset({
     "current_setting", "duckdb_settings", "duckdb_secrets", "which_secret",
     "duckdb_extensions", "duckdb_temporary_files", "duckdb_memory", "duckdb_databases",
     "duckdb_log_contexts", "duckdb_logs", "getvariable", "set_variable",
+    # SQL in a string is not visible to these checks: no nested statements.
+    "query", "query_table",
 })  # fmt: skip
 _DENIED_PREFIXES = ("enable_", "disable_")
 
@@ -185,9 +187,12 @@ class QueryEngine:
             if extension_dir is None:
                 raise ValueError("S3 queries need an extension directory for httpfs")
             install_extensions(extension_dir, ["httpfs"])
-        # Queries get their own threads, so a burst of slow ones cannot starve the
-        # thread pool that ingestion and storage use.
-        self._slots = anyio.CapacityLimiter(limits.concurrency)
+        # At most `concurrency` engines run at once. The semaphore is taken and released
+        # by the query's own thread, so a query abandoned after its timeout keeps its
+        # slot until it really ends. The limiter bounds the threads (running or waiting
+        # for a slot) so queries cannot starve the pool ingestion and storage use.
+        self._running = threading.BoundedSemaphore(limits.concurrency)
+        self._threads = anyio.CapacityLimiter(limits.concurrency * 2)
 
     def clamp(self, limit: int | None, timeout_s: float | None) -> tuple[int, float]:
         rows = self.limits.default_rows if limit is None else limit
@@ -212,14 +217,15 @@ class QueryEngine:
         timeout_s: float | None = None,
     ) -> QueryResult:
         rows, timeout = self.clamp(limit, timeout_s)
-        with anyio.move_on_after(timeout + self.limits.grace_s):
+        # Up to `timeout` waiting for a slot, `timeout` running, then the grace period.
+        with anyio.move_on_after(2 * timeout + self.limits.grace_s):
             return await anyio.to_thread.run_sync(
-                self._run_sync,
+                self._run_slot,
                 state,
                 sql,
                 rows,
                 timeout,
-                limiter=self._slots,
+                limiter=self._threads,
                 abandon_on_cancel=True,
             )
         raise QueryTimeout(
@@ -295,6 +301,18 @@ class QueryEngine:
             f"CREATE VIEW {name} AS SELECT {', '.join(select)} "
             f"FROM read_parquet([{files}], union_by_name = true)"
         )
+
+    def _run_slot(self, state: SuperState, sql: str, limit: int, timeout: float) -> QueryResult:
+        if not self._running.acquire(timeout=timeout):
+            raise Unavailable(
+                f"all {self.limits.concurrency} query slots stayed busy for {timeout:g}s; "
+                "try again later",
+                code="query_busy",
+            )
+        try:
+            return self._run_sync(state, sql, limit, timeout)
+        finally:
+            self._running.release()
 
     def _run_sync(self, state: SuperState, sql: str, limit: int, timeout: float) -> QueryResult:
         started = time.perf_counter()

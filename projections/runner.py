@@ -197,7 +197,22 @@ class CatalogProjector:
                 return await self._apply(unit, entries)
             unit.pending_from = None  # this consumer's pending entries are drained
         entries = await self._read(unit, ">")
-        return await self._apply(unit, entries) if entries else False
+        if entries:
+            return await self._apply(unit, entries)
+        if await self._behind(unit):
+            # Nothing new to deliver, yet the stream is past our position: the entries
+            # sit in another consumer's pending list (a runner that lost its lease, or a
+            # read whose reply was lost). Claim them and read them in order.
+            await self._claim_pending(unit.stream)
+            unit.pending_from = "0"
+            return True
+        return False
+
+    async def _behind(self, unit: _Unit) -> bool:
+        newest: Any = await guarded(self.client.xrevrange(unit.stream, count=1))
+        return bool(newest) and stream_id_tuple(_decode(newest[0][0])) > stream_id_tuple(
+            unit.state.position
+        )
 
     async def _read(self, unit: _Unit, start: str) -> list[tuple[Any, Any]]:
         reply: Any = await guarded(

@@ -185,3 +185,40 @@ def test_org_wide_paging_is_exact_when_streams_share_ids(
     key = [(e["id"], e["type"], e["super"], e["table"]) for e in everything]
     assert [(e["id"], e["type"], e["super"], e["table"]) for e in paged] == key
     assert len(everything) == 3 + 2 * 2 + 6  # registry, 2 tables x 2 events, 6 injected
+
+
+def test_org_wide_paging_past_a_registry_full_of_other_orgs(
+    client: TestClient[Any], settings: Settings
+) -> None:
+    import anyio
+
+    from app.services import Services
+    from events.model import OrgCreated, SuperCreated
+
+    assert settings.redis_url
+    url = settings.redis_url
+
+    async def other_orgs() -> None:
+        services = Services.build(settings, url)
+        try:
+            for i in range(1100):  # more than one registry page
+                common: dict[str, Any] = {"org": f"o{i}", "super_": "s", "actor": "me",
+                                          "time": datetime.now(UTC)}  # fmt: skip
+                await services.log.ensure_super(
+                    f"o{i}", "s", OrgCreated(**common), SuperCreated(**common)
+                )
+        finally:
+            await services.close()
+
+    anyio.run(other_orgs)
+    put(client, "acme/sales/tables/t", [{"x": 1}])
+    seen: list[str] = []
+    cursor: str | None = "0"
+    pages = 0
+    while cursor is not None:
+        page = client.get(f"/v1/events?org=acme&limit=1&after={cursor}").json()
+        seen += [e["type"] for e in page["events"]]
+        cursor = page["next_after"]
+        pages += 1
+        assert pages < 50
+    assert seen == ["OrgCreated", "SuperCreated", "TableCreated", "RowsAppended"]

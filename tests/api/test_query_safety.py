@@ -445,6 +445,8 @@ def test_forbidden_sql_is_rejected_in_every_format(catalog: Catalog) -> None:
         "select * from enable_logging()",
         "select enable_profiling()",
         "select * from orders, lateral (select * from disable_logging())",
+        "select * from query('select current_setting(''temp_directory'')')",
+        "select * from query_table('orders')",
     ],
 )
 def test_engine_state_functions_are_refused(catalog: Catalog, sql: str) -> None:

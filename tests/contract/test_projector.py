@@ -191,3 +191,19 @@ async def test_a_commit_can_acknowledge_thousands_of_entries(services: Services)
     assert await runner.run_until_caught_up() == 9001 + 2
     assert (await services.store.load_super("o", "s")).tables["t"].version == 9000
     assert await pending(services) == 0
+
+
+async def test_entries_left_pending_by_another_consumer_are_claimed(
+    services: Services, tmp_path: Path
+) -> None:
+    """A consumer (a runner whose lease lapsed, or a read whose reply was lost) took an
+    entry and vanished: the lease holder must claim it rather than wait forever."""
+    await write(services, tmp_path, "t", [{"x": 1}])
+    runner = services.projector()
+    await runner.run_until_caught_up()
+    await write(services, tmp_path, "t", [{"x": 2}])
+    stream = services.keys.stream("o", "s")
+    await services.redis.xreadgroup(CATALOG, "vanished", {stream: ">"}, count=10)
+    assert await runner.run_until_caught_up() == 1
+    assert (await services.store.load_super("o", "s")).tables["t"].version == 2
+    assert await pending(services) == 0
