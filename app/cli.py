@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,37 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
         return anyio.run(main, url)
 
 
+def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
+    from app.gc import collect_garbage, parse_duration
+
+    try:
+        grace = parse_duration(args.grace) if args.grace else None
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+    async def main(url: str) -> int:
+        async with services_for(settings, url) as services:
+            report = await collect_garbage(
+                services.log,
+                services.reader,
+                services.storage,
+                grace=grace or timedelta(seconds=settings.gc_grace_s),
+                dry_run=args.dry_run,
+            )
+            verb = "would delete" if args.dry_run else "deleted"
+            for obj in report.orphans:
+                print(f"{verb} {obj.key} ({obj.size} bytes, {obj.modified.isoformat()})")
+            print(
+                f"scanned {report.scanned} data files: {report.referenced} referenced, "
+                f"{report.young} unreferenced but within the grace period, "
+                f"{len(report.orphans)} orphans ({report.orphan_bytes} bytes) {verb}"
+            )
+            return 0
+
+    with redis_for(settings) as url:
+        return anyio.run(main, url)
+
+
 # -- parsing --------------------------------------------------------------------------
 
 
@@ -271,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", required=True, help="org/super/table")
     p.add_argument("--mode", choices=["append", "overwrite"], default="append")
     p.add_argument("--format", choices=["json", "ndjson", "csv", "parquet", "arrow"])
+    p = command("gc", cmd_gc, "Delete orphan data files older than the grace period.")
+    p.add_argument("--grace", help="e.g. 3600, 30m, 2h, 7d (LEDGERLAKE_GC_GRACE_S)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted")
     return parser
 
 

@@ -53,6 +53,7 @@ class Services:
             row_group_rows=settings.row_group_rows,
             zstd_level=settings.zstd_level,
             retries=settings.write_retries,
+            max_file_age_s=settings.gc_grace_s / 2,
         )
         limits = QueryLimits(
             default_rows=settings.query_default_limit,

@@ -50,6 +50,8 @@ SETTINGS_DOC: dict[str, str] = {
     "query_max_sql_chars": "Longest accepted SQL text.",
     "query_concurrency": "Queries run at once per process; more wait for a slot.",
     "idempotency_ttl_s": "How long an `Idempotency-Key` is remembered.",
+    "gc_grace_s": "`ledgerlake gc` deletes unreferenced data files older than this (seconds). "
+    "Writes re-upload a file that waited half of it for its append.",
     "write_retries": "How often a plain append is rebased on a concurrent change before 409.",
     "row_group_rows": "Parquet row group size, in rows.",
     "zstd_level": "Parquet zstd compression level.",
@@ -106,6 +108,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     query_concurrency: int = 4
     idempotency_ttl_s: int = 86_400
     write_retries: int = 20
+    gc_grace_s: float = 3600.0
     row_group_rows: int = 131_072
     zstd_level: int = 3
     log_format: str = "text"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ class Writer:
         row_group_rows: int = 131_072,
         zstd_level: int = 3,
         retries: int = 20,
+        max_file_age_s: float = 1800.0,
     ) -> None:
         self.log = log
         self.reader = reader
@@ -126,6 +128,7 @@ class Writer:
         self.row_group_rows = row_group_rows
         self.zstd_level = zstd_level
         self.retries = retries
+        self.max_file_age_s = max_file_age_s
 
     async def ingest(
         self, req: IngestRequest, progress: Callable[[int], None] | None = None
@@ -148,6 +151,7 @@ class Writer:
         written: WrittenFile | None = None
         data_file: DataFile | None = None
         registered = False
+        published_at = 0.0
         token = self._token(req)
         # True while an append is in flight: if it fails then (a lost connection), the
         # event may or may not be in the log, so the file must stay (an orphan at worst).
@@ -157,12 +161,16 @@ class Writer:
                 plan = plan_schema(
                     table.columns if table else None, source.fields, text=source.text
                 )
-                if written is None or written.targets != plan.targets:
+                # A file that waited too long for its append could be taken for an
+                # orphan by `ledgerlake gc`: upload it again instead.
+                stale = time.monotonic() - published_at > self.max_file_age_s
+                if written is None or written.targets != plan.targets or stale:
                     # First try, or a concurrent writer changed the types this file must
                     # have: (re)write it against the current schema.
                     if data_file is not None:
                         await self.storage.delete(data_file.path)
                     written, data_file = await self._write_file(req, source, plan, progress)
+                    published_at = time.monotonic()
                 assert data_file is not None
                 if not registered:
                     await self._register(req)
