@@ -97,6 +97,9 @@ class CatalogProjector:
         self.lease_ms = lease_ms
         self.block_ms = block_ms
         self.units: dict[str, _Unit] = {}
+        # Leases we may hold, including those of units dropped during an outage: on
+        # shutdown each is released (compare-and-delete, so only if still ours).
+        self._leases: set[str] = set()
         self.applied = 0
         self._renew = client.register_script(RENEW_LUA)
         self._release = client.register_script(RELEASE_LUA)
@@ -132,11 +135,12 @@ class CatalogProjector:
                 await self.release_all()
 
     async def release_all(self) -> None:
-        for unit in list(self.units.values()):
+        for lease in sorted(self._leases):
             try:
-                await self._release(keys=[unit.lease], args=[self.consumer])
+                await self._release(keys=[lease], args=[self.consumer])
             except Exception:  # best effort on shutdown: the lease expires anyway
-                log.debug("could not release %s", unit.lease)
+                log.debug("could not release %s", lease)
+        self._leases.clear()
         self.units.clear()
 
     # -- one cycle --------------------------------------------------------------------
@@ -180,6 +184,7 @@ class CatalogProjector:
             ):
                 log.warning("lease on %s lost; dropping it", name)
                 del self.units[name]
+                self._leases.discard(unit.lease)
 
     async def _wait_for_entries(self) -> None:
         """Block until a held stream (or the registry) has new entries, or ``block_ms``.
@@ -277,6 +282,7 @@ class CatalogProjector:
         name, stream, lease = spec
         if not await guarded(self._renew(keys=[lease], args=[self.consumer, self.lease_ms])):
             return
+        self._leases.add(lease)
         try:
             await guarded(self.client.xgroup_create(stream, CATALOG, id="0", mkstream=True))
         except ResponseError as exc:
