@@ -37,8 +37,8 @@ def is_loopback(host: str) -> bool:
 def redis_for(settings: Settings) -> Iterator[str]:
     """The Redis URL to use: the configured one, or the embedded server of the data dir
     (started if it is not running, and stopped on exit if nobody else uses it)."""
-    if settings.redis_url:
-        yield settings.redis_url
+    if settings.external_redis:
+        yield settings.redis_url or ""  # "" : connect as the settings say (e.g. Sentinel)
         return
     embedded = EmbeddedRedis(
         settings.data_dir, binary=settings.redis_server, appendfsync=settings.redis_appendfsync

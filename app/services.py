@@ -39,8 +39,9 @@ class Services:
     engine: QueryEngine
 
     @classmethod
-    def build(cls, settings: Settings, redis_url: str) -> Services:
-        client = connect(redis_url)
+    def build(cls, settings: Settings, redis_url: str | None = None) -> Services:
+        """``redis_url``: the embedded server's; None means what the settings say."""
+        client = connect(settings.redis_target(redis_url))
         keys = Keys(settings.redis_prefix)
         log = RedisEventLog(client, keys, idempotency_ttl_s=settings.idempotency_ttl_s)
         store = SnapshotStore(client, keys)

