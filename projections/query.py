@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,13 +141,27 @@ def _sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def install_extensions(directory: Path, names: list[str]) -> None:
+# Every extension the project ships offline: httpfs reads S3 (installed when storage is
+# S3); delta and iceberg (which needs avro) are for the mirrors.
+EXTENSIONS = ("httpfs", "avro", "delta", "iceberg")
+
+
+def install_extensions(directory: Path, names: Iterable[str]) -> None:
     """Install DuckDB extensions into ``directory`` from the ``duckdb-extension-<name>``
-    wheels built for the pinned DuckDB: nothing is downloaded at run time."""
+    wheels built for the pinned DuckDB: nothing is downloaded at run time. Already
+    installed extensions are left alone."""
     directory.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(config={"extension_directory": str(directory)})
     try:
+        installed = {
+            row[0]
+            for row in con.execute(
+                "select extension_name from duckdb_extensions() where installed"
+            ).fetchall()
+        }
         for name in names:
+            if name in installed:
+                continue
             module = importlib.import_module(f"duckdb_extension_{name}")
             version = duckdb.__version__
             shipped = Path(module.__file__ or "").parent / "extensions" / f"v{version}"

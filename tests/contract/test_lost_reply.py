@@ -28,6 +28,8 @@ class ReplyDropper:
         self.port, self.marker = port, marker
         self.armed = False
         self.dropped = 0
+        # While > 0, such a call is not even forwarded: the connection is cut first.
+        self.refuse = 0
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -43,6 +45,11 @@ class ReplyDropper:
 
         async def upstream() -> None:
             while data := await client_r.read(65536):
+                if self.refuse and b"EVALSHA" in data.upper() and self.marker in data:
+                    self.refuse -= 1
+                    self.dropped += 1
+                    client_w.transport.abort()
+                    return
                 if self.armed and b"EVALSHA" in data.upper() and self.marker in data:
                     self.armed = False
                     swallow.set()
@@ -112,3 +119,30 @@ async def test_a_lost_reply_counts_once_and_keeps_the_file(
     state = await services.reader.super_state("o", "s")
     got = await services.engine.run(state, "select x from t order by x")
     assert got.table.column("x").to_pylist() == [1, 2]
+
+
+async def test_an_append_that_fails_after_the_upload_leaves_an_invisible_orphan(
+    flaky: tuple[Services, ReplyDropper], tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from app.gc import collect_garbage
+    from events.errors import Unavailable
+
+    services, proxy = flaky
+    await ingest(services, tmp_path, [{"x": 1}])
+    proxy.refuse = 10  # every attempt of the next append dies before reaching Redis
+    with pytest.raises(Unavailable):
+        await ingest(services, tmp_path, [{"x": 2}])
+    proxy.refuse = 0
+    data = services.settings.storage_root / "o" / "s" / "t" / "data"
+    assert len(list(data.iterdir())) == 2  # the upload stays: its outcome was unknown
+    version, rows, _ = await table_state(services)
+    assert (version, rows) == (1, 1)  # ...but nothing references it: invisible
+    later = datetime.now(UTC) + timedelta(hours=2)
+    report = await collect_garbage(
+        services.log, services.reader, services.storage,
+        grace=timedelta(hours=1), dry_run=False, now=later,
+    )  # fmt: skip
+    assert report.deleted == 1 and report.referenced == 1
+    assert len(list(data.iterdir())) == 1
