@@ -126,7 +126,6 @@ class TableOverwritten(EventBase, frozen=True, tag="TableOverwritten"):
 Event: TypeAlias = (
     OrgCreated | SuperCreated | TableCreated | SchemaEvolved | RowsAppended | TableOverwritten
 )
-TABLE_EVENTS = (TableCreated, SchemaEvolved, RowsAppended, TableOverwritten)
 
 # (type tag, stored version) -> function upgrading the raw payload dict by one version.
 UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}

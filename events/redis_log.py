@@ -13,8 +13,7 @@ touches a single Cluster slot):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -127,15 +126,6 @@ async def guarded(call: Awaitable[T]) -> T:
     """Await a Redis call, turning connection failures into ``Unavailable``."""
     try:
         return await call
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise Unavailable(f"the event log (Redis) is unreachable: {exc}") from exc
-
-
-@asynccontextmanager
-async def redis_errors() -> AsyncIterator[None]:
-    """Context form of ``guarded`` for blocks of several Redis calls."""
-    try:
-        yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise Unavailable(f"the event log (Redis) is unreachable: {exc}") from exc
 
@@ -314,8 +304,3 @@ class RedisEventLog:
         call: Any = self.client.xrange(stream, min=start, max="+", count=count)
         entries: list[Any] = await guarded(call)
         return [decode_event(entry_id, fields) for entry_id, fields in entries]
-
-    async def last_id(self, org: str, super_: str) -> str:
-        """The id of the newest event of a super, or ``"0-0"``."""
-        entries = await guarded(self.client.xrevrange(self.keys.stream(org, super_), count=1))
-        return _s(entries[0][0]) if entries else "0-0"

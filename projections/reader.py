@@ -63,10 +63,6 @@ class CatalogReader:
             self._supers.popitem(last=False)
         return state
 
-    def forget(self, org: str, super_: str) -> None:
-        """Drop a cached super (after its snapshot was rebuilt)."""
-        self._supers.pop((org, super_), None)
-
     async def require_super(self, org: str, super_: str) -> SuperState:
         """The super's state; NotFound if the org or super does not exist."""
         registry = await self.registry()
