@@ -224,8 +224,25 @@ def test_sentinel(settings: Settings, tmp_path: Path) -> None:
         direct.close()
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    import socket
+
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 def test_cluster(settings: Settings, tmp_path: Path) -> None:
-    ports = [free_port() for _ in range(3)]
+    ports = [free_cluster_port() for _ in range(3)]
     with servers() as procs:
         for p in ports:
             start(procs, tmp_path / str(p), "--bind", "127.0.0.1", "--port", str(p), "--save", "",
