@@ -236,7 +236,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
-    from app.gc import collect_garbage, parse_duration
+    from app.gc import GcRefused, collect_garbage, parse_duration
 
     try:
         grace = parse_duration(args.grace) if args.grace else None
@@ -245,13 +245,17 @@ def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
 
     async def main(url: str) -> int:
         async with services_for(settings, url) as services:
-            report = await collect_garbage(
-                services.log,
-                services.reader,
-                services.storage,
-                grace=grace or timedelta(seconds=settings.gc_grace_s),
-                dry_run=args.dry_run,
-            )
+            try:
+                report = await collect_garbage(
+                    services.log,
+                    services.reader,
+                    services.storage,
+                    grace=grace or timedelta(seconds=settings.gc_grace_s),
+                    dry_run=args.dry_run,
+                )
+            except GcRefused as exc:
+                print(f"refused: {exc}", file=sys.stderr)
+                return 2
             verb = "would delete" if args.dry_run else "deleted"
             for obj in report.orphans:
                 print(f"{verb} {obj.key} ({obj.size} bytes, {obj.modified.isoformat()})")

@@ -11,6 +11,16 @@ read is younger than the grace period (appends follow uploads within a write, an
 write that waited longer than half the grace period uploads its file again), so it is
 never old enough to be deleted.
 
+Two more guards. Writers record the largest grace period they were started with in
+Redis, and gc refuses a shorter one (a writer re-uploads only after half of *its* grace).
+And gc only considers files under supers the log knows: pointed at the wrong (or an
+empty) Redis, it finds nothing to delete instead of everything.
+
+Two more guards. Writers record the largest grace period they were started with in
+Redis, and gc refuses a shorter one (a writer re-uploads only after half of *its* grace).
+And gc only considers files under supers the log knows: pointed at the wrong (or an
+empty) Redis, it finds nothing to delete instead of everything.
+
 Every version is retained today (there is no expiry yet), so "referenced by a retained
 version" means referenced by any event in the log.
 """
@@ -20,16 +30,27 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from events.model import RowsAppended, TableOverwritten
-from events.redis_log import RedisEventLog
+from events.redis_log import Keys, RedisEventLog, guarded
 from events.storage import Storage, StoredObject
 from projections.reader import CatalogReader
 
 DATA_FILE = re.compile(
-    r"^[a-z_][a-z0-9_]*/[a-z_][a-z0-9_]*/[a-z_][a-z0-9_]*/data/[0-9a-f]{32}\.parquet$"
+    r"^(?P<org>[a-z_][a-z0-9_]*)/(?P<super>[a-z_][a-z0-9_]*)/[a-z_][a-z0-9_]*/data/"
+    r"[0-9a-f]{32}\.parquet$"
 )
 PAGE = 5000
+RECORD_GRACE_LUA = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+
+class GcRefused(Exception):
+    """gc would not be safe with these arguments."""
 
 
 @dataclass
@@ -45,21 +66,29 @@ class GcReport:
         return sum(o.size for o in self.orphans)
 
 
-async def referenced_files(log: RedisEventLog, reader: CatalogReader) -> set[str]:
-    """Every data file any event of any super references."""
-    registry = await reader.registry()
+async def record_writer_grace(client: Any, keys: Keys, grace_s: float) -> None:
+    """Called by every service at start: gc must never use a shorter grace period."""
+    await guarded(client.eval(RECORD_GRACE_LUA, 1, keys.writer_grace, grace_s))
+
+
+async def writer_grace(client: Any, keys: Keys) -> float:
+    raw = await guarded(client.get(keys.writer_grace))
+    return float(raw) if raw else 0.0
+
+
+async def referenced_files(log: RedisEventLog, supers: list[tuple[str, str]]) -> set[str]:
+    """Every data file any event of these supers references."""
     keys: set[str] = set()
-    for org in registry.orgs.values():
-        for sup in org.supers:
-            after = "0-0"
-            while True:
-                events = await log.read(org.name, sup, after=after, count=PAGE)
-                for event in events:
-                    if isinstance(event, RowsAppended | TableOverwritten):
-                        keys.update(f.path for f in event.files)
-                if len(events) < PAGE:
-                    break
-                after = events[-1].id
+    for org, sup in supers:
+        after = "0-0"
+        while True:
+            events = await log.read(org, sup, after=after, count=PAGE)
+            for event in events:
+                if isinstance(event, RowsAppended | TableOverwritten):
+                    keys.update(f.path for f in event.files)
+            if len(events) < PAGE:
+                break
+            after = events[-1].id
     return keys
 
 
@@ -72,11 +101,28 @@ async def collect_garbage(
     dry_run: bool,
     now: datetime | None = None,
 ) -> GcReport:
-    """Delete (or, with ``dry_run``, only report) orphan data files older than ``grace``."""
+    """Delete (or, with ``dry_run``, only report) orphan data files older than ``grace``.
+
+    Raises GcRefused if ``grace`` is shorter than what the writers were started with."""
+    minimum = await writer_grace(log.client, log.keys)
+    if grace.total_seconds() < minimum:
+        raise GcRefused(
+            f"a grace period of {grace.total_seconds():g}s is shorter than the "
+            f"{minimum:g}s the writers were started with (LEDGERLAKE_GC_GRACE_S): files of "
+            "writes still in flight could be deleted"
+        )
     report = GcReport()
-    listed = [obj async for obj in storage.list_objects() if DATA_FILE.match(obj.key)]
-    live = await referenced_files(log, reader)  # after listing: see the module docstring
-    cutoff = (now or datetime.now(UTC)) - grace
+    cutoff = (now or datetime.now(UTC)) - grace  # taken before listing: errs on keeping
+    registry = await reader.registry()
+    known = {(org.name, sup) for org in registry.orgs.values() for sup in org.supers}
+    listed = []
+    async for obj in storage.list_objects():
+        match = DATA_FILE.match(obj.key)
+        # Only supers the log knows: against a wrong or empty Redis nothing is a
+        # candidate, rather than everything.
+        if match and (match["org"], match["super"]) in known:
+            listed.append(obj)
+    live = await referenced_files(log, sorted(known))  # after listing: see the docstring
     for obj in listed:
         report.scanned += 1
         if obj.key in live:

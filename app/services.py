@@ -72,7 +72,7 @@ class Services:
             storage.engine_path,
             limits,
             settings.data_dir / "tmp" / "query",
-            s3_secret=storage.engine_secret(),
+            s3_secret=storage.engine_secret if settings.storage_url else None,
             extension_dir=settings.data_dir / "duckdb_extensions",
         )
         return cls(settings, client, keys, log, store, reader, storage, writer, engine)

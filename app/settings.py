@@ -163,6 +163,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise SystemExit("LEDGERLAKE_REDIS_CLUSTER needs LEDGERLAKE_REDIS_URL (a node)")
         if self.storage_url and not self.storage_url.startswith("s3://"):
             raise SystemExit("LEDGERLAKE_STORAGE_URL must be unset or s3://bucket/prefix")
+        where = self.storage_url or str(self.data_dir.resolve())
+        if any(c in where for c in "*?[]{}"):
+            # DuckDB reads file lists as glob patterns: such a path would match others.
+            raise SystemExit(f"the data location must not contain any of *?[]{{}}: {where}")
         if self.redis_appendfsync not in ("always", "everysec", "no"):
             raise SystemExit("LEDGERLAKE_REDIS_APPENDFSYNC must be always, everysec or no")
 

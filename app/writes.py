@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import msgspec
 
+from app.gc import record_writer_grace
 from app.ingest import Plan, Source, WrittenFile, open_source, plan_schema, write_parquet
 from events.errors import ConflictError, IdempotencyMismatch, InvalidInput
 from events.log import NEW_TABLE, Idempotency
@@ -129,6 +130,7 @@ class Writer:
         self.zstd_level = zstd_level
         self.retries = retries
         self.max_file_age_s = max_file_age_s
+        self._grace_recorded = False
 
     async def ingest(
         self, req: IngestRequest, progress: Callable[[int], None] | None = None
@@ -175,6 +177,15 @@ class Writer:
                 if not registered:
                     await self._register(req)
                     registered = True
+                if not self._grace_recorded:
+                    # Before this writer's first append: gc must never use a shorter
+                    # grace than this writer lets a file wait before re-uploading it.
+                    await record_writer_grace(
+                        self.log.client, self.log.keys, 2 * self.max_file_age_s
+                    )
+                    self._grace_recorded = True
+                if time.monotonic() - published_at > self.max_file_age_s:
+                    continue  # it waited too long (slow registry?): upload it again first
                 try:
                     unsure = True
                     result = await self._append(req, table, plan, written, data_file, token)

@@ -22,6 +22,13 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    ClusterError,
+    MasterDownError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -30,6 +37,18 @@ from events.log import Appended, Idempotency, StoredResult
 from events.model import Event, EventBase, decode_event, encode_event
 
 T = TypeVar("T")
+# Failures that mean "Redis is not reachable right now" (a Cluster losing a master or
+# resharding included): 503 and retry, never a 500.
+_UNREACHABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,
+    ClusterError,
+    MasterDownError,
+    RedisClusterException,
+    TryAgainError,
+)
 
 APPEND_LUA = """
 -- KEYS: stream, versions, idempotency key (a same-slot placeholder when unused)
@@ -121,12 +140,17 @@ class Keys:
     def registry_supers(self) -> str:
         return f"{self.registry_tag}:supers"
 
+    @property
+    def writer_grace(self) -> str:
+        """The largest gc grace period any writer was started with (seconds)."""
+        return f"{self.registry_tag}:writer_grace_s"
+
 
 async def guarded(call: Awaitable[T]) -> T:
     """Await a Redis call, turning connection failures into ``Unavailable``."""
     try:
         return await call
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+    except _UNREACHABLE as exc:
         raise Unavailable(f"the event log (Redis) is unreachable: {exc}") from exc
 
 

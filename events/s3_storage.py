@@ -23,7 +23,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from events.errors import Unavailable
 from events.storage import StoredObject
 
-MIN_PART = 5 * 1024 * 1024  # S3's smallest allowed part (except the last)
+MIN_PART = 5 * 1024 * 1024
+GLOB_CHARACTERS = "*?[]{}"  # S3's smallest allowed part (except the last)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class S3Location:
         if not bucket:
             raise ValueError(f"no bucket in storage URL {url!r}")
         prefix = prefix.strip("/")
+        if any(c in url for c in GLOB_CHARACTERS):
+            # DuckDB reads file lists as glob patterns: these would match other paths.
+            raise ValueError(f"the storage URL must not contain any of {GLOB_CHARACTERS}")
         return cls(bucket=bucket, prefix=f"{prefix}/" if prefix else "", **options)
 
 
@@ -68,6 +72,7 @@ class S3Storage:
         self._session = aioboto3.Session()
         self._client: Any = None
         self._context: Any = None
+        self._resolved: tuple[str, str, str | None] | None = None
 
     async def start(self) -> None:
         loc = self.location
@@ -87,6 +92,13 @@ class S3Storage:
             config=config,
         )
         self._client = await self._context.__aenter__()
+        if not loc.access_key_id:
+            # No static keys: boto's credential chain (profile, web identity, instance
+            # role...). DuckDB gets the keys it resolved to.
+            creds = await self._session.get_credentials()
+            if creds is not None:
+                frozen = await creds.get_frozen_credentials()
+                self._resolved = (frozen.access_key, frozen.secret_key, frozen.token)
         if loc.create_bucket:
             await self._ensure_bucket()
 
@@ -195,15 +207,18 @@ class S3Storage:
     def engine_secret(self) -> dict[str, str] | None:
         """What DuckDB's S3 secret needs, scoped to this bucket and prefix."""
         loc = self.location
+        key, secret_key, token = loc.access_key_id, loc.secret_access_key, loc.session_token
+        if not key and self._resolved is not None:
+            key, secret_key, token = self._resolved
         secret = {
-            "KEY_ID": loc.access_key_id or "",
-            "SECRET": loc.secret_access_key or "",
+            "KEY_ID": key or "",
+            "SECRET": secret_key or "",
             "REGION": loc.region,
             "URL_STYLE": "path" if loc.path_style else "vhost",
             "SCOPE": f"s3://{loc.bucket}/{loc.prefix}",
         }
-        if loc.session_token:
-            secret["SESSION_TOKEN"] = loc.session_token
+        if token:
+            secret["SESSION_TOKEN"] = token
         if loc.endpoint_url:
             scheme, _, host = loc.endpoint_url.partition("://")
             secret["ENDPOINT"] = host.rstrip("/")

@@ -188,7 +188,7 @@ class QueryEngine:
         limits: QueryLimits,
         temp_root: Path,
         *,
-        s3_secret: dict[str, str] | None = None,
+        s3_secret: Callable[[], dict[str, str] | None] | None = None,
         extension_dir: Path | None = None,
     ) -> None:
         self.resolve_path = resolve_path
@@ -267,8 +267,10 @@ class QueryEngine:
                 # Loaded from the project-local directory (installed offline at start);
                 # the credentials live in a scoped secret, never in the SQL text.
                 con.execute("LOAD httpfs")
-                options = ", ".join(f"{k} {_sql_literal(v)}" for k, v in self.s3_secret.items())
-                con.execute(f"CREATE SECRET ledgerlake_storage (TYPE s3, {options})")
+                secret = self.s3_secret()
+                if secret is not None:
+                    options = ", ".join(f"{k} {_sql_literal(v)}" for k, v in secret.items())
+                    con.execute(f"CREATE SECRET ledgerlake_storage (TYPE s3, {options})")
             # Only the tables the query names become views (and readable files).
             used = [t for name, t in state.tables.items() if name in tables]
             paths = [self.resolve_path(f.path) for t in used for f in t.files]
@@ -359,6 +361,11 @@ class QueryEngine:
             raise QueryRejected(
                 f"the query tried something the engine does not allow: {_first_line(exc)}",
                 code="query_forbidden",
+            ) from exc
+        except (duckdb.IOException, duckdb.HTTPException) as exc:
+            # External access is off: the only files a query reaches are ours.
+            raise Unavailable(
+                f"a data file could not be read: {_first_line(exc)}", code="data_unavailable"
             ) from exc
         except duckdb.OutOfMemoryException as exc:
             raise QueryRejected(

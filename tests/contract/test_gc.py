@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import anyio
 import anyio.lowlevel
+import msgspec
 import pytest
 
-from app.gc import collect_garbage, parse_duration
+from app.gc import GcRefused, collect_garbage, parse_duration
 from app.services import Services
 from app.settings import Settings
 from app.writes import IngestRequest
@@ -84,11 +86,33 @@ async def test_gc_deletes_old_orphans_only(svc: Services, tmp_path: Path) -> Non
     assert got.table.to_pylist() == [{"(SELECT sum(x) FROM t)": 3, "(SELECT sum(y) FROM u)": 2}]
 
 
+@pytest.fixture
+async def quick(any_settings: Settings) -> AsyncIterator[Services]:
+    """Services whose writers use a short gc grace period (5 s)."""
+    settings = msgspec.structs.replace(any_settings, gc_grace_s=5.0)
+    services = Services.build(settings, settings.redis_url)
+    await services.start()
+    yield services
+    await services.close()
+
+
+def age(services: Services, key: str) -> bool:
+    """Make a local file an hour old (S3 objects cannot be back-dated)."""
+    if services.settings.storage_url:
+        return False
+    path = services.settings.storage_root / key
+    old = (datetime.now(UTC) - HOUR).timestamp()
+    os.utime(path, (old, old))
+    return True
+
+
 async def test_gc_never_deletes_a_referenced_file_under_concurrent_writes(
-    svc: Services, tmp_path: Path
+    quick: Services, tmp_path: Path
 ) -> None:
-    """Writers keep landing files while gc runs with a grace of zero: every file it may
-    delete must be one that no event references, ever."""
+    """gc with the writers' own (short) grace period runs over and over while files land."""
+    svc = quick
+    await write(svc, tmp_path, "a", [{"i": -1}])  # records the writers' grace: 5 s
+    aged = {k for k in [await orphan(svc, "a"), await orphan(svc, "b")] if age(svc, k)}
     done = anyio.Event()
     deleted: set[str] = set()
 
@@ -99,7 +123,7 @@ async def test_gc_never_deletes_a_referenced_file_under_concurrent_writes(
     async def collector() -> None:
         while not done.is_set():
             report = await collect_garbage(
-                svc.log, svc.reader, svc.storage, grace=timedelta(0), dry_run=True
+                svc.log, svc.reader, svc.storage, grace=timedelta(seconds=5), dry_run=False
             )
             deleted.update(o.key for o in report.orphans)
             await anyio.lowlevel.checkpoint()  # let the writers run between passes
@@ -110,15 +134,44 @@ async def test_gc_never_deletes_a_referenced_file_under_concurrent_writes(
             for table in ("a", "b", "c"):
                 writers.start_soon(writer, table)
         done.set()
-    # with a grace of zero, a file between its upload and its append can look orphaned;
-    # that is what the grace period is for. What must hold: gc only ever picks files
-    # whose events are not in the log at the time it reads the log, and with a real
-    # grace period none of them.
-    final = await live_files(svc)
-    assert len(final) == 45
-    report = await collect_garbage(svc.log, svc.reader, svc.storage, grace=HOUR, dry_run=False)
-    assert report.deleted == 0 and report.referenced == 45
-    assert await live_files(svc) == {o.key async for o in svc.storage.list_objects()}
+    referenced = await live_files(svc)
+    assert len(referenced) == 46
+    assert not deleted & referenced  # gc never picked a file an event references
+    assert deleted == aged  # and it did pick the old orphans
+    stored = {o.key async for o in svc.storage.list_objects()}
+    assert referenced <= stored
+    state = await svc.reader.super_state("o", "s")
+    got = await svc.engine.run(
+        state, "select (select count(*) from a) + (select count(*) from b) + "
+        "(select count(*) from c) as n",
+    )  # fmt: skip
+    assert got.table.to_pylist() == [{"n": 46}]
+
+
+async def test_gc_refuses_a_grace_shorter_than_the_writers(quick: Services, tmp_path: Path) -> None:
+    await write(quick, tmp_path, "t", [{"x": 1}])
+    with pytest.raises(GcRefused, match="shorter than"):
+        await collect_garbage(
+            quick.log, quick.reader, quick.storage, grace=timedelta(seconds=4), dry_run=True
+        )
+
+
+async def test_gc_against_an_empty_log_deletes_nothing(svc: Services, tmp_path: Path) -> None:
+    """A gc pointed at the wrong Redis (or prefix) must not see every file as an orphan."""
+    await write(svc, tmp_path, "t", [{"x": 1}])
+    await orphan(svc, "t")
+    stranger = msgspec.structs.replace(svc.settings, redis_prefix=f"other{uuid.uuid4().hex[:6]}")
+    wrong = Services.build(stranger, stranger.redis_url)
+    await wrong.start()
+    try:
+        later = datetime.now(UTC) + 2 * HOUR
+        report = await collect_garbage(
+            wrong.log, wrong.reader, wrong.storage, grace=HOUR, dry_run=False, now=later
+        )
+    finally:
+        await wrong.close()
+    assert report.scanned == 0 and report.deleted == 0
+    assert len([o async for o in svc.storage.list_objects()]) == 2
 
 
 def test_durations() -> None:

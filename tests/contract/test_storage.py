@@ -141,3 +141,27 @@ def test_object_store_failing_mid_upload_is_503_and_appends_nothing(
     direct = s3_server.client()
     keys = [o["Key"] for o in direct.list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert len(keys) == 1  # only the small first file: nothing half-written is visible
+
+
+def test_queries_use_the_credentials_boto_resolved(
+    settings: Settings, s3_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No static keys in the settings: boto's credential chain (here, the environment)
+    finds them, and DuckDB's secret is built from what it found."""
+    import uuid as _uuid
+
+    import msgspec
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    chained = msgspec.structs.replace(
+        settings,
+        storage_url=f"s3://ll-{_uuid.uuid4().hex[:12]}/p",
+        s3_endpoint_url=s3_server.endpoint,
+    )
+    assert chained.redis_url and chained.s3_access_key_id is None
+    with TestClient(create_app(chained, chained.redis_url)) as c:
+        assert c.post("/v1/a/b/tables/t/rows", json=[{"x": 41}, {"x": 1}]).status_code == 200
+        r = c.post("/v1/a/b/query", json={"sql": "select sum(x) from t"})
+        assert r.status_code == 200, r.text
+        assert r.json()["rows"] == [[42]]

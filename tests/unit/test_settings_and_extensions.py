@@ -68,3 +68,12 @@ def test_extensions_install_offline_and_load(tmp_path: Path) -> None:
         "select extension_name from duckdb_extensions() where loaded and installed"
     ).fetchall()
     assert {"httpfs", "delta", "iceberg"} <= {row[0] for row in loaded}
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"LEDGERLAKE_STORAGE_URL": "s3://bucket/data[1]"}, {"LEDGERLAKE_DATA_DIR": "/tmp/x*y"}],
+)
+def test_glob_characters_in_the_data_location_are_refused(env: dict[str, str]) -> None:
+    with pytest.raises(SystemExit, match="must not contain"):
+        Settings.from_env(env)
