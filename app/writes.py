@@ -358,18 +358,12 @@ class Writer:
         )
         if appended.replayed:
             first = msgspec.json.decode(appended.result, type=_Stored)
-            if first.file == data_file.path:
-                # Our own append, run twice because its reply was lost: it counts once.
-                return IngestResult(
-                    table=req.table,
-                    version=appended.version,
-                    rows=written.rows,
-                    event_id=appended.event_ids[-1],
-                    mode=req.mode,
-                )
-            # A concurrent request with the same key won: our file is not referenced.
-            await self.storage.delete(data_file.path)
-            return _replayed(appended.result, appended.version, appended.event_ids)
+            if first.file != data_file.path:
+                # A concurrent request with the same key won: our file is not referenced.
+                await self.storage.delete(data_file.path)
+                return _replayed(appended.result, appended.version, appended.event_ids)
+            # Else it is our own append, run twice because its reply was lost: it counts
+            # once, as the first run's result.
         return IngestResult(
             table=req.table,
             version=appended.version,
