@@ -9,8 +9,8 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -48,16 +48,6 @@ def redis_for(settings: Settings) -> Iterator[str]:
         yield url
     finally:
         embedded.stop_if_last()
-
-
-@asynccontextmanager
-async def services_for(settings: Settings, url: str) -> AsyncIterator[Services]:
-    services = Services.build(settings, url)
-    try:
-        await services.start()
-        yield services
-    finally:
-        await services.close()
 
 
 class Progress:
@@ -119,7 +109,7 @@ async def _until_signal(stop: anyio.Event) -> None:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     async def main(url: str) -> None:
-        async with services_for(settings, url) as services:
+        async with Services.open(settings, url) as services:
             stop = anyio.Event()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_until_signal, stop)
@@ -141,7 +131,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from projections.replay import replay
 
     async def main(url: str) -> int:
-        async with services_for(settings, url) as services:
+        async with Services.open(settings, url) as services:
             progress = Progress("replayed", "events")
             report = await replay(
                 services.log, services.store, verify=args.verify, progress=progress
@@ -164,7 +154,7 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     org, sup = _split(args.super, 2, "--super")
 
     async def main(url: str) -> int:
-        async with services_for(settings, url) as services:
+        async with Services.open(settings, url) as services:
             state = await services.reader.require_super(org, sup)
             result = await services.engine.run(
                 state, args.sql, limit=args.limit, timeout_s=args.timeout
@@ -210,7 +200,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     fmt = args.format or format_for_path(path)
 
     async def main(url: str) -> int:
-        async with services_for(settings, url) as services:
+        async with Services.open(settings, url) as services:
             progress = Progress(f"ingesting {path.name}", "rows")
             result = await services.writer.ingest(
                 IngestRequest(
@@ -244,7 +234,7 @@ def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
         raise SystemExit(str(exc)) from None
 
     async def main(url: str) -> int:
-        async with services_for(settings, url) as services:
+        async with Services.open(settings, url) as services:
             try:
                 report = await collect_garbage(
                     services.log,

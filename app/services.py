@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -85,6 +87,19 @@ class Services:
         return CatalogProjector(
             self.redis, self.keys, self.store, batch=self.settings.projection_batch
         )
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, settings: Settings, redis_url: str | None = None
+    ) -> AsyncIterator[Services]:
+        """Build, start and (on exit) close: for the CLI, workers and tests."""
+        services = cls.build(settings, redis_url)
+        try:
+            await services.start()
+            yield services
+        finally:
+            await services.close()
 
     async def close(self) -> None:
         await self.storage.close()

@@ -86,11 +86,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 async def services(settings: Settings) -> AsyncIterator[Services]:
-    assert settings.redis_url
-    s = Services.build(settings, settings.redis_url)
-    await s.start()
-    yield s
-    await s.close()
+    async with Services.open(settings) as s:
+        yield s
 
 
 def ingest(client: TestClient[Any], path: str, body: Any, **kwargs: Any) -> Any:

@@ -26,11 +26,8 @@ HOUR = timedelta(hours=1)
 
 @pytest.fixture
 async def svc(any_settings: Settings) -> AsyncIterator[Services]:
-    assert any_settings.redis_url
-    services = Services.build(any_settings, any_settings.redis_url)
-    await services.start()
-    yield services
-    await services.close()
+    async with Services.open(any_settings) as services:
+        yield services
 
 
 async def write(services: Services, tmp: Path, table: str, rows: list[dict]) -> None:
@@ -89,11 +86,8 @@ async def test_gc_deletes_old_orphans_only(svc: Services, tmp_path: Path) -> Non
 @pytest.fixture
 async def quick(any_settings: Settings) -> AsyncIterator[Services]:
     """Services whose writers use a short gc grace period (5 s)."""
-    settings = msgspec.structs.replace(any_settings, gc_grace_s=5.0)
-    services = Services.build(settings, settings.redis_url)
-    await services.start()
-    yield services
-    await services.close()
+    async with Services.open(msgspec.structs.replace(any_settings, gc_grace_s=5.0)) as services:
+        yield services
 
 
 def age(services: Services, key: str) -> bool:
@@ -161,15 +155,11 @@ async def test_gc_against_an_empty_log_deletes_nothing(svc: Services, tmp_path: 
     await write(svc, tmp_path, "t", [{"x": 1}])
     await orphan(svc, "t")
     stranger = msgspec.structs.replace(svc.settings, redis_prefix=f"other{uuid.uuid4().hex[:6]}")
-    wrong = Services.build(stranger, stranger.redis_url)
-    await wrong.start()
-    try:
+    async with Services.open(stranger) as wrong:
         later = datetime.now(UTC) + 2 * HOUR
         report = await collect_garbage(
             wrong.log, wrong.reader, wrong.storage, grace=HOUR, dry_run=False, now=later
         )
-    finally:
-        await wrong.close()
     assert report.scanned == 0 and report.deleted == 0
     assert len([o async for o in svc.storage.list_objects()]) == 2
 
