@@ -9,9 +9,12 @@ from events.errors import InvalidInput
 from events.model import (
     Event,
     RowsAppended,
+    RowsDeleted,
+    RowsUpserted,
     SchemaEvolved,
     TableCreated,
     TableOverwritten,
+    TableRestored,
     stream_id_tuple,
 )
 from events.redis_log import RedisEventLog
@@ -104,8 +107,13 @@ def history_fields(event: Event) -> tuple[int, int, list[str]]:
     """Rows added, rows removed and columns added by a table event."""
     if isinstance(event, RowsAppended):
         return event.rows, 0, []
-    if isinstance(event, TableOverwritten):
+    if isinstance(event, TableOverwritten | TableRestored):
         return event.rows, event.rows_removed, []
+    if isinstance(event, RowsUpserted):
+        # An updated row is one row removed and one added.
+        return event.inserted + event.updated, event.rows_removed, []
+    if isinstance(event, RowsDeleted):
+        return 0, event.rows_removed, []
     if isinstance(event, TableCreated):
         return 0, 0, [f.name for f in event.columns]
     if isinstance(event, SchemaEvolved):

@@ -57,12 +57,23 @@ class ColumnStats(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class DataFile(msgspec.Struct, frozen=True, omit_defaults=True):
-    """An immutable Parquet file, addressed by its key relative to the storage root."""
+    """An immutable batch of rows: a Parquet file addressed by its key relative to the
+    storage root, or, for a tiny write, rows *inlined* in the event itself.
+
+    An inlined batch has ``inline`` set (an Arrow IPC stream) and a ``path`` of the form
+    ``inline/<uuid>`` that names it but is no storage key. Everything that adds, removes
+    or prunes files treats both kinds alike.
+    """
 
     path: str
     rows: int
     size_bytes: int
     columns: dict[str, ColumnStats] = {}
+    inline: bytes | None = None
+
+    @property
+    def is_inline(self) -> bool:
+        return self.inline is not None
 
 
 class EventBase(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
@@ -123,8 +134,82 @@ class TableOverwritten(EventBase, frozen=True, tag="TableOverwritten"):
     rows_removed: int
 
 
+class FilesReplaced(EventBase, frozen=True):
+    """Base of the copy-on-write events: ``removed_files`` left the table, ``files``
+    joined it (every other current file stays)."""
+
+    files: tuple[DataFile, ...]
+    removed_files: tuple[str, ...]
+
+
+class RowsUpserted(FilesReplaced, frozen=True, tag="RowsUpserted"):
+    """A merge by key: files holding matched keys were rewritten without those rows,
+    and the incoming rows were written. ``updated`` rows replaced stored ones."""
+
+    key: tuple[str, ...]
+    inserted: int
+    updated: int
+    unchanged: int
+    rows_removed: int
+    newer_than: str | None = None
+
+
+class RowsDeleted(FilesReplaced, frozen=True, tag="RowsDeleted"):
+    """Rows matching ``where`` (a validated SQL expression) or the key list ``keys``
+    were removed; files holding them were rewritten without them."""
+
+    rows_removed: int
+    where: str | None = None
+    keys: dict[str, list[Any]] | None = None
+
+
+class TableCompacted(FilesReplaced, frozen=True, tag="TableCompacted"):
+    """Small files and inlined batches were merged; the rows are unchanged."""
+
+    rows: int
+
+
+class TableRestored(FilesReplaced, frozen=True, tag="TableRestored"):
+    """Version ``restored_version`` (schema and files) became current again."""
+
+    restored_version: int
+    columns: tuple[Field, ...]
+    rows: int
+    rows_removed: int
+
+
+class VersionsExpired(EventBase, frozen=True, tag="VersionsExpired"):
+    """Versions before ``before`` can no longer be queried or restored; files only they
+    reference become garbage for ``ledgerlake gc``."""
+
+    before: int
+    older_than: datetime
+
+
 Event: TypeAlias = (
-    OrgCreated | SuperCreated | TableCreated | SchemaEvolved | RowsAppended | TableOverwritten
+    OrgCreated
+    | SuperCreated
+    | TableCreated
+    | SchemaEvolved
+    | RowsAppended
+    | TableOverwritten
+    | RowsUpserted
+    | RowsDeleted
+    | TableCompacted
+    | TableRestored
+    | VersionsExpired
+)
+
+TABLE_EVENTS = (
+    TableCreated,
+    SchemaEvolved,
+    RowsAppended,
+    TableOverwritten,
+    RowsUpserted,
+    RowsDeleted,
+    TableCompacted,
+    TableRestored,
+    VersionsExpired,
 )
 
 # (type tag, stored version) -> function upgrading the raw payload dict by one version.

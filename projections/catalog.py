@@ -17,17 +17,21 @@ from typing import Any
 import msgspec
 
 from events.model import (
+    TABLE_EVENTS,
     ColumnStats,
     DataFile,
     Event,
     EventBase,
     Field,
+    FilesReplaced,
     OrgCreated,
     RowsAppended,
     SchemaEvolved,
     SuperCreated,
     TableCreated,
     TableOverwritten,
+    TableRestored,
+    VersionsExpired,
 )
 
 
@@ -43,10 +47,16 @@ class TableState(msgspec.Struct, frozen=True):
     created_by: str
     updated_by: str
     last_event_id: str
+    # The oldest version that can still be queried or restored (VersionsExpired).
+    retained_from: int = 0
 
     @property
     def row_count(self) -> int:
         return sum(f.rows for f in self.files)
+
+    @property
+    def inline_files(self) -> tuple[DataFile, ...]:
+        return tuple(f for f in self.files if f.is_inline)
 
     @property
     def size_bytes(self) -> int:
@@ -114,7 +124,7 @@ class RegistryState(msgspec.Struct, frozen=True):
 def apply_super(state: SuperState, event: Event) -> SuperState:
     """Fold one event of the super's stream into ``state``."""
     tables = state.tables
-    if isinstance(event, TableCreated | SchemaEvolved | RowsAppended | TableOverwritten):
+    if isinstance(event, TABLE_EVENTS):
         updated = _apply_table(event, tables.get(event.table))
         tables = {**tables, event.table: updated}
     return msgspec.structs.replace(state, tables=tables, position=event.id)
@@ -175,12 +185,37 @@ def _(event: RowsAppended, table: TableState | None) -> TableState:
     return _touch(current, event, files=current.files + event.files)
 
 
+def _replace_files(
+    current: TableState, removed_files: tuple[str, ...], added: tuple[DataFile, ...]
+) -> tuple[DataFile, ...]:
+    removed = set(removed_files)
+    return tuple(f for f in current.files if f.path not in removed) + added
+
+
 @_apply_table.register
 def _(event: TableOverwritten, table: TableState | None) -> TableState:
     current = _require(table, event)
-    removed = set(event.removed_files)
-    kept = tuple(f for f in current.files if f.path not in removed)
-    return _touch(current, event, files=kept + event.files)
+    return _touch(current, event, files=_replace_files(current, event.removed_files, event.files))
+
+
+@_apply_table.register
+def _(event: FilesReplaced, table: TableState | None) -> TableState:
+    # RowsUpserted, RowsDeleted, TableCompacted (TableRestored has its own handler).
+    current = _require(table, event)
+    return _touch(current, event, files=_replace_files(current, event.removed_files, event.files))
+
+
+@_apply_table.register
+def _(event: TableRestored, table: TableState | None) -> TableState:
+    current = _require(table, event)
+    files = _replace_files(current, event.removed_files, event.files)
+    return _touch(current, event, files=files, columns=event.columns)
+
+
+@_apply_table.register
+def _(event: VersionsExpired, table: TableState | None) -> TableState:
+    current = _require(table, event)
+    return _touch(current, event, retained_from=max(current.retained_from, event.before))
 
 
 def apply_registry(state: RegistryState, event: Event) -> RegistryState:

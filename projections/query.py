@@ -21,8 +21,9 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -33,8 +34,9 @@ import sqlglot.errors
 from sqlglot import exp
 
 from events.errors import InvalidInput, QueryRejected, QueryTimeout, Unavailable
-from projections.arrow import arrow_schema, duckdb_type, quote_ident
+from projections.arrow import quote_ident
 from projections.catalog import SuperState, TableState
+from projections.tableview import version_sql
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,50 @@ _DENIED_FUNCTIONS = frozenset({
 _DENIED_PREFIXES = ("enable_", "disable_")
 
 
-def check_sql(sql: str, *, max_chars: int = 100_000) -> set[str]:
-    """Reject anything but a single read-only query, judged on parsed trees.
+@dataclass(frozen=True)
+class TableRef:
+    """A table a query reads: its current version (``version`` and ``time`` None), or
+    the version named by ``t AT (VERSION => n)`` / ``t AT (TIMESTAMP => '...')``."""
 
-    Returns the lower-cased names of the tables the query references."""
+    name: str
+    version: int | None = None
+    time: datetime | None = None
+
+    @property
+    def view(self) -> str:
+        """The name the query reads this table under."""
+        if self.version is not None:
+            return f"__ll_{self.name}_at_v{self.version}"
+        if self.time is not None:
+            return f"__ll_{self.name}_at_t{int(self.time.timestamp() * 1_000_000)}"
+        return self.name
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A checked query: the tables it reads and the SQL to run (rewritten only when it
+    names past versions, which become views of their own)."""
+
+    refs: frozenset[TableRef]
+    sql: str
+
+    @property
+    def tables(self) -> set[str]:
+        return {r.name for r in self.refs}
+
+
+Resolver = Callable[[Analysis], Awaitable[dict[str, TableState]]]
+"""Maps each view name of an analysed query to the table version it shows."""
+
+
+def check_sql(sql: str, *, max_chars: int = 100_000) -> set[str]:
+    """The lower-cased names of the tables a checked query references."""
+    return analyze_sql(sql, max_chars=max_chars).tables
+
+
+def analyze_sql(sql: str, *, max_chars: int = 100_000) -> Analysis:
+    """Reject anything but a single read-only query, judged on parsed trees, and find
+    the tables (and table versions) it reads."""
     if not sql.strip():
         raise InvalidInput("the SQL text is empty", code="sql_empty")
     if len(sql) > max_chars:
@@ -99,7 +141,7 @@ def check_sql(sql: str, *, max_chars: int = 100_000) -> set[str]:
         raise InvalidInput("the SQL is nested too deeply", code="sql_too_complex") from exc
 
 
-def _check_sql(sql: str) -> set[str]:
+def _check_sql(sql: str) -> Analysis:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
@@ -134,7 +176,70 @@ def _check_sql(sql: str) -> set[str]:
                 f"the function {name}() is not available in catalog queries",
                 code="query_forbidden",
             )
-    return {t.name.lower() for t in tree.find_all(exp.Table) if t.name}
+    refs: set[TableRef] = set()
+    rewritten = False
+    for table in list(tree.find_all(exp.Table)):
+        if not table.name:
+            continue
+        when = table.args.get("when")
+        if when is None:
+            refs.add(TableRef(table.name.lower()))
+            continue
+        ref = _time_travel_ref(table.name.lower(), when)
+        refs.add(ref)
+        alias = table.alias or table.name
+        table.set("when", None)
+        table.set("this", exp.to_identifier(ref.view, quoted=True))
+        table.set("alias", exp.TableAlias(this=exp.to_identifier(alias, quoted=True)))
+        rewritten = True
+    return Analysis(frozenset(refs), tree.sql(dialect="duckdb") if rewritten else sql)
+
+
+def _time_travel_ref(name: str, when: exp.Expression) -> TableRef:
+    """``AT (VERSION => 3)`` or ``AT (TIMESTAMP => '2026-01-01 12:00:00+00')``."""
+    kind = str(when.args.get("kind") or "").upper()
+    value = when.expression
+    if isinstance(value, exp.Cast):
+        value = value.this
+    if str(when.this).upper() == "AT" and isinstance(value, exp.Literal):
+        if kind == "VERSION" and not value.is_string:
+            try:
+                return TableRef(name, version=int(value.this))
+            except ValueError:
+                pass
+        if kind == "TIMESTAMP" and value.is_string:
+            return TableRef(name, time=parse_time(value.this))
+    raise InvalidInput(
+        f"time travel on {name!r} must be AT (VERSION => <integer>) or "
+        "AT (TIMESTAMP => '<ISO timestamp>')",
+        code="invalid_time_travel",
+    )
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 instant; without an offset it is UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidInput(
+            f"not an ISO 8601 timestamp: {text!r}", code="invalid_time_travel"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def current_views(state: SuperState) -> Resolver:
+    """A resolver showing the current version of every table (no time travel)."""
+
+    async def resolve(analysis: Analysis) -> dict[str, TableState]:
+        views = {}
+        for ref in analysis.refs:
+            if ref.version is not None or ref.time is not None:
+                raise InvalidInput("time travel is not available here", code="invalid_time_travel")
+            if ref.name in state.tables:
+                views[ref.view] = state.tables[ref.name]
+        return views
+
+    return resolve
 
 
 def _sql_literal(value: str) -> str:
@@ -224,19 +329,28 @@ class QueryEngine:
 
     async def run(
         self,
-        state: SuperState,
+        source: SuperState | Resolver,
         sql: str,
         *,
         limit: int | None = None,
         timeout_s: float | None = None,
     ) -> QueryResult:
+        """Run ``sql`` over the tables of a super's state, or over the table versions a
+        resolver picks for the query's table references."""
         rows, timeout = self.clamp(limit, timeout_s)
+        resolve = current_views(source) if isinstance(source, SuperState) else source
+        # Parsing runs in a thread, off the event loop: a huge statement must not stall it.
+        analysis = await anyio.to_thread.run_sync(
+            lambda: analyze_sql(sql, max_chars=self.limits.max_sql_chars),
+            limiter=self._threads,
+        )
+        views = await resolve(analysis)
         # Up to `timeout` waiting for a slot, `timeout` running, then the grace period.
         with anyio.move_on_after(2 * timeout + self.limits.grace_s):
             return await anyio.to_thread.run_sync(
                 self._run_slot,
-                state,
-                sql,
+                views,
+                analysis.sql,
                 rows,
                 timeout,
                 limiter=self._threads,
@@ -247,9 +361,13 @@ class QueryEngine:
             "it was abandoned"
         )
 
-    def _connect(
-        self, state: SuperState, tables: set[str], temp_dir: Path
-    ) -> duckdb.DuckDBPyConnection:
+    def connect_internal(self, temp_dir: Path | None = None) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection for the write side (upserts, deletes, compaction): it
+        reads data files like queries do (same limits, S3 secret), with no sandbox,
+        since only our own statements run on it."""
+        return self._base_connection(temp_dir or self.temp_root / uuid.uuid4().hex)
+
+    def _base_connection(self, temp_dir: Path) -> duckdb.DuckDBPyConnection:
         config: dict[str, str | bool | int | float | list[str]] = {
             **_DISABLED_OPTIONS,
             "threads": self.limits.threads,
@@ -271,13 +389,32 @@ class QueryEngine:
                 if secret is not None:
                     options = ", ".join(f"{k} {_sql_literal(v)}" for k, v in secret.items())
                     con.execute(f"CREATE SECRET ledgerlake_storage (TYPE s3, {options})")
+        except duckdb.Error:
+            con.close()
+            raise
+        return con
+
+    def _connect(self, views: dict[str, TableState], temp_dir: Path) -> duckdb.DuckDBPyConnection:
+        try:
+            con = self._base_connection(temp_dir)
+        except duckdb.Error as exc:
+            raise Unavailable(
+                f"the object store cannot be set up: {_first_line(exc)}",
+                code="data_unavailable",
+            ) from exc
+        try:
             # Only the tables the query names become views (and readable files).
-            used = [t for name, t in state.tables.items() if name in tables]
-            paths = [self.resolve_path(f.path) for t in used for f in t.files]
+            paths = [
+                self.resolve_path(f.path)
+                for t in views.values()
+                for f in t.files
+                if not f.is_inline
+            ]
             con.execute("SET allowed_paths = $1", [paths])
             con.execute("SET enable_external_access = false")
-            for table in used:
-                self._create_view(con, table)
+            for view, table in views.items():
+                body = version_sql(con, table.columns, table.files, self.resolve_path)
+                con.execute(f"CREATE VIEW {quote_ident(view)} AS {body}")
             con.execute("SET lock_configuration = true")
         except duckdb.Error as exc:
             con.close()
@@ -288,37 +425,9 @@ class QueryEngine:
             ) from exc
         return con
 
-    def _create_view(self, con: duckdb.DuckDBPyConnection, table: TableState) -> None:
-        name = quote_ident(table.name)
-        if not table.files:
-            con.register(f"__empty_{table.name}", arrow_schema(table.columns).empty_table())
-            con.execute(
-                f"CREATE VIEW {name} AS SELECT * FROM {quote_ident('__empty_' + table.name)}"
-            )
-            return
-        present: set[str] = set()
-        for f in table.files:
-            present.update(f.columns)
-        select = []
-        for field in table.columns:
-            col = quote_ident(field.name)
-            if field.type.kind == "null":
-                select.append(col if field.name in present else f"NULL AS {col}")
-            elif field.name in present:
-                # Files written before a column got its type hold NULL-typed data; the
-                # cast makes every view show exactly the declared schema.
-                select.append(f"CAST({col} AS {duckdb_type(field.type)}) AS {col}")
-            else:  # a column no current file has yet: typed NULLs
-                select.append(f"CAST(NULL AS {duckdb_type(field.type)}) AS {col}")
-        files = ", ".join(
-            "'" + self.resolve_path(f.path).replace("'", "''") + "'" for f in table.files
-        )
-        con.execute(
-            f"CREATE VIEW {name} AS SELECT {', '.join(select)} "
-            f"FROM read_parquet([{files}], union_by_name = true)"
-        )
-
-    def _run_slot(self, state: SuperState, sql: str, limit: int, timeout: float) -> QueryResult:
+    def _run_slot(
+        self, views: dict[str, TableState], sql: str, limit: int, timeout: float
+    ) -> QueryResult:
         if not self._running.acquire(timeout=timeout):
             raise Unavailable(
                 f"all {self.limits.concurrency} query slots stayed busy for {timeout:g}s; "
@@ -326,16 +435,16 @@ class QueryEngine:
                 code="query_busy",
             )
         try:
-            return self._run_sync(state, sql, limit, timeout)
+            return self._run_sync(views, sql, limit, timeout)
         finally:
             self._running.release()
 
-    def _run_sync(self, state: SuperState, sql: str, limit: int, timeout: float) -> QueryResult:
+    def _run_sync(
+        self, views: dict[str, TableState], sql: str, limit: int, timeout: float
+    ) -> QueryResult:
         started = time.perf_counter()
-        # Parsing runs here, off the event loop: a huge statement must not stall it.
-        tables = check_sql(sql, max_chars=self.limits.max_sql_chars)
         temp_dir = self.temp_root / uuid.uuid4().hex
-        con = self._connect(state, tables, temp_dir)
+        con = self._connect(views, temp_dir)
         timer = threading.Timer(timeout, con.interrupt)
         timer.start()
         try:

@@ -1,0 +1,136 @@
+"""A table version as DuckDB SQL: its Parquet files and inlined batches, one schema.
+
+Shared by the query engine (views a user's SQL reads) and the write side (upsert,
+delete and compaction read the files they rewrite through the same code, so a row
+looks the same to both).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import duckdb
+import pyarrow as pa
+
+from events.model import DataFile, Field
+from projections.arrow import arrow_schema, duckdb_type, quote_ident, to_arrow
+
+_names = itertools.count()
+
+
+def inline_table(data_file: DataFile) -> pa.Table:
+    """The rows of an inlined batch (an Arrow IPC stream in the event)."""
+    assert data_file.inline is not None
+    return pa.ipc.open_stream(pa.py_buffer(data_file.inline)).read_all()
+
+
+def inline_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def conform_to(table: pa.Table, columns: Sequence[Field]) -> pa.Table:
+    """``table`` (written under an older schema) in the table's current schema: columns
+    it predates are typed nulls, columns that were all-null when it was written take
+    their type now. Types never change otherwise, so nothing else is cast."""
+    arrays = []
+    for field in columns:
+        target = to_arrow(field.type)
+        if field.name not in table.column_names:
+            arrays.append(pa.nulls(table.num_rows, target))
+            continue
+        column = table.column(field.name)
+        if column.type != target:
+            column = (
+                pa.nulls(table.num_rows, target)
+                if column.null_count == len(column)
+                else column.cast(target)
+            )
+        arrays.append(column)
+    return pa.Table.from_arrays(arrays, schema=arrow_schema(tuple(columns)))
+
+
+def _register(con: duckdb.DuckDBPyConnection, table: pa.Table) -> str:
+    name = f"__ll_inline_{next(_names)}"
+    con.register(name, table)
+    return quote_ident(name)
+
+
+def _casts(columns: Sequence[Field], present: set[str] | None) -> list[str]:
+    select = []
+    for field in columns:
+        col = quote_ident(field.name)
+        if field.type.kind == "null":
+            absent = present is not None and field.name not in present
+            select.append(f"NULL AS {col}" if absent else col)
+        elif present is not None and field.name not in present:
+            select.append(f"CAST(NULL AS {duckdb_type(field.type)}) AS {col}")
+        else:
+            # Files written before a column got its type hold NULL-typed data; the cast
+            # makes every reader see exactly the declared schema.
+            select.append(f"CAST({col} AS {duckdb_type(field.type)}) AS {col}")
+    return select
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def version_sql(
+    con: duckdb.DuckDBPyConnection,
+    columns: Sequence[Field],
+    files: Sequence[DataFile],
+    resolve_path: Callable[[str], str],
+) -> str:
+    """A SELECT over every row of ``files``, in exactly the schema ``columns``.
+
+    Inlined batches are registered on ``con`` as one Arrow table."""
+    parquet = [f for f in files if not f.is_inline]
+    inline = [f for f in files if f.is_inline]
+    parts = []
+    if parquet:
+        present: set[str] = set()
+        for f in parquet:
+            present.update(f.columns)
+        paths = ", ".join(_literal(resolve_path(f.path)) for f in parquet)
+        parts.append(
+            f"SELECT {', '.join(_casts(columns, present))} "
+            f"FROM read_parquet([{paths}], union_by_name = true)"
+        )
+    if inline:
+        merged = pa.concat_tables([conform_to(inline_table(f), columns) for f in inline])
+        parts.append(f"SELECT * FROM {_register(con, merged)}")
+    if not parts:
+        parts.append(f"SELECT * FROM {_register(con, arrow_schema(tuple(columns)).empty_table())}")
+    return " UNION ALL ".join(parts)
+
+
+def ordered_files_sql(
+    con: duckdb.DuckDBPyConnection,
+    columns: Sequence[Field],
+    files: Sequence[DataFile],
+    resolve_path: Callable[[str], str],
+) -> str:
+    """Like ``version_sql`` but one branch per file, each row tagged with its file's
+    index (``__f``) and its row number in that file (``__r``): for rewriting files
+    while keeping the order of their rows."""
+    parts = []
+    for i, f in enumerate(files):
+        if f.is_inline:
+            rows = conform_to(inline_table(f), columns)
+            rows = rows.append_column("__r", pa.array(range(rows.num_rows), pa.int64()))
+            parts.append(f"SELECT *, {i} AS __f FROM {_register(con, rows)}")
+        else:
+            select = ", ".join(_casts(columns, set(f.columns)))
+            parts.append(
+                f"SELECT {select}, file_row_number AS __r, {i} AS __f "
+                f"FROM read_parquet({_literal(resolve_path(f.path))}, file_row_number = true)"
+            )
+    if not parts:
+        empty = arrow_schema(tuple(columns)).empty_table()
+        empty = empty.append_column("__r", pa.array([], pa.int64()))
+        parts.append(f"SELECT *, 0 AS __f FROM {_register(con, empty)}")
+    return " UNION ALL ".join(f"({p})" for p in parts)
