@@ -25,6 +25,7 @@ from app.services import Services
 from app.settings import Settings
 from events.errors import (
     ConflictError,
+    Gone,
     IdempotencyMismatch,
     InvalidInput,
     LedgerError,
@@ -47,6 +48,7 @@ STATUS: dict[type[LedgerError], int] = {
     Unauthorized: 401,
     NotFound: 404,
     QueryTimeout: 408,
+    Gone: 410,
     ConflictError: 409,
     PayloadTooLarge: 413,
     TypeMismatch: 422,

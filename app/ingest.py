@@ -342,6 +342,54 @@ class WrittenFile:
     targets: dict[str, DataType]
 
 
+def conformed_batches(
+    source: Source,
+    plan: Plan,
+    accumulators: dict[str, StatsAccumulator],
+) -> Iterator[pa.RecordBatch]:
+    """The source's rows, each column conformed to ``plan.targets`` (TypeMismatch if a
+    value does not fit), with statistics gathered on the way."""
+    names = [f.name for f in source.fields]
+    schema = pa.schema([pa.field(n, to_arrow(plan.targets[n])) for n in names])
+    for batch in source.batches():
+        if batch.num_rows == 0:
+            continue
+        arrays = []
+        for name in names:
+            column = pa.chunked_array([batch.column(name)])
+            column = conform(
+                normalize_array(column, name), plan.targets[name], name, text=source.text
+            )
+            accumulators[name].add(column)
+            arrays.append(column.combine_chunks())
+        yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _accumulators(source: Source, plan: Plan) -> dict[str, StatsAccumulator]:
+    return {f.name: StatsAccumulator(plan.targets[f.name]) for f in source.fields}
+
+
+def conform_table(source: Source, plan: Plan) -> tuple[pa.Table, WrittenFile]:
+    """All of a (small) source in memory, conformed to the plan: for inlined batches
+    and for the incoming side of an upsert."""
+    accumulators = _accumulators(source, plan)
+    names = [f.name for f in source.fields]
+    schema = pa.schema([pa.field(n, to_arrow(plan.targets[n])) for n in names])
+    table = pa.Table.from_batches(list(conformed_batches(source, plan, accumulators)), schema)
+    if table.num_rows == 0:
+        raise InvalidInput("the body contains no rows", code="no_rows")
+    return table, WrittenFile(
+        rows=table.num_rows,
+        stats={n: acc.result() for n, acc in accumulators.items()},
+        targets=dict(plan.targets),
+    )
+
+
+def table_source(table: pa.Table) -> Source:
+    """A source over rows that already have the table's types (merge outputs)."""
+    return _from_table(table, text=False)
+
+
 def write_parquet(
     source: Source,
     plan: Plan,
@@ -354,7 +402,7 @@ def write_parquet(
     """Write the source's rows, conformed to ``plan.targets``, as one Parquet file."""
     names = [f.name for f in source.fields]
     schema = pa.schema([pa.field(n, to_arrow(plan.targets[n])) for n in names])
-    accumulators = {n: StatsAccumulator(plan.targets[n]) for n in names}
+    accumulators = _accumulators(source, plan)
     rows = 0
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
@@ -365,18 +413,8 @@ def write_parquet(
         compression_level=zstd_level,
         write_statistics=True,
     ) as writer:
-        for batch in source.batches():
-            if batch.num_rows == 0:
-                continue
-            arrays = []
-            for name in names:
-                column = pa.chunked_array([batch.column(name)])
-                column = conform(
-                    normalize_array(column, name), plan.targets[name], name, text=source.text
-                )
-                accumulators[name].add(column)
-                arrays.append(column.combine_chunks())
-            pending.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
+        for batch in conformed_batches(source, plan, accumulators):
+            pending.append(batch)
             pending_rows += batch.num_rows
             rows += batch.num_rows
             if pending_rows >= row_group_rows:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from app.mutations import Mutator
 from app.settings import Settings
 from app.writes import Writer
 from events.redis_log import Keys, RedisEventLog, connect, guarded
@@ -39,6 +40,7 @@ class Services:
     storage: Storage
     writer: Writer
     engine: QueryEngine
+    mutator: Mutator
 
     @classmethod
     def build(cls, settings: Settings, redis_url: str | None = None) -> Services:
@@ -57,6 +59,8 @@ class Services:
             zstd_level=settings.zstd_level,
             retries=settings.write_retries,
             max_file_age_s=settings.gc_grace_s / 2,
+            inline_max_rows=settings.inline_max_rows,
+            inline_max_bytes=settings.inline_max_bytes,
         )
         limits = QueryLimits(
             default_rows=settings.query_default_limit,
@@ -77,7 +81,19 @@ class Services:
             s3_secret=storage.engine_secret if settings.storage_url else None,
             extension_dir=settings.data_dir / "duckdb_extensions",
         )
-        return cls(settings, client, keys, log, store, reader, storage, writer, engine)
+        mutator = Mutator(
+            writer,
+            engine,
+            retries=settings.merge_retries,
+            compact_small_bytes=settings.compact_small_bytes,
+            compact_target_bytes=settings.compact_target_bytes,
+            compact_min_files=settings.compact_min_files,
+            inline_flush_rows=settings.inline_flush_rows,
+            inline_flush_bytes=settings.inline_flush_bytes,
+            inline_flush_files=settings.inline_flush_files,
+        )
+        writer.on_inline = mutator.after_inline_write
+        return cls(settings, client, keys, log, store, reader, storage, writer, engine, mutator)
 
     async def start(self) -> None:
         """Open what needs an event loop (the object storage client)."""

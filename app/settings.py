@@ -61,6 +61,20 @@ SETTINGS_DOC: dict[str, str] = {
     "gc_grace_s": "`ledgerlake gc` deletes unreferenced data files older than this (seconds). "
     "Writes re-upload a file that waited half of it for its append.",
     "write_retries": "How often a plain append is rebased on a concurrent change before 409.",
+    "merge_retries": "How often an upsert, delete, restore or compaction is computed again "
+    "after a concurrent change before 409.",
+    "inline_max_rows": "Writes of at most this many rows (and `inline_max_bytes`) are stored "
+    "inside their event instead of as a Parquet file. 0 turns inlining off.",
+    "inline_max_bytes": "Largest inlined batch, in bytes (Arrow IPC).",
+    "inline_flush_rows": "A table's inlined rows are flushed into Parquet once they reach "
+    "this many rows...",
+    "inline_flush_bytes": "...or this many bytes...",
+    "inline_flush_files": "...or this many inlined batches.",
+    "compact_small_bytes": "Parquet files below this size are small: compaction merges them.",
+    "compact_target_bytes": "Compaction writes files of up to about this size.",
+    "compact_min_files": "Compaction merges small files once a table has at least this many.",
+    "compact_interval_s": "Background compaction of every table by `worker` (and `serve`, "
+    "which runs a worker) every this many seconds. 0: off (`ledgerlake compact` only).",
     "row_group_rows": "Parquet row group size, in rows.",
     "zstd_level": "Parquet zstd compression level.",
     "log_format": "`text` or `json` (one JSON object per line).",
@@ -122,6 +136,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_ttl_s: int = 86_400
     write_retries: int = 20
     gc_grace_s: float = 3600.0
+    merge_retries: int = 10
+    inline_max_rows: int = 100
+    inline_max_bytes: int = 64 * 1024
+    inline_flush_rows: int = 10_000
+    inline_flush_bytes: int = 4 * 1024 * 1024
+    inline_flush_files: int = 256
+    compact_small_bytes: int = 32 * 1024 * 1024
+    compact_target_bytes: int = 256 * 1024 * 1024
+    compact_min_files: int = 4
+    compact_interval_s: float = 0.0
     row_group_rows: int = 131_072
     zstd_level: int = 3
     log_format: str = "text"

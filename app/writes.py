@@ -12,16 +12,25 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
+import pyarrow as pa
 
 from app.gc import record_writer_grace
-from app.ingest import Plan, Source, WrittenFile, open_source, plan_schema, write_parquet
+from app.ingest import (
+    Plan,
+    Source,
+    WrittenFile,
+    conform_table,
+    open_source,
+    plan_schema,
+    write_parquet,
+)
 from events.errors import ConflictError, IdempotencyMismatch, InvalidInput
 from events.log import NEW_TABLE, Idempotency
 from events.model import (
@@ -39,6 +48,7 @@ from events.redis_log import RedisEventLog
 from events.storage import Storage, data_file_key
 from projections.catalog import TableState
 from projections.reader import CatalogReader
+from projections.tableview import inline_bytes
 
 log = logging.getLogger("ledgerlake.writes")
 
@@ -122,6 +132,8 @@ class Writer:
         zstd_level: int = 3,
         retries: int = 20,
         max_file_age_s: float = 1800.0,
+        inline_max_rows: int = 0,
+        inline_max_bytes: int = 0,
     ) -> None:
         self.log = log
         self.reader = reader
@@ -130,6 +142,11 @@ class Writer:
         self.zstd_level = zstd_level
         self.retries = retries
         self.max_file_age_s = max_file_age_s
+        self.inline_max_rows = inline_max_rows
+        self.inline_max_bytes = inline_max_bytes
+        # Called after an inlined batch was appended (the maintenance service flushes
+        # inlined rows into Parquet once enough have accumulated).
+        self.on_inline: Callable[[str, str, str], Awaitable[None]] | None = None
         self._grace_recorded = False
 
     async def ingest(
@@ -170,26 +187,22 @@ class Writer:
                     # First try, or a concurrent writer changed the types this file must
                     # have: (re)write it against the current schema.
                     if data_file is not None:
-                        await self.storage.delete(data_file.path)
-                    written, data_file = await self._write_file(req, source, plan, progress)
+                        await self.discard(data_file)
+                    written, data_file = await self._materialize(req, source, plan, progress)
                     published_at = time.monotonic()
                 assert data_file is not None
                 if not registered:
                     await self._register(req)
                     registered = True
-                if not self._grace_recorded:
-                    # Before this writer's first append: gc must never use a shorter
-                    # grace than this writer lets a file wait before re-uploading it.
-                    await record_writer_grace(
-                        self.log.client, self.log.keys, 2 * self.max_file_age_s
-                    )
-                    self._grace_recorded = True
+                await self.record_grace()
                 if time.monotonic() - published_at > self.max_file_age_s:
                     continue  # it waited too long (slow registry?): upload it again first
                 try:
                     unsure = True
                     result = await self._append(req, table, plan, written, data_file, token)
                     unsure = False
+                    if data_file.is_inline and self.on_inline is not None and not result.replayed:
+                        await self.on_inline(req.org, req.super_, req.table)
                     return result
                 except IdempotencyMismatch:
                     unsure = False
@@ -219,8 +232,55 @@ class Writer:
         except BaseException:
             if data_file is not None and not unsure:
                 with anyio.CancelScope(shield=True):
-                    await self.storage.delete(data_file.path)
+                    await self.discard(data_file)
             raise
+
+    async def record_grace(self) -> None:
+        """Before this writer's first append: gc must never use a shorter grace than
+        this writer lets a file wait before re-uploading it."""
+        if not self._grace_recorded:
+            await record_writer_grace(self.log.client, self.log.keys, 2 * self.max_file_age_s)
+            self._grace_recorded = True
+
+    async def discard(self, data_file: DataFile) -> None:
+        """Delete a published file no event references (inlined batches have none)."""
+        if not data_file.is_inline:
+            await self.storage.delete(data_file.path)
+
+    def fits_inline(self, size_bytes: int) -> bool:
+        """Whether a body of this size may be small enough to inline (the rows and the
+        encoded size decide)."""
+        return self.inline_max_rows > 0 and size_bytes <= 4 * self.inline_max_bytes
+
+    def inline_file(self, table: pa.Table, written: WrittenFile) -> DataFile | None:
+        """``table`` as an inlined batch, if it is under both inlining thresholds."""
+        if table.num_rows > self.inline_max_rows:
+            return None
+        data = inline_bytes(table)
+        if len(data) > self.inline_max_bytes:
+            return None
+        return DataFile(
+            path=f"inline/{uuid.uuid4().hex}",
+            rows=table.num_rows,
+            size_bytes=len(data),
+            columns=written.stats,
+            inline=data,
+        )
+
+    async def _materialize(
+        self,
+        req: IngestRequest,
+        source: Source,
+        plan: Plan,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[WrittenFile, DataFile]:
+        """An inlined batch for a tiny write, else a published Parquet file."""
+        if self.fits_inline(req.source.stat().st_size):
+            table, written = await anyio.to_thread.run_sync(conform_table, source, plan)
+            inline = self.inline_file(table, written)
+            if inline is not None:
+                return written, inline
+        return await self.write_file(req.org, req.super_, req.table, source, plan, progress)
 
     @staticmethod
     def _token(req: IngestRequest) -> tuple[str, str, int | None]:
@@ -252,12 +312,14 @@ class Writer:
                 current_version=current,
             )
 
-    async def _write_file(
+    async def write_file(
         self,
-        req: IngestRequest,
+        org: str,
+        super_: str,
+        table: str,
         source: Source,
         plan: Plan,
-        progress: Callable[[int], None] | None,
+        progress: Callable[[int], None] | None = None,
     ) -> tuple[WrittenFile, DataFile]:
         staged = self.storage.staging_file(".parquet")
         try:
@@ -271,7 +333,7 @@ class Writer:
                     progress=progress,
                 )
             )
-            key = data_file_key(req.org, req.super_, req.table)
+            key = data_file_key(org, super_, table)
             size = await self.storage.publish(staged, key)
         finally:
             staged.unlink(missing_ok=True)
@@ -360,7 +422,7 @@ class Writer:
             first = msgspec.json.decode(appended.result, type=_Stored)
             if first.file != data_file.path:
                 # A concurrent request with the same key won: our file is not referenced.
-                await self.storage.delete(data_file.path)
+                await self.discard(data_file)
                 return _replayed(appended.result, appended.version, appended.event_ids)
             # Else it is our own append, run twice because its reply was lost: it counts
             # once, as the first run's result.

@@ -36,6 +36,12 @@ class NotFound(LedgerError):
     code = "not_found"
 
 
+class Gone(LedgerError):
+    """A table version existed but has been expired (410)."""
+
+    code = "version_expired"
+
+
 class ConflictError(LedgerError):
     """An expected version was stale. ``current_version`` says what it is now."""
 

@@ -137,6 +137,11 @@ def fold_super(state: SuperState, events: list[Event]) -> SuperState:
     return state
 
 
+def apply_table(event: Event, table: TableState | None) -> TableState:
+    """Fold one event of a table into that table's state (None before it exists)."""
+    return _apply_table(event, table)
+
+
 @singledispatch
 def _apply_table(event: EventBase, table: TableState | None) -> TableState:
     raise TypeError(f"no table handler for {type(event).__name__}")

@@ -10,14 +10,16 @@ The stored snapshot is only the fast start for a process that has no state cache
 from __future__ import annotations
 
 from collections import OrderedDict
+from datetime import datetime
 
-from events.errors import NotFound
+from events.errors import Gone, NotFound
 from events.model import stream_id_tuple
 from events.redis_log import RedisEventLog
 from projections.catalog import (
     RegistryState,
     SuperState,
     TableState,
+    apply_table,
     fold_registry,
     fold_super,
 )
@@ -35,6 +37,8 @@ class CatalogReader:
         self.max_cached = max_cached
         self._supers: OrderedDict[tuple[str, str], SuperState] = OrderedDict()
         self._registry: RegistryState | None = None
+        # Past versions never change: (org, super, table, version) -> state.
+        self._versions: OrderedDict[tuple[str, str, str, int], TableState] = OrderedDict()
 
     async def registry(self) -> RegistryState:
         state = self._registry or await self.store.load_registry()
@@ -79,6 +83,91 @@ class CatalogReader:
         if found is None:
             raise NotFound(f"table {org}/{super_}/{table} does not exist", code="table_not_found")
         return found
+
+    async def table_at(
+        self,
+        org: str,
+        super_: str,
+        table: str,
+        *,
+        version: int | None = None,
+        at: datetime | None = None,
+    ) -> TableState:
+        """The table as of ``version``, or as of the instant ``at`` (the last version
+        committed at or before it). NotFound for a version that never existed, Gone for
+        one that was expired."""
+        current = await self.require_table(org, super_, table)
+        if version is not None and version > current.version:
+            raise NotFound(
+                f"table {org}/{super_}/{table} has no version {version} "
+                f"(the current one is {current.version})",
+                code="version_not_found",
+                current_version=current.version,
+            )
+        if version is not None and version < 0:
+            raise NotFound(f"there is no version {version}", code="version_not_found")
+        if version == current.version:
+            return current
+        if at is not None and at >= current.updated_at:
+            return current
+        if version is not None:
+            self._check_retained(org, super_, current, version)
+            cached = self._versions.get((org, super_, table, version))
+            if cached is not None:
+                return cached
+        state = await self._fold_table(org, super_, table, version=version, at=at)
+        if state is None:
+            raise NotFound(
+                f"table {org}/{super_}/{table} did not exist at {at.isoformat() if at else ''}",
+                code="version_not_found",
+            )
+        self._check_retained(org, super_, current, state.version)
+        self._versions[(org, super_, table, state.version)] = state
+        while len(self._versions) > self.max_cached * 4:
+            self._versions.popitem(last=False)
+        return state
+
+    @staticmethod
+    def _check_retained(org: str, super_: str, current: TableState, version: int) -> None:
+        if version < current.retained_from:
+            raise Gone(
+                f"version {version} of table {org}/{super_}/{current.name} has expired; "
+                f"the oldest retained version is {current.retained_from}",
+                retained_from=current.retained_from,
+                current_version=current.version,
+            )
+
+    async def _fold_table(
+        self, org: str, super_: str, table: str, *, version: int | None, at: datetime | None
+    ) -> TableState | None:
+        """Fold one table's events from the start of the stream up to a version or an
+        instant. (Costs a scan of the super's stream; a per-table index would avoid it.)"""
+        state: TableState | None = None
+        after = "0-0"
+        while True:
+            events = await self.log.read(org, super_, after=after, count=PAGE)
+            for event in events:
+                if event.table != table:
+                    continue
+                if at is not None and event.time > at:
+                    return state
+                state = apply_table(event, state)
+                if version is not None and state.version >= version:
+                    return state
+            if len(events) < PAGE:
+                return state
+            after = events[-1].id
+
+    async def version_times(self, org: str, super_: str, table: str) -> list[tuple[int, datetime]]:
+        """(version, commit time) of every version of a table, oldest first."""
+        out: list[tuple[int, datetime]] = []
+        after = "0-0"
+        while True:
+            events = await self.log.read(org, super_, after=after, count=PAGE)
+            out.extend((e.version, e.time) for e in events if e.table == table)
+            if len(events) < PAGE:
+                return out
+            after = events[-1].id
 
 
 def _newer_or_same(a: str, b: str) -> bool:

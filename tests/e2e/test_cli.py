@@ -231,7 +231,12 @@ def test_cli_bad_input_exits_non_zero_with_a_message(
 def test_data_dir_from_environment(procs: Procs, tmp_path: Path, redis_url: str) -> None:
     """LEDGERLAKE_DATA_DIR is a documented setting: it must work like --data-dir."""
     data_dir = tmp_path / "from-env"
-    env = cli_env(redis_url=redis_url, redis_prefix=f"e2e{uuid.uuid4().hex[:8]}", data_dir=data_dir)
+    env = cli_env(
+        redis_url=redis_url,
+        redis_prefix=f"e2e{uuid.uuid4().hex[:8]}",
+        data_dir=data_dir,
+        inline_max_rows="0",  # two rows would be inlined: make it a file
+    )
     src = tmp_path / "rows.csv"
     src.write_text("id\n1\n2\n")
     done = procs.cli("ingest", src, "--table", TABLE, env=env)
