@@ -22,8 +22,12 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, PathParameter, QueryParameter
 
 from app.audit import check_cursor, history_fields, scan_org, scan_super
-from app.ingest import format_for_content_type
+from app.ingest import format_for_content_type, open_source
+from app.mutations import Outcome, Target
 from app.schemas import (
+    CompactResponse,
+    DeleteRequest,
+    DeleteResponse,
     ErrorResponse,
     EventPage,
     History,
@@ -34,12 +38,17 @@ from app.schemas import (
     QueryColumn,
     QueryRequest,
     QueryResponse,
+    RestoreRequest,
+    RestoreResponse,
     SuperList,
     SuperOut,
     TableDetail,
     TableList,
+    UpsertResponse,
+    VersionDetail,
     table_detail,
     table_summary,
+    version_detail,
 )
 from app.services import Services
 from app.writes import IngestRequest, check_name
@@ -47,6 +56,8 @@ from events.errors import InvalidInput, LedgerError, NotFound, PayloadTooLarge, 
 from events.model import to_builtins
 from events.redis_log import guarded
 from projections.arrow import from_arrow, normalize_type, type_name
+from projections.catalog import SuperState, TableState
+from projections.query import Analysis, Resolver, parse_time
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 SuperName = Annotated[str, PathParameter(name="super", description="the super table (catalog)")]
@@ -57,7 +68,8 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
     described = {
         400: "bad input or a refused query", 401: "missing or wrong bearer token",
         404: "unknown org, super or table", 408: "the query ran past its timeout",
-        409: "If-Match is stale (details.current_version)", 413: "body larger than the limit",
+        409: "If-Match is stale, or the table kept changing (details.current_version)",
+        410: "that table version has expired", 413: "body larger than the limit",
         415: "unsupported Content-Type", 422: "type mismatch, or a reused Idempotency-Key",
         503: "Redis or storage unreachable; retry",
     }  # fmt: skip
@@ -129,7 +141,7 @@ def _parse_if_match(value: str | None) -> int | None:
 @post(
     "/v1/{org:str}/{super:str}/tables/{table:str}/rows",
     status_code=200,
-    responses=_errors(400, 401, 409, 413, 415, 422, 503),
+    responses=_errors(400, 401, 404, 409, 413, 415, 422, 503),
 )
 async def ingest_rows(
     request: Request[Any, Any, Any],
@@ -137,7 +149,14 @@ async def ingest_rows(
     org: FromPath[str],
     super_name: SuperName,
     table: FromPath[str],
-    mode: Annotated[str, QueryParameter(description="append or overwrite")] = "append",
+    mode: Annotated[str, QueryParameter(description="append, overwrite or upsert")] = "append",
+    key: Annotated[
+        str | None, QueryParameter(description="upsert: the key columns, comma-separated")
+    ] = None,
+    newer_than: Annotated[
+        str | None,
+        QueryParameter(description="upsert: apply a row only if this column is greater"),
+    ] = None,
     if_match: Annotated[
         str | None,
         HeaderParameter(name="If-Match", description="expected table version (-1: new)"),
@@ -146,16 +165,21 @@ async def ingest_rows(
         str | None,
         HeaderParameter(name="Idempotency-Key", description="retries return the first result"),
     ] = None,
-) -> Response[IngestResponse]:
-    """Append (or overwrite with ``mode=overwrite``) rows. The body format follows
-    Content-Type: JSON array, NDJSON, CSV, Parquet or Arrow IPC stream."""
+) -> Response[IngestResponse | UpsertResponse]:
+    """Append rows, replace the table (``mode=overwrite``) or merge by key
+    (``mode=upsert&key=id``). The body format follows Content-Type: JSON array, NDJSON,
+    CSV, Parquet or Arrow IPC stream."""
     for kind, name in (("org", org), ("super", super_name), ("table", table)):
         check_name(kind, name)
+    if mode == "upsert" and not key:
+        raise InvalidInput("mode=upsert needs key=<column>[,<column>...]", code="invalid_key")
+    if mode != "upsert" and (key or newer_than):
+        raise InvalidInput("key and newer_than apply to mode=upsert only", code="invalid_mode")
     fmt = format_for_content_type(request.headers.get("content-type"))
     expected_version = _parse_if_match(if_match)
     limit = services.settings.max_body_bytes
     staged = services.storage.staging_file(".body")
-    digest = hashlib.sha256(f"{org}/{super_name}/{table}|{mode}|{fmt}|".encode())
+    digest = hashlib.sha256(f"{org}/{super_name}/{table}|{mode}|{key}|{newer_than}|{fmt}|".encode())
     try:
         size = 0
         async with await anyio.open_file(staged, "wb") as fh:
@@ -167,6 +191,33 @@ async def ingest_rows(
                 await fh.write(chunk)
         if size == 0:
             raise InvalidInput("the request body is empty", code="empty_body")
+        if mode == "upsert":
+            assert key is not None
+            target = Target(
+                org,
+                super_name,
+                table,
+                actor=actor_for(request),
+                request_id=request_id(request),
+                if_match=expected_version,
+                idempotency_key=idempotency_key,
+                fingerprint=digest.hexdigest(),
+            )
+            outcome = await _upsert(services, target, staged, fmt, key.split(","), newer_than)
+            return Response(
+                UpsertResponse(
+                    table=table,
+                    version=outcome.version,
+                    mode="upsert",
+                    inserted=outcome.result["inserted"],
+                    updated=outcome.result["updated"],
+                    unchanged=outcome.result["unchanged"],
+                    rows_removed=outcome.result["rows_removed"],
+                    event_id=outcome.event_id,
+                    replayed=outcome.replayed,
+                ),
+                headers={"ETag": f'"{outcome.version}"'},
+            )
         result = await services.writer.ingest(
             IngestRequest(
                 org=org,
@@ -188,6 +239,149 @@ async def ingest_rows(
         result.table, result.version, result.rows, result.event_id, result.mode, result.replayed
     )
     return Response(body, headers={"ETag": f'"{result.version}"'})
+
+
+async def _upsert(
+    services: Services,
+    target: Target,
+    staged: Any,
+    fmt: str,
+    key: list[str],
+    newer_than: str | None,
+) -> Outcome:
+    state = await services.reader.super_state(target.org, target.super_)
+    current = state.tables.get(target.table)
+    known = {f.name: f.type for f in current.columns} if current else {}
+    source = await anyio.to_thread.run_sync(open_source, staged, fmt, known)
+    return await services.mutator.upsert(target, source, key, newer_than)
+
+
+def _target(
+    request: Request[Any, Any, Any],
+    org: str,
+    super_name: str,
+    table: str,
+    if_match: str | None,
+    idempotency_key: str | None,
+    fingerprint: str,
+) -> Target:
+    for kind, name in (("org", org), ("super", super_name), ("table", table)):
+        check_name(kind, name)
+    return Target(
+        org,
+        super_name,
+        table,
+        actor=actor_for(request),
+        request_id=request_id(request),
+        if_match=_parse_if_match(if_match),
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
+    )
+
+
+IfMatch = Annotated[
+    str | None, HeaderParameter(name="If-Match", description="expected table version")
+]
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(name="Idempotency-Key", description="retries return the first result"),
+]
+
+
+def _fingerprint(path: str, body: Any) -> str:
+    return hashlib.sha256(path.encode() + b"|" + msgspec.json.encode(body)).hexdigest()
+
+
+@post(
+    "/v1/{org:str}/{super:str}/tables/{table:str}/delete",
+    status_code=200,
+    responses=_errors(400, 401, 404, 409, 422, 503),
+)
+async def delete_rows(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: SuperName,
+    table: FromPath[str],
+    data: JSONBody[DeleteRequest],
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[DeleteResponse]:
+    """Delete rows by key list (``{"keys": {"id": [1, 2]}}``) or by a restricted SQL
+    boolean expression (``{"where": "region = 'eu' and amount < 0"}``). Files holding
+    such rows are rewritten without them (copy-on-write)."""
+    fingerprint = _fingerprint(request.url.path, data)
+    target = _target(request, org, super_name, table, if_match, idempotency_key, fingerprint)
+    outcome = await services.mutator.delete(target, keys=data.keys, where=data.where)
+    body = DeleteResponse(
+        table, outcome.version, outcome.result["rows_removed"], outcome.event_id, outcome.replayed
+    )
+    return Response(body, headers={"ETag": f'"{outcome.version}"'})
+
+
+@post(
+    "/v1/{org:str}/{super:str}/tables/{table:str}/restore",
+    status_code=200,
+    responses=_errors(400, 401, 404, 409, 410, 503),
+)
+async def restore_table(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: SuperName,
+    table: FromPath[str],
+    data: JSONBody[RestoreRequest],
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[RestoreResponse]:
+    """Make version ``n`` (its schema and rows) current again, as a new version."""
+    fingerprint = _fingerprint(request.url.path, data)
+    target = _target(request, org, super_name, table, if_match, idempotency_key, fingerprint)
+    outcome = await services.mutator.restore(target, data.version)
+    body = RestoreResponse(table, outcome.version, data.version, outcome.event_id, outcome.replayed)
+    return Response(body, headers={"ETag": f'"{outcome.version}"'})
+
+
+@post(
+    "/v1/{org:str}/{super:str}/tables/{table:str}/compact",
+    status_code=200,
+    responses=_errors(400, 401, 404, 409, 503),
+)
+async def compact_table(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: SuperName,
+    table: FromPath[str],
+) -> CompactResponse:
+    """Merge the table's small files and inlined batches (a no-op when there are none)."""
+    target = _target(request, org, super_name, table, None, None, "")
+    outcome = await services.mutator.compact(target)
+    result = outcome.result
+    return CompactResponse(
+        table,
+        outcome.version,
+        result.get("files_removed", 0),
+        result.get("files_added", 0),
+        result.get("rows", 0),
+        outcome.event_id,
+    )
+
+
+@get(
+    "/v1/{org:str}/{super:str}/tables/{table:str}/versions/{version:int}",
+    responses=_errors(401, 404, 410),
+)
+async def describe_version(
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: SuperName,
+    table: FromPath[str],
+    version: FromPath[int],
+) -> VersionDetail:
+    """One version's schema and files (410 once it has expired)."""
+    state = await services.reader.table_at(org, super_name, table, version=version)
+    return version_detail(state)
 
 
 @get("/v1/orgs")
@@ -301,8 +495,46 @@ def _result_columns(table: pa.Table) -> list[QueryColumn]:
     return out
 
 
+def _time_travel(
+    services: Services, org: str, super_name: str, state: SuperState, data: QueryRequest
+) -> Resolver:
+    """Which version of each table a query reads: ``t AT (VERSION => n)`` in the SQL,
+    else the request's ``as_of_version`` / ``as_of_time``, else the current one."""
+    if data.as_of_version is not None and data.as_of_time is not None:
+        raise InvalidInput("give as_of_version or as_of_time, not both", code="invalid_time_travel")
+    as_of_time = parse_time(data.as_of_time) if data.as_of_time is not None else None
+
+    async def resolve(analysis: Analysis) -> dict[str, TableState]:
+        plain = {r.name for r in analysis.refs if r.version is None and r.time is None}
+        if data.as_of_version is not None and len(plain) != 1:
+            raise InvalidInput(
+                "as_of_version needs a query over exactly one table; for several, use "
+                "t AT (VERSION => n) per table, or as_of_time",
+                code="invalid_time_travel",
+            )
+        views: dict[str, TableState] = {}
+        for ref in analysis.refs:
+            if ref.name not in state.tables:
+                continue  # not a table of this super (a CTE name, or an error DuckDB reports)
+            version = ref.version if ref.version is not None else data.as_of_version
+            at = ref.time if ref.time is not None else as_of_time
+            if ref.version is not None:
+                at = None
+            if version is None and at is None:
+                views[ref.view] = state.tables[ref.name]
+            else:
+                views[ref.view] = await services.reader.table_at(
+                    org, super_name, ref.name, version=version, at=at
+                )
+        return views
+
+    return resolve
+
+
 @post(
-    "/v1/{org:str}/{super:str}/query", status_code=200, responses=_errors(400, 401, 404, 408, 503)
+    "/v1/{org:str}/{super:str}/query",
+    status_code=200,
+    responses=_errors(400, 401, 404, 408, 410, 503),
 )
 async def run_query(
     request: Request[Any, Any, Any],
@@ -315,7 +547,10 @@ async def run_query(
 
     ``Accept: text/csv`` or ``application/vnd.apache.arrow.stream`` change the format."""
     state = await services.reader.require_super(org, super_name)
-    result = await services.engine.run(state, data.sql, limit=data.limit, timeout_s=data.timeout_s)
+    resolve = _time_travel(services, org, super_name, state, data)
+    result = await services.engine.run(
+        resolve, data.sql, limit=data.limit, timeout_s=data.timeout_s
+    )
     table = result.table
     accept = request.headers.get("accept", "")
     headers = {
@@ -376,8 +611,9 @@ async def list_events(
     return EventPage([to_builtins(e) for e in events], nxt)
 
 
-V1_HANDLERS = [ingest_rows, list_orgs, list_supers, list_tables, describe_table,
-               table_history, run_query, list_events]  # fmt: skip
+V1_HANDLERS = [ingest_rows, delete_rows, restore_table, compact_table, describe_version,
+               list_orgs, list_supers, list_tables, describe_table, table_history,
+               run_query, list_events]  # fmt: skip
 V1 = Router(path="/", route_handlers=V1_HANDLERS, guards=[require_token])
 ROUTES: list[Any] = [health, V1]
 DEPENDENCIES = {"services": Provide(provide_services, sync_to_thread=False)}

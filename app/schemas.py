@@ -31,6 +31,73 @@ class IngestResponse(msgspec.Struct):
     replayed: bool
 
 
+class UpsertResponse(msgspec.Struct):
+    table: str
+    version: int
+    mode: str
+    inserted: int
+    updated: int
+    unchanged: int
+    rows_removed: int
+    event_id: str | None
+    replayed: bool
+
+
+class DeleteRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Exactly one of: ``keys`` (column -> values; several columns are zipped into
+    composite keys) or ``where`` (a restricted SQL boolean expression)."""
+
+    keys: dict[str, list[Any]] | None = None
+    where: str | None = None
+
+
+class DeleteResponse(msgspec.Struct):
+    table: str
+    version: int
+    rows_removed: int
+    event_id: str | None
+    replayed: bool
+
+
+class RestoreRequest(msgspec.Struct, forbid_unknown_fields=True):
+    version: int
+
+
+class RestoreResponse(msgspec.Struct):
+    table: str
+    version: int
+    restored_version: int
+    event_id: str | None
+    replayed: bool
+
+
+class CompactResponse(msgspec.Struct):
+    table: str
+    version: int
+    files_removed: int
+    files_added: int
+    rows: int
+    event_id: str | None
+
+
+class FileOut(msgspec.Struct):
+    path: str
+    rows: int
+    size_bytes: int
+    inline: bool
+
+
+class VersionDetail(msgspec.Struct):
+    table: str
+    version: int
+    columns: list[ColumnOut]
+    row_count: int
+    files: list[FileOut]
+    committed_at: datetime
+    committed_by: str
+    event_id: str
+
+
 class OrgOut(msgspec.Struct):
     name: str
     supers: int
@@ -93,6 +160,8 @@ class TableDetail(msgspec.Struct):
     created_by: str
     updated_at: datetime
     updated_by: str
+    retained_from: int
+    inline_batches: int
 
 
 class HistoryEntry(msgspec.Struct):
@@ -114,9 +183,14 @@ class History(msgspec.Struct):
 
 
 class QueryRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``as_of_version`` (the query must name one table) or ``as_of_time`` (an ISO
+    8601 instant; every table as it was then) query past versions."""
+
     sql: str
     limit: int | None = None
     timeout_s: float | None = None
+    as_of_version: int | None = None
+    as_of_time: str | None = None
 
 
 class QueryColumn(msgspec.Struct):
@@ -164,4 +238,19 @@ def table_detail(org: str, sup: str, t: TableState) -> TableDetail:
         created_by=t.created_by,
         updated_at=t.updated_at,
         updated_by=t.updated_by,
+        retained_from=t.retained_from,
+        inline_batches=len(t.inline_files),
+    )
+
+
+def version_detail(t: TableState) -> VersionDetail:
+    return VersionDetail(
+        table=t.name,
+        version=t.version,
+        columns=columns_out(t.columns),
+        row_count=t.row_count,
+        files=[FileOut(f.path, f.rows, f.size_bytes, f.is_inline) for f in t.files],
+        committed_at=t.updated_at,
+        committed_by=t.updated_by,
+        event_id=t.last_event_id,
     )
