@@ -114,6 +114,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_until_signal, stop)
                 projector = services.projector()
+                if settings.compact_interval_s > 0 and not args.burst:
+                    tg.start_soon(services.compact_forever, settings.compact_interval_s)
                 if args.burst:
                     n = await projector.run_until_caught_up()
                     await projector.release_all()
@@ -260,6 +262,62 @@ def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
         return anyio.run(main, url)
 
 
+def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
+    from app.mutations import Target
+
+    async def main(url: str) -> int:
+        async with Services.open(settings, url) as services:
+            tables = await services.tables(args.target or "")
+            if args.target and not tables:
+                raise SystemExit(f"no table matches {args.target!r}")
+            for org, sup, table in tables:
+                target = Target(org, sup, table, actor="cli", request_id=uuid.uuid4().hex)
+                outcome = await services.mutator.compact(target)
+                if outcome.event_id is not None:
+                    r = outcome.result
+                    print(
+                        f"{org}/{sup}/{table}: merged {r['files_removed']} files and inlined "
+                        f"batches into {r['files_added']} ({r['rows']} rows), version "
+                        f"{outcome.version}"
+                    )
+            return 0
+
+    with redis_for(settings) as url:
+        return anyio.run(main, url)
+
+
+def cmd_expire(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from app.gc import parse_duration
+    from app.mutations import Target
+
+    try:
+        cutoff = datetime.now(UTC) - parse_duration(args.older_than)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+    async def main(url: str) -> int:
+        async with Services.open(settings, url) as services:
+            tables = await services.tables(args.target or "")
+            if args.target and not tables:
+                raise SystemExit(f"no table matches {args.target!r}")
+            for org, sup, table in tables:
+                target = Target(org, sup, table, actor="cli", request_id=uuid.uuid4().hex)
+                outcome = await services.mutator.expire(target, cutoff)
+                if outcome.event_id is not None:
+                    print(
+                        f"{org}/{sup}/{table}: versions before "
+                        f"{outcome.result['retained_from']} expired (now at version "
+                        f"{outcome.version})"
+                    )
+            print("run `ledgerlake gc` to delete the files only expired versions used")
+            return 0
+
+    with redis_for(settings) as url:
+        return anyio.run(main, url)
+
+
 # -- parsing --------------------------------------------------------------------------
 
 
@@ -297,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", required=True, help="org/super/table")
     p.add_argument("--mode", choices=["append", "overwrite"], default="append")
     p.add_argument("--format", choices=["json", "ndjson", "csv", "parquet", "arrow"])
+    p = command("compact", cmd_compact, "Merge small files and inlined rows of tables.")
+    p.add_argument("target", nargs="?", help="org, org/super or org/super/table (default: all)")
+    p = command("expire", cmd_expire, "Expire old table versions (time travel and restore).")
+    p.add_argument(
+        "--older-than", required=True, help="e.g. 7d: versions replaced before then expire"
+    )
+    p.add_argument("target", nargs="?", help="org, org/super or org/super/table (default: all)")
     p = command("gc", cmd_gc, "Delete orphan data files older than the grace period.")
     p.add_argument("--grace", help="e.g. 3600, 30m, 2h, 7d (LEDGERLAKE_GC_GRACE_S)")
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted")

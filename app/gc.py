@@ -16,13 +16,10 @@ Redis, and gc refuses a shorter one (a writer re-uploads only after half of *its
 And gc only considers files under supers the log knows: pointed at the wrong (or an
 empty) Redis, it finds nothing to delete instead of everything.
 
-Two more guards. Writers record the largest grace period they were started with in
-Redis, and gc refuses a shorter one (a writer re-uploads only after half of *its* grace).
-And gc only considers files under supers the log knows: pointed at the wrong (or an
-empty) Redis, it finds nothing to delete instead of everything.
-
-Every version is retained today (there is no expiry yet), so "referenced by a retained
-version" means referenced by any event in the log.
+A file is referenced when a *retained* version of its table holds it: the version
+``retained_from`` (the oldest one ``ledgerlake expire`` left) or any later one. Files only
+expired versions held become garbage. Versions are read from the log *after* the table
+states, so an expiry committed in between only makes gc keep more.
 """
 
 from __future__ import annotations
@@ -32,9 +29,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from events.model import RowsAppended, TableOverwritten
+from events.model import DataFile, Event
 from events.redis_log import Keys, RedisEventLog, guarded
 from events.storage import Storage, StoredObject
+from projections.catalog import TableState, apply_table
 from projections.reader import CatalogReader
 
 DATA_FILE = re.compile(
@@ -76,16 +74,38 @@ async def writer_grace(client: Any, keys: Keys) -> float:
     return float(raw) if raw else 0.0
 
 
-async def referenced_files(log: RedisEventLog, supers: list[tuple[str, str]]) -> set[str]:
-    """Every data file any event of these supers references."""
+def event_files(event: Event) -> tuple[DataFile, ...]:
+    """The files an event adds to its table."""
+    files: tuple[DataFile, ...] = getattr(event, "files", ())
+    return files
+
+
+async def referenced_files(
+    log: RedisEventLog, reader: CatalogReader, supers: list[tuple[str, str]]
+) -> set[str]:
+    """Every data file a retained version of a table of these supers holds."""
     keys: set[str] = set()
     for org, sup in supers:
+        current = (await reader.super_state(org, sup)).tables
+        states: dict[str, TableState] = {}
+        seeded: set[str] = set()
         after = "0-0"
         while True:
             events = await log.read(org, sup, after=after, count=PAGE)
             for event in events:
-                if isinstance(event, RowsAppended | TableOverwritten):
-                    keys.update(f.path for f in event.files)
+                if not event.table:
+                    continue
+                state = apply_table(event, states.get(event.table))
+                states[event.table] = state
+                table = current.get(event.table)
+                retained_from = table.retained_from if table else 0
+                if state.version < retained_from:
+                    continue
+                # The oldest retained version: all its files; each later one: the files
+                # it added.
+                added = state.files if event.table not in seeded else event_files(event)
+                seeded.add(event.table)
+                keys.update(f.path for f in added if not f.is_inline)
             if len(events) < PAGE:
                 break
             after = events[-1].id
@@ -122,7 +142,7 @@ async def collect_garbage(
         # candidate, rather than everything.
         if match and (match["org"], match["super"]) in known:
             listed.append(obj)
-    live = await referenced_files(log, sorted(known))  # after listing: see the docstring
+    live = await referenced_files(log, reader, sorted(known))  # after listing: see the docstring
     for obj in listed:
         report.scanned += 1
         if obj.key in live:

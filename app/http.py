@@ -154,6 +154,8 @@ def create_app(settings: Settings, redis_url: str, *, run_projector: bool = True
                     # Cancelled, not stopped, on shutdown: a commit is atomic, so
                     # cancelling anywhere is safe and does not wait out a blocking read.
                     tg.start_soon(services.projector().run, anyio.Event())
+                    if settings.compact_interval_s > 0:
+                        tg.start_soon(services.compact_forever, settings.compact_interval_s)
                 try:
                     yield
                 finally:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import anyio
 import redis.asyncio as aioredis
 
-from app.mutations import Mutator
+from app.mutations import Mutator, Target
 from app.settings import Settings
 from app.writes import Writer
+from events.errors import LedgerError
 from events.redis_log import Keys, RedisEventLog, connect, guarded
 from events.s3_storage import S3Location, S3Storage
 from events.storage import LocalStorage, Storage
@@ -27,6 +30,7 @@ if #pending == 0 then return {0, ''} end
 return {#pending, pending[1][1]}
 """
 LAG_CAP = 10_000
+log = logging.getLogger("ledgerlake.services")
 
 
 @dataclass
@@ -98,6 +102,39 @@ class Services:
     async def start(self) -> None:
         """Open what needs an event loop (the object storage client)."""
         await self.storage.start()
+
+    async def tables(self, selector: str = "") -> list[tuple[str, str, str]]:
+        """(org, super, table) of every table, or of those under ``org``,
+        ``org/super`` or ``org/super/table``."""
+        parts = [p for p in selector.split("/") if p] if selector else []
+        registry = await self.reader.registry()
+        out = []
+        for org in sorted(registry.orgs):
+            if parts and org != parts[0]:
+                continue
+            for sup in sorted(registry.orgs[org].supers):
+                if len(parts) > 1 and sup != parts[1]:
+                    continue
+                state = await self.reader.super_state(org, sup)
+                for table in sorted(state.tables):
+                    if len(parts) > 2 and table != parts[2]:
+                        continue
+                    out.append((org, sup, table))
+        return out
+
+    async def compact_forever(self, interval_s: float) -> None:
+        """The background compaction policy: every ``interval_s``, compact every table
+        that has something to merge. Failures are logged; the loop goes on."""
+        while True:
+            await anyio.sleep(interval_s)
+            try:
+                for org, sup, table in await self.tables():
+                    try:
+                        await self.mutator.compact(Target(org, sup, table, actor="ledgerlake"))
+                    except LedgerError as exc:
+                        log.warning("compacting %s/%s/%s: %s", org, sup, table, exc.message)
+            except Exception:
+                log.exception("background compaction failed; retrying next interval")
 
     def projector(self) -> CatalogProjector:
         return CatalogProjector(
