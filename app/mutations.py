@@ -505,23 +505,27 @@ class Mutator:
         # A lone Parquet file is already as compact as it gets.
         return [g for g in groups if len(g) > 1 or g[0].is_inline]
 
-    def needs_flush(self, table: TableState) -> bool:
-        inline = table.inline_files
+    def needs_flush(self, inline: tuple[DataFile, ...]) -> bool:
         return (
             sum(f.rows for f in inline) >= self.inline_flush_rows
             or sum(f.size_bytes for f in inline) >= self.inline_flush_bytes
             or len(inline) >= self.inline_flush_files
         )
 
-    async def after_inline_write(self, org: str, super_: str, table: str) -> None:
-        """Flush a table's inlined rows into Parquet once enough have accumulated. Runs
-        after the write was acknowledged in the log; a failure is only logged (the next
-        write or compaction tries again)."""
+    async def after_inline_write(
+        self, org: str, super_: str, table: str, inline: tuple[DataFile, ...] | None = None
+    ) -> None:
+        """Flush a table's inlined rows into Parquet once enough have accumulated.
+        ``inline``: its inlined batches after the write, if the caller knows them (else
+        they are read). Runs after the write was acknowledged in the log; a failure is
+        only logged (the next write or compaction tries again)."""
         unit = (org, super_, table)
         if unit in self._flushing:
             return  # this process is flushing it already
-        state = (await self.reader.super_state(org, super_)).tables.get(table)
-        if state is None or not self.needs_flush(state):
+        if inline is None:
+            state = (await self.reader.super_state(org, super_)).tables.get(table)
+            inline = state.inline_files if state else ()
+        if not self.needs_flush(inline):
             return
         self._flushing.add(unit)
         try:

@@ -146,7 +146,14 @@ class Writer:
         self.inline_max_bytes = inline_max_bytes
         # Called after an inlined batch was appended (the maintenance service flushes
         # inlined rows into Parquet once enough have accumulated).
-        self.on_inline: Callable[[str, str, str], Awaitable[None]] | None = None
+        # Its argument is the table's inlined batches, including the new one.
+        self.on_inline: Callable[[str, str, str, tuple[DataFile, ...]], Awaitable[None]] | None = (
+            None
+        )
+        # Supers this process registered lately (monotonic time): the registry never
+        # forgets one, so a write within a minute skips the round trip. (Bounded in time
+        # so that a Redis that lost its data is repaired by the next write.)
+        self._registered: dict[tuple[str, str], float] = {}
         self._grace_recorded = False
 
     async def ingest(
@@ -191,9 +198,13 @@ class Writer:
                     written, data_file = await self._materialize(req, source, plan, progress)
                     published_at = time.monotonic()
                 assert data_file is not None
-                if not registered:
+                unit = (req.org, req.super_)
+                if not registered and time.monotonic() - self._registered.get(unit, -1e9) > 60:
                     await self._register(req)
-                    registered = True
+                    if len(self._registered) > 10_000:
+                        self._registered.clear()
+                    self._registered[unit] = time.monotonic()
+                registered = True
                 await self.record_grace()
                 if time.monotonic() - published_at > self.max_file_age_s:
                     continue  # it waited too long (slow registry?): upload it again first
@@ -202,7 +213,8 @@ class Writer:
                     result = await self._append(req, table, plan, written, data_file, token)
                     unsure = False
                     if data_file.is_inline and self.on_inline is not None and not result.replayed:
-                        await self.on_inline(req.org, req.super_, req.table)
+                        kept = table.inline_files if table and req.mode == "append" else ()
+                        await self.on_inline(req.org, req.super_, req.table, (*kept, data_file))
                     return result
                 except IdempotencyMismatch:
                     unsure = False
