@@ -158,8 +158,11 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     async def main(url: str) -> int:
         async with Services.open(settings, url) as services:
             state = await services.reader.require_super(org, sup)
+            views = services.views(
+                org, sup, state, as_of_version=args.as_of_version, as_of_time=args.as_of_time
+            )
             result = await services.engine.run(
-                state, args.sql, limit=args.limit, timeout_s=args.timeout
+                views, args.sql, limit=args.limit, timeout_s=args.timeout
             )
             _print_table(result.table, args.format)
             if result.truncated:
@@ -200,9 +203,15 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     if path.stat().st_size == 0:
         raise SystemExit(f"{path} is empty")
     fmt = args.format or format_for_path(path)
+    if args.mode == "upsert" and not args.key:
+        raise SystemExit("--mode upsert needs --key col[,col...]")
+    if args.mode != "upsert" and (args.key or args.newer_than):
+        raise SystemExit("--key and --newer-than apply to --mode upsert only")
 
     async def main(url: str) -> int:
         async with Services.open(settings, url) as services:
+            if args.mode == "upsert":
+                return await _upsert_file(services, org, sup, table, path, fmt, args)
             progress = Progress(f"ingesting {path.name}", "rows")
             result = await services.writer.ingest(
                 IngestRequest(
@@ -225,6 +234,31 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
 
     with redis_for(settings) as url:
         return anyio.run(main, url)
+
+
+async def _upsert_file(
+    services: Services,
+    org: str,
+    sup: str,
+    table: str,
+    path: Path,
+    fmt: str,
+    args: argparse.Namespace,
+) -> int:
+    from app.ingest import open_source
+    from app.mutations import Target
+    from app.writes import check_name
+
+    for kind, name in (("org", org), ("super", sup), ("table", table)):
+        check_name(kind, name)
+    current = (await services.reader.super_state(org, sup)).tables.get(table)
+    known = {f.name: f.type for f in current.columns} if current else {}
+    source = await anyio.to_thread.run_sync(open_source, path, fmt, known)
+    target = Target(org, sup, table, actor="cli", request_id=uuid.uuid4().hex)
+    outcome = await services.mutator.upsert(target, source, args.key.split(","), args.newer_than)
+    print(json.dumps({"table": table, "version": outcome.version,
+                      "event_id": outcome.event_id, **outcome.result}))  # fmt: skip
+    return 0
 
 
 def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
@@ -350,10 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--timeout", type=float, help="seconds")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--as-of-version", type=int, help="query that version of the one table")
+    p.add_argument("--as-of-time", help="query every table as of this ISO 8601 instant")
     p = command("ingest", cmd_ingest, "Load a file into a table.")
     p.add_argument("file")
     p.add_argument("--table", required=True, help="org/super/table")
-    p.add_argument("--mode", choices=["append", "overwrite"], default="append")
+    p.add_argument("--mode", choices=["append", "overwrite", "upsert"], default="append")
+    p.add_argument("--key", help="upsert: key columns, comma-separated")
+    p.add_argument("--newer-than", help="upsert: apply a row only if this column is greater")
     p.add_argument("--format", choices=["json", "ndjson", "csv", "parquet", "arrow"])
     p = command("compact", cmd_compact, "Merge small files and inlined rows of tables.")
     p.add_argument("target", nargs="?", help="org, org/super or org/super/table (default: all)")

@@ -56,8 +56,6 @@ from events.errors import InvalidInput, LedgerError, NotFound, PayloadTooLarge, 
 from events.model import to_builtins
 from events.redis_log import guarded
 from projections.arrow import from_arrow, normalize_type, type_name
-from projections.catalog import SuperState, TableState
-from projections.query import Analysis, Resolver, parse_time
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 SuperName = Annotated[str, PathParameter(name="super", description="the super table (catalog)")]
@@ -495,42 +493,6 @@ def _result_columns(table: pa.Table) -> list[QueryColumn]:
     return out
 
 
-def _time_travel(
-    services: Services, org: str, super_name: str, state: SuperState, data: QueryRequest
-) -> Resolver:
-    """Which version of each table a query reads: ``t AT (VERSION => n)`` in the SQL,
-    else the request's ``as_of_version`` / ``as_of_time``, else the current one."""
-    if data.as_of_version is not None and data.as_of_time is not None:
-        raise InvalidInput("give as_of_version or as_of_time, not both", code="invalid_time_travel")
-    as_of_time = parse_time(data.as_of_time) if data.as_of_time is not None else None
-
-    async def resolve(analysis: Analysis) -> dict[str, TableState]:
-        plain = {r.name for r in analysis.refs if r.version is None and r.time is None}
-        if data.as_of_version is not None and len(plain) != 1:
-            raise InvalidInput(
-                "as_of_version needs a query over exactly one table; for several, use "
-                "t AT (VERSION => n) per table, or as_of_time",
-                code="invalid_time_travel",
-            )
-        views: dict[str, TableState] = {}
-        for ref in analysis.refs:
-            if ref.name not in state.tables:
-                continue  # not a table of this super (a CTE name, or an error DuckDB reports)
-            version = ref.version if ref.version is not None else data.as_of_version
-            at = ref.time if ref.time is not None else as_of_time
-            if ref.version is not None:
-                at = None
-            if version is None and at is None:
-                views[ref.view] = state.tables[ref.name]
-            else:
-                views[ref.view] = await services.reader.table_at(
-                    org, super_name, ref.name, version=version, at=at
-                )
-        return views
-
-    return resolve
-
-
 @post(
     "/v1/{org:str}/{super:str}/query",
     status_code=200,
@@ -547,7 +509,9 @@ async def run_query(
 
     ``Accept: text/csv`` or ``application/vnd.apache.arrow.stream`` change the format."""
     state = await services.reader.require_super(org, super_name)
-    resolve = _time_travel(services, org, super_name, state, data)
+    resolve = services.views(
+        org, super_name, state, as_of_version=data.as_of_version, as_of_time=data.as_of_time
+    )
     result = await services.engine.run(
         resolve, data.sql, limit=data.limit, timeout_s=data.timeout_s
     )

@@ -14,11 +14,12 @@ import redis.asyncio as aioredis
 from app.mutations import Mutator, Target
 from app.settings import Settings
 from app.writes import Writer
-from events.errors import LedgerError
+from events.errors import InvalidInput, LedgerError
 from events.redis_log import Keys, RedisEventLog, connect, guarded
 from events.s3_storage import S3Location, S3Storage
 from events.storage import LocalStorage, Storage
-from projections.query import QueryEngine, QueryLimits
+from projections.catalog import SuperState, TableState
+from projections.query import Analysis, QueryEngine, QueryLimits, Resolver, parse_time
 from projections.reader import CatalogReader
 from projections.runner import CatalogProjector
 from projections.store import CATALOG, SnapshotStore
@@ -135,6 +136,48 @@ class Services:
                         log.warning("compacting %s/%s/%s: %s", org, sup, table, exc.message)
             except Exception:
                 log.exception("background compaction failed; retrying next interval")
+
+    def views(
+        self,
+        org: str,
+        super_: str,
+        state: SuperState,
+        *,
+        as_of_version: int | None = None,
+        as_of_time: str | None = None,
+    ) -> Resolver:
+        """Which version of each table a query reads: ``t AT (VERSION => n)`` in the
+        SQL, else ``as_of_version`` / ``as_of_time``, else the current one."""
+        if as_of_version is not None and as_of_time is not None:
+            raise InvalidInput(
+                "give as_of_version or as_of_time, not both", code="invalid_time_travel"
+            )
+        at_time = parse_time(as_of_time) if as_of_time is not None else None
+
+        async def resolve(analysis: Analysis) -> dict[str, TableState]:
+            plain = {r.name for r in analysis.refs if r.version is None and r.time is None}
+            if as_of_version is not None and len(plain) != 1:
+                raise InvalidInput(
+                    "as_of_version needs a query over exactly one table; for several, "
+                    "use t AT (VERSION => n) per table, or as_of_time",
+                    code="invalid_time_travel",
+                )
+            views: dict[str, TableState] = {}
+            for ref in analysis.refs:
+                if ref.name not in state.tables:
+                    continue  # a CTE's name, or a missing table DuckDB will report
+                version, at = ref.version, ref.time
+                if version is None and at is None:
+                    version, at = as_of_version, at_time
+                if version is None and at is None:
+                    views[ref.view] = state.tables[ref.name]
+                else:
+                    views[ref.view] = await self.reader.table_at(
+                        org, super_, ref.name, version=version, at=at
+                    )
+            return views
+
+        return resolve
 
     def projector(self) -> CatalogProjector:
         return CatalogProjector(

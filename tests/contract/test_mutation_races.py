@@ -1,0 +1,651 @@
+"""Upserts, deletes and compaction racing each other, plain appends and readers.
+
+Every test runs against the session's real redis-server and local storage. Writers race
+for real (anyio task groups on one event loop, several ``Services`` acting as separate
+API processes); the deterministic interleavings are forced by a ``Mutator`` subclass
+that lets another write land after a change was computed and its file published, just
+before its commit (no sleeps anywhere).
+
+What must hold: no committed update is ever lost or half-applied, every read shows
+exactly one committed version, a conflicting change that gives up (retries exhausted,
+or a stale If-Match) leaves no event and no published file behind, and compaction
+rebases only when the files it merged are all still current.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pyarrow as pa
+import pytest
+
+from app.ingest import Source, open_source
+from app.mutations import Mutator, Outcome, Target
+from app.services import Services
+from app.settings import Settings
+from app.writes import IngestRequest, IngestResult
+from events.errors import ConflictError
+from events.model import DataFile, Event, Field, RowsDeleted, RowsUpserted, TableCompacted
+from projections.catalog import TableState
+from projections.query import Analysis
+
+pytestmark = pytest.mark.anyio
+
+ORG, SUP, T = "o", "s", "t"
+Row = tuple[Any, ...]
+Interloper = Callable[[], Awaitable[object]]
+DEADLINE_S = 30  # a hang (a writer blocked by another) fails instead of stalling the run
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def body(tmp: Path, rows: list[dict[str, Any]]) -> Path:
+    path = tmp / f"{uuid.uuid4().hex}.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def source(tmp: Path, rows: list[dict[str, Any]]) -> Source:
+    """A JSON body parsed the way the HTTP route parses an upsert body."""
+    return open_source(body(tmp, rows), "json", {})
+
+
+async def append(services: Services, tmp: Path, rows: list[dict[str, Any]]) -> IngestResult:
+    return await services.writer.ingest(IngestRequest(ORG, SUP, T, body(tmp, rows), "json"))
+
+
+async def upsert(
+    mutator: Mutator, tmp: Path, rows: list[dict[str, Any]], *, if_match: int | None = None
+) -> Outcome:
+    return await mutator.upsert(Target(ORG, SUP, T, if_match=if_match), source(tmp, rows), ["id"])
+
+
+async def delete(
+    mutator: Mutator, ids: Sequence[int], *, if_match: int | None = None
+) -> Outcome:
+    return await mutator.delete(Target(ORG, SUP, T, if_match=if_match), keys={"id": list(ids)})
+
+
+SELECT = f"select * from {T} order by id"
+
+
+def as_rows(table: pa.Table) -> list[Row]:
+    return [tuple(r.values()) for r in table.to_pylist()]
+
+
+async def read_current(services: Services) -> tuple[int, list[Row]]:
+    """One read as a client does it: the current catalog state, then SQL over it."""
+    state = await services.reader.super_state(ORG, SUP)
+    result = await services.engine.run(state, SELECT, limit=100_000)
+    return state.tables[T].version, as_rows(result.table)
+
+
+async def rows_at(services: Services, version: int) -> list[Row]:
+    """The contents of the table at ``version`` (time travel, as the API resolves it)."""
+    table = await services.reader.table_at(ORG, SUP, T, version=version)
+
+    async def resolve(analysis: Analysis) -> dict[str, TableState]:
+        return {ref.view: table for ref in analysis.refs}
+
+    result = await services.engine.run(resolve, SELECT, limit=100_000)
+    return as_rows(result.table)
+
+
+async def current_version(services: Services) -> int:
+    return (await services.reader.super_state(ORG, SUP)).tables[T].version
+
+
+async def table_events(services: Services) -> list[Event]:
+    events = await services.log.read(ORG, SUP, after="0-0", count=1_000_000)
+    return [e for e in events if e.table == T]
+
+
+async def assert_no_orphans(services: Services) -> None:
+    """Every stored data file is referenced by some event (current or past version), and
+    nothing is left in staging: no attempt that lost left a file behind."""
+    referenced: set[str] = set()
+    for event in await table_events(services):
+        files: tuple[DataFile, ...] = getattr(event, "files", ())
+        referenced.update(f.path for f in files)
+    stored = {obj.key async for obj in services.storage.list_objects()}
+    assert stored - referenced == set(), "published files no event references"
+    current = (await services.reader.super_state(ORG, SUP)).tables[T].files
+    assert all(f.path in stored for f in current)
+    staging = services.settings.storage_root / "_staging"
+    assert list(staging.iterdir()) == []
+
+
+def kv(rows: Iterable[Row]) -> dict[int, int]:
+    """(id, v) rows as a dict, asserting that no id appears twice."""
+    rows = list(rows)
+    ids = Counter(r[0] for r in rows)
+    assert [i for i, n in ids.items() if n > 1] == []
+    return {int(r[0]): int(r[1]) for r in rows}
+
+
+class GatedMutator(Mutator):
+    """A Mutator whose change, once computed and its file published (before the commit),
+    first lets ``interloper`` run to completion: the interleaving that makes the commit
+    conflict. Records every output it published, one per computation of a change."""
+
+    def __init__(
+        self, services: Services, interloper: Interloper | None, *, retries: int, **kw: Any
+    ) -> None:
+        super().__init__(services.writer, services.engine, retries=retries, **kw)
+        self.interloper = interloper
+        self.outputs: list[DataFile | None] = []
+
+    async def _output(
+        self, target: Target, rows: pa.Table, columns: tuple[Field, ...], *, inline_ok: bool
+    ) -> DataFile | None:
+        out = await super()._output(target, rows, columns, inline_ok=inline_ok)
+        self.outputs.append(out)
+        if self.interloper is not None:
+            other, self.interloper = self.interloper, None
+            await other()
+        return out
+
+
+@pytest.fixture
+def patient_settings(settings: Settings) -> Settings:
+    return msgspec.structs.replace(settings, merge_retries=100, write_retries=100)
+
+
+@pytest.fixture
+async def pods(patient_settings: Settings) -> AsyncIterator[list[Services]]:
+    """Three Services on one Redis and one storage: three API processes, each with its
+    own catalog cache, query engine and connections."""
+    async with AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(
+                Services.open(patient_settings, patient_settings.redis_url)
+            )
+            for _ in range(3)
+        ]
+
+
+# -- 1. concurrent upserts, appends and deletes lose nothing -----------------------------
+
+WRITERS, KEYS, ROUNDS = 8, 4, 3
+
+
+async def test_concurrent_upserts_appends_and_deletes_lose_no_update(
+    pods: list[Services], tmp_path: Path
+) -> None:
+    # Seed, in two files: the keys each upserter owns (v=0), and the keys to delete.
+    owned = {w: [w * KEYS + j for j in range(KEYS)] for w in range(WRITERS)}
+    doomed = {d: [1000 + d * 10 + j for j in range(4)] for d in range(4)}
+    await append(pods[0], tmp_path, [{"id": i, "v": 0} for ids in owned.values() for i in ids])
+    await append(pods[0], tmp_path, [{"id": i, "v": -1} for ids in doomed.values() for i in ids])
+
+    expected: dict[int, int] = {}
+
+    async def upserter(w: int) -> None:
+        services = pods[w % len(pods)]
+        for r in range(1, ROUNDS + 1):
+            # Updates of its own keys, and one brand-new key per round.
+            rows = [{"id": i, "v": r * 100 + w} for i in owned[w]]
+            rows.append({"id": 500 + w * 10 + r, "v": r})
+            outcome = await upsert(services.mutator, tmp_path, rows)
+            assert outcome.result["updated"] == KEYS
+            assert outcome.result["inserted"] == 1
+        expected.update({i: ROUNDS * 100 + w for i in owned[w]})
+        expected.update({500 + w * 10 + r: r for r in range(1, ROUNDS + 1)})
+
+    async def appender(a: int) -> None:
+        services = pods[a % len(pods)]
+        for n in range(2):
+            rows = [{"id": 2000 + a * 100 + n * 10 + j, "v": a} for j in range(3)]
+            await append(services, tmp_path, rows)
+            expected.update({row["id"]: row["v"] for row in rows})
+
+    async def deleter(d: int) -> None:
+        services = pods[d % len(pods)]
+        first, second = doomed[d][:2], doomed[d][2:]
+        assert (await delete(services.mutator, first)).result["rows_removed"] == 2
+        where = f"id >= {second[0]} and id <= {second[-1]}"
+        outcome = await services.mutator.delete(Target(ORG, SUP, T), where=where)
+        assert outcome.result["rows_removed"] == 2
+
+    with anyio.fail_after(DEADLINE_S):
+        async with anyio.create_task_group() as tg:
+            for w in range(WRITERS):
+                tg.start_soon(upserter, w)
+            for a in range(4):
+                tg.start_soon(appender, a)
+            for d in range(4):
+                tg.start_soon(deleter, d)
+
+    version, rows = await read_current(pods[1])
+    assert kv(rows) == expected
+    # One version per committed change: 2 seeds, upserts, appends, deletes.
+    assert version == 2 + WRITERS * ROUNDS + 4 * 2 + 4 * 2
+    for services in pods:  # every process sees the same, exact contents
+        assert kv((await read_current(services))[1]) == expected
+    await assert_no_orphans(pods[0])
+
+
+async def test_concurrent_upserts_creating_the_table_all_land(
+    pods: list[Services], tmp_path: Path
+) -> None:
+    async def upserter(w: int) -> None:
+        services = pods[w % len(pods)]
+        rows = [{"id": w * 10 + j, "v": w} for j in range(3)]
+        await upsert(services.mutator, tmp_path, rows)
+
+    with anyio.fail_after(DEADLINE_S):
+        async with anyio.create_task_group() as tg:
+            for w in range(WRITERS):
+                tg.start_soon(upserter, w)
+
+    _, rows = await read_current(pods[0])
+    assert kv(rows) == {w * 10 + j: w for w in range(WRITERS) for j in range(3)}
+    events = await table_events(pods[0])
+    assert [type(e).__name__ for e in events].count("TableCreated") == 1
+    await assert_no_orphans(pods[0])
+
+
+# -- 2. readers only ever see whole committed versions -----------------------------------
+
+OWNERS, MOVES, START = 6, 4, 100
+FILLER = 3  # rows per filler batch, appended and deleted as a whole
+
+
+async def test_readers_see_only_committed_versions(pods: list[Services], tmp_path: Path) -> None:
+    # Columns: id, bal, rnd, owner. Owner w holds accounts 2w and 2w+1 and moves money
+    # between them with one upsert of both rows (same rnd); filler batches (bal 0) are
+    # appended and deleted whole. In every committed version: each id once, the balances
+    # sum to OWNERS * 2 * START, an owner's two rows carry the same rnd, and a filler
+    # batch is all there or all gone.
+    seed = [{"id": i, "bal": START, "rnd": 0, "owner": i // 2} for i in range(2 * OWNERS)]
+    seed += [
+        {"id": 100 + b * FILLER + j, "bal": 0, "rnd": 0, "owner": 100 + b}
+        for b in range(4)
+        for j in range(FILLER)
+    ]
+    await append(pods[0], tmp_path, seed)
+    first_version = await current_version(pods[0])
+
+    def check_invariants(rows: list[Row]) -> None:
+        ids = Counter(r[0] for r in rows)
+        assert [i for i, n in ids.items() if n != 1] == [], f"a row shows twice: {rows}"
+        assert set(range(2 * OWNERS)) <= set(ids), f"an account row is missing: {rows}"
+        assert sum(r[1] for r in rows) == OWNERS * 2 * START, f"money appeared: {rows}"
+        by_owner: dict[int, set[int]] = {}
+        for _, _, rnd, owner in rows:
+            by_owner.setdefault(owner, set()).add(rnd)
+        assert all(len(rnds) == 1 for rnds in by_owner.values()), f"half an upsert: {rows}"
+        batches = Counter(owner for *_, owner in rows if owner >= 100)
+        assert all(n == FILLER for n in batches.values()), f"half a batch: {rows}"
+
+    done = anyio.Event()
+    reads: list[tuple[int, list[Row]]] = []
+
+    async def mover(w: int) -> None:
+        services = pods[w % len(pods)]
+        a, b = 2 * w, 2 * w + 1
+        bal = {a: START, b: START}
+        for r in range(1, MOVES + 1):
+            amount = (w + 1) * r
+            src, dst = (a, b) if r % 2 else (b, a)
+            bal[src] -= amount
+            bal[dst] += amount
+            rows = [{"id": i, "bal": bal[i], "rnd": r, "owner": w} for i in (a, b)]
+            outcome = await upsert(services.mutator, tmp_path, rows)
+            assert outcome.result["updated"] == 2
+
+    async def filler_deleter(n: int) -> None:
+        services = pods[n % len(pods)]
+        for b in (2 * n, 2 * n + 1):
+            ids = [100 + b * FILLER + j for j in range(FILLER)]
+            assert (await delete(services.mutator, ids)).result["rows_removed"] == FILLER
+
+    async def filler_appender(n: int) -> None:
+        services = pods[n % len(pods)]
+        for k in range(2):
+            b = 10 + 2 * n + k
+            rows = [
+                {"id": 100 + b * FILLER + j, "bal": 0, "rnd": 0, "owner": 100 + b}
+                for j in range(FILLER)
+            ]
+            await append(services, tmp_path, rows)
+
+    async def reader(n: int) -> None:
+        services = pods[n % len(pods)]
+        while not done.is_set():
+            version, rows = await read_current(services)
+            check_invariants(rows)
+            reads.append((version, rows))
+
+    async def writers() -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                for w in range(OWNERS):
+                    tg.start_soon(mover, w)
+                for n in range(2):
+                    tg.start_soon(filler_deleter, n)
+                    tg.start_soon(filler_appender, n)
+        finally:
+            done.set()
+
+    with anyio.fail_after(DEADLINE_S):
+        async with anyio.create_task_group() as tg:
+            for n in range(3):
+                tg.start_soon(reader, n)
+            tg.start_soon(writers)
+
+    last = await current_version(pods[0])
+    assert last == first_version + OWNERS * MOVES + 2 * 2 + 2 * 2
+    committed = {v: await rows_at(pods[0], v) for v in range(first_version, last + 1)}
+    for rows in committed.values():
+        check_invariants(rows)
+    assert len(reads) >= 3
+    for version, rows in reads:
+        # Exactly the version the read's catalog state named: never a mix of two.
+        assert rows == committed[version]
+    assert len({v for v, _ in reads}) > 1, "the reads never overlapped a write"
+    await assert_no_orphans(pods[0])
+
+
+# -- 3. bounded retries: a change that gives up leaves nothing behind --------------------
+
+SEED = [{"id": i, "v": 0} for i in range(8)]
+SEED_ROWS: list[Row] = [(r["id"], r["v"]) for r in SEED]
+
+
+async def seed_small_files(services: Services, tmp: Path, files: int = 4) -> None:
+    """SEED in ``files`` separate appends (small files compaction will merge)."""
+    per = len(SEED) // files
+    for n in range(files):
+        await append(services, tmp, SEED[n * per : (n + 1) * per])
+
+
+def interlopers(services: Services, tmp: Path) -> dict[str, tuple[Interloper, dict[int, int]]]:
+    """Competing writes (each through the services' own writer and mutator), and the
+    contents of the table after SEED plus that write alone."""
+    base = {r["id"]: r["v"] for r in SEED}
+    return {
+        "append": (lambda: append(services, tmp, [{"id": 100, "v": 1}]), {**base, 100: 1}),
+        "upsert": (
+            lambda: upsert(services.mutator, tmp, [{"id": 1, "v": 7}]),
+            {**base, 1: 7},
+        ),
+        "delete": (
+            lambda: delete(services.mutator, [2]),
+            {k: v for k, v in base.items() if k != 2},
+        ),
+    }
+
+
+async def ours(op: str, mutator: Mutator, tmp: Path, *, if_match: int | None = None) -> Outcome:
+    """The change under test: an upsert of id 0 (in the same file as the interlopers'
+    ids), a delete of id 3, or a compaction of every file."""
+    if op == "upsert":
+        return await upsert(mutator, tmp, [{"id": 0, "v": 9}], if_match=if_match)
+    if op == "delete":
+        return await delete(mutator, [3], if_match=if_match)
+    assert op == "compact"
+    return await mutator.compact(Target(ORG, SUP, T, if_match=if_match))
+
+
+def apply_ours(op: str, contents: dict[int, int]) -> dict[int, int]:
+    if op == "upsert":
+        return {**contents, 0: 9}
+    if op == "delete":
+        return {k: v for k, v in contents.items() if k != 3}
+    return contents
+
+
+OPS = ["upsert", "delete", "compact"]
+INTERLOPERS = ["append", "upsert", "delete"]
+
+
+@pytest.mark.parametrize("interloper", INTERLOPERS)
+@pytest.mark.parametrize("op", OPS)
+async def test_no_retries_left_is_a_conflict_leaving_no_event_and_no_file(
+    services: Services, tmp_path: Path, op: str, interloper: str
+) -> None:
+    await seed_small_files(services, tmp_path)
+    other, expected = interlopers(services, tmp_path)[interloper]
+    mutator = GatedMutator(services, other, retries=0)
+    before = len(await table_events(services))
+
+    with pytest.raises(ConflictError) as caught:
+        await ours(op, mutator, tmp_path)
+
+    now = await current_version(services)
+    assert caught.value.current_version == now
+    assert len(await table_events(services)) == before + 1  # the interloper's event only
+    assert mutator.outputs, "the change was computed and published once"
+    for out in mutator.outputs:
+        assert out is not None
+        assert not await services.storage.exists(out.path), "its published file was kept"
+    assert kv((await read_current(services))[1]) == expected
+    await assert_no_orphans(services)
+
+
+@pytest.mark.parametrize("interloper", INTERLOPERS)
+@pytest.mark.parametrize("op", ["upsert", "delete"])
+async def test_one_retry_recomputes_on_top_of_the_competing_write(
+    services: Services, tmp_path: Path, op: str, interloper: str
+) -> None:
+    await seed_small_files(services, tmp_path)
+    other, expected = interlopers(services, tmp_path)[interloper]
+    mutator = GatedMutator(services, other, retries=1)
+
+    outcome = await ours(op, mutator, tmp_path)
+
+    assert outcome.version == await current_version(services)
+    assert len(mutator.outputs) == 2  # computed again against the new version
+    first, second = mutator.outputs
+    assert first is not None and not await services.storage.exists(first.path)
+    # (None: the recomputed delete emptied its file, so there was nothing to publish.)
+    assert second is None or await services.storage.exists(second.path)
+    assert kv((await read_current(services))[1]) == apply_ours(op, expected)
+    await assert_no_orphans(services)
+
+
+async def test_racing_upserts_without_retries_commit_or_fail_cleanly(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Eight upserts at a time against one file, no retries: some lose with a conflict.
+    # Exactly the winners' rows must be in the table, one event each, and the losers'
+    # files must be gone.
+    no_retries = msgspec.structs.replace(settings, merge_retries=0)
+    async with Services.open(no_retries, no_retries.redis_url) as services:
+        await append(services, tmp_path, [{"id": i, "v": 0} for i in range(WRITERS)])
+        expected = {i: 0 for i in range(WRITERS)}
+        won, lost = 0, 0
+        for r in range(1, 6):
+            winners: list[int] = []
+
+            async def upserter(w: int, r: int = r, winners: list[int] = winners) -> None:
+                nonlocal lost
+                try:
+                    await upsert(services.mutator, tmp_path, [{"id": w, "v": r}])
+                except ConflictError:
+                    lost += 1
+                else:
+                    winners.append(w)
+
+            with anyio.fail_after(DEADLINE_S):
+                async with anyio.create_task_group() as tg:
+                    for w in range(WRITERS):
+                        tg.start_soon(upserter, w)
+            assert winners, "someone must win each round"
+            won += len(winners)
+            expected.update({w: r for w in winners})
+            assert kv((await read_current(services))[1]) == expected
+
+        assert lost > 0, "the upserts never raced"
+        events = await table_events(services)
+        assert sum(isinstance(e, RowsUpserted) for e in events) == won
+        await assert_no_orphans(services)
+
+
+# -- 4. compaction never blocks writers, and a conflicting write wins --------------------
+
+
+@pytest.mark.parametrize(
+    ("interloper", "rebased"),
+    [("append", True), ("insert", True), ("upsert", False), ("delete", False)],
+)
+async def test_a_write_landing_during_compaction_wins(
+    services: Services, tmp_path: Path, interloper: str, rebased: bool
+) -> None:
+    # The write runs (and completes: compaction holds no lock) while compaction has
+    # read its inputs and published its output. If it left the inputs current (an
+    # append, or an upsert of a new key, which rewrites no file) compaction rebases:
+    # same output, no recomputation. If it rewrote an input, compaction computes again
+    # and the write's change survives.
+    await seed_small_files(services, tmp_path)
+    writes = interlopers(services, tmp_path)
+    writes["insert"] = (
+        lambda: upsert(services.mutator, tmp_path, [{"id": 500, "v": 5}]),
+        {**{r["id"]: r["v"] for r in SEED}, 500: 5},
+    )
+    other, expected = writes[interloper]
+    compactor = GatedMutator(services, other, retries=3)
+
+    with anyio.fail_after(DEADLINE_S):
+        outcome = await compactor.compact(Target(ORG, SUP, T))
+
+    assert outcome.event_id is not None
+    assert outcome.version == await current_version(services)
+    assert len(compactor.outputs) == (1 if rebased else 2)
+    state = (await services.reader.super_state(ORG, SUP)).tables[T]
+    final = compactor.outputs[-1]
+    assert final is not None and final.path in {f.path for f in state.files}
+    if not rebased:
+        first = compactor.outputs[0]
+        assert first is not None and not await services.storage.exists(first.path)
+    assert kv((await read_current(services))[1]) == expected
+    await assert_compactions_kept_contents(services)
+    await assert_no_orphans(services)
+
+
+async def assert_compactions_kept_contents(services: Services) -> int:
+    """Every committed compaction left the rows exactly as the version before it had
+    them (same multiset). Returns how many compactions committed."""
+    compactions = [e for e in await table_events(services) if isinstance(e, TableCompacted)]
+    for event in compactions:
+        before = await rows_at(services, event.version - 1)
+        after = await rows_at(services, event.version)
+        assert Counter(after) == Counter(before), f"compaction v{event.version} changed rows"
+    return len(compactions)
+
+
+async def test_compaction_races_appends_upserts_and_deletes(
+    patient_settings: Settings, tmp_path: Path
+) -> None:
+    eager = msgspec.structs.replace(patient_settings, compact_min_files=2)
+    async with Services.open(eager, eager.redis_url) as services:
+        seed = [{"id": i, "v": 0} for i in range(24)]
+        for n in range(6):
+            await append(services, tmp_path, seed[n * 4 : (n + 1) * 4])
+        expected = {r["id"]: r["v"] for r in seed}
+        outcomes: list[Outcome] = []
+
+        async def compactor() -> None:
+            for _ in range(6):
+                outcomes.append(await services.mutator.compact(Target(ORG, SUP, T)))
+
+        async def appender(a: int) -> None:
+            for n in range(3):
+                rows = [{"id": 1000 + a * 100 + n * 10 + j, "v": a} for j in range(2)]
+                await append(services, tmp_path, rows)
+                expected.update({row["id"]: row["v"] for row in rows})
+
+        async def upserter(u: int) -> None:
+            mine = list(range(u * 4, u * 4 + 4))
+            for r in range(1, 3):
+                await upsert(services.mutator, tmp_path, [{"id": i, "v": r} for i in mine])
+            expected.update({i: 2 for i in mine})
+
+        async def deleter(d: int) -> None:
+            mine = list(range(16 + d * 4, 16 + d * 4 + 4))
+            await delete(services.mutator, mine[:2])
+            await delete(services.mutator, mine[2:])
+            for i in mine:
+                expected.pop(i)
+
+        with anyio.fail_after(DEADLINE_S):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(compactor)
+                for n in range(3):
+                    tg.start_soon(appender, n)
+                for n in range(4):
+                    tg.start_soon(upserter, n)
+                for n in range(2):
+                    tg.start_soon(deleter, n)
+
+        assert kv((await read_current(services))[1]) == expected
+        committed = [o for o in outcomes if o.event_id is not None]
+        assert committed, "compaction never committed"
+        assert await assert_compactions_kept_contents(services) == len(committed)
+        # Every write committed too: none was blocked out or lost to compaction.
+        events = await table_events(services)
+        assert sum(isinstance(e, RowsUpserted) for e in events) == 4 * 2
+        assert sum(isinstance(e, RowsDeleted) for e in events) == 2 * 2
+        await assert_no_orphans(services)
+
+
+# -- 5. If-Match: a stale version is a conflict at once, never retried --------------------
+
+
+@pytest.mark.parametrize("op", OPS)
+async def test_if_match_with_a_stale_version_is_a_conflict_without_computing(
+    patient_settings: Settings, tmp_path: Path, op: str
+) -> None:
+    async with Services.open(patient_settings, patient_settings.redis_url) as services:
+        await seed_small_files(services, tmp_path)
+        now = await current_version(services)
+        before = len(await table_events(services))
+        mutator = GatedMutator(services, None, retries=100)
+
+        with pytest.raises(ConflictError) as caught:
+            await ours(op, mutator, tmp_path, if_match=now - 1)
+
+        assert caught.value.current_version == now
+        assert mutator.outputs == []  # nothing computed, nothing published
+        assert len(await table_events(services)) == before
+        assert kv((await read_current(services))[1]) == {r["id"]: r["v"] for r in SEED}
+        await assert_no_orphans(services)
+
+        # The current version as If-Match: the change commits.
+        outcome = await ours(op, mutator, tmp_path, if_match=now)
+        assert outcome.version == now + 1
+        assert kv((await read_current(services))[1]) == apply_ours(op, kv(SEED_ROWS))
+
+
+@pytest.mark.parametrize("interloper", INTERLOPERS)
+@pytest.mark.parametrize("op", OPS)
+async def test_if_match_overtaken_before_the_commit_is_a_conflict_without_retry(
+    patient_settings: Settings, tmp_path: Path, op: str, interloper: str
+) -> None:
+    # If-Match names the current version, but a write lands between computing the
+    # change and committing it: 409 even with retries to spare, computed only once.
+    async with Services.open(patient_settings, patient_settings.redis_url) as services:
+        await seed_small_files(services, tmp_path)
+        now = await current_version(services)
+        other, expected = interlopers(services, tmp_path)[interloper]
+        mutator = GatedMutator(services, other, retries=100)
+
+        with pytest.raises(ConflictError) as caught:
+            await ours(op, mutator, tmp_path, if_match=now)
+
+        assert caught.value.current_version == now + 1
+        assert len(mutator.outputs) == 1
+        out = mutator.outputs[0]
+        assert out is not None and not await services.storage.exists(out.path)
+        assert kv((await read_current(services))[1]) == expected
+        await assert_no_orphans(services)
