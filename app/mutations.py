@@ -32,7 +32,13 @@ import pyarrow as pa
 
 from app.ingest import Plan, Source, WrittenFile, conform_table, plan_schema, table_source
 from app.writes import INTERNAL_TOKEN_TTL_S, Writer
-from events.errors import ConflictError, IdempotencyMismatch, InvalidInput, TypeMismatch
+from events.errors import (
+    ConflictError,
+    IdempotencyMismatch,
+    InvalidInput,
+    TypeMismatch,
+    Unavailable,
+)
 from events.log import NEW_TABLE, Idempotency
 from events.model import (
     DataFile,
@@ -170,7 +176,11 @@ class Mutator:
                     )
                 stored = msgspec.json.decode(earlier.result, type=_Stored)
                 return Outcome(
-                    target.table, earlier.version, earlier.event_ids[-1], stored.result, True
+                    target.table,
+                    earlier.version,
+                    earlier.event_ids[-1] or None,
+                    stored.result,
+                    True,
                 )
         key, fingerprint, ttl = self._token(target)
         change: Change | None = None
@@ -191,9 +201,10 @@ class Mutator:
                     if change is not None:
                         await self._discard(change)
                         change = None
-                    change = await prepare(table)
-                    if change is None:
-                        return Outcome(target.table, current, None, {})
+                    change = await prepare(table) or Change(lambda _: [], {})
+                events = change.events(current)
+                if not events and target.idempotency_key is None:
+                    return Outcome(target.table, current, None, change.result)
                 if table is None:
                     await self._register(target)
                 await self.writer.record_grace()
@@ -210,7 +221,7 @@ class Mutator:
                         target.org,
                         target.super_,
                         target.table,
-                        change.events(current),
+                        events,
                         expected_version=current,
                         idempotency=idem,
                     )
@@ -228,12 +239,13 @@ class Mutator:
                         return Outcome(
                             target.table,
                             appended.version,
-                            appended.event_ids[-1],
+                            appended.event_ids[-1] or None,
                             first.result,
                             True,
                         )
+                # No events (a change that changes nothing) only recorded the key.
                 return Outcome(
-                    target.table, appended.version, appended.event_ids[-1], change.result
+                    target.table, appended.version, appended.event_ids[-1] or None, change.result
                 )
             raise ConflictError(
                 f"table {target.org}/{target.super_}/{target.table} kept changing under "
@@ -286,7 +298,16 @@ class Mutator:
         con = self.engine.connect_internal()
         try:
             return build(con)
-        except duckdb.ConversionException as exc:
+        except (duckdb.IOException, duckdb.HTTPException) as exc:
+            raise Unavailable(
+                f"a data file could not be read: {_first_line(exc)}", code="data_unavailable"
+            ) from exc
+        except (
+            duckdb.ConversionException,
+            duckdb.OutOfRangeException,
+            duckdb.InvalidInputException,
+        ) as exc:
+            # Only a user's where condition or values can fail like this.
             raise InvalidInput(
                 f"a value does not fit its column: {_first_line(exc)}", code="invalid_where"
             ) from exc
@@ -307,12 +328,16 @@ class Mutator:
         with the greatest ``newer_than``; with ``newer_than``, an incoming row that is not
         newer than the stored row of its key is skipped (``unchanged``)."""
         key = _check_key_list(key)
-        last: dict[str, Any] = {}
 
         async def prepare(table: TableState | None) -> Change | None:
             plan = plan_schema(table.columns if table else None, source.fields, text=source.text)
             _check_upsert_columns(plan, source, key, newer_than)
             incoming, _ = await anyio.to_thread.run_sync(conform_table, source, plan)
+            for name in key:
+                if incoming.column(name).null_count:
+                    raise InvalidInput(
+                        f"key column {name!r} has a null in the body", code="null_key"
+                    )
             columns = plan.columns
             files = _candidates(table.files if table else (), columns, incoming, key)
             merged = await anyio.to_thread.run_sync(
@@ -323,9 +348,8 @@ class Mutator:
                 )
             )
             out_rows, counts, touched = merged
-            last.update(counts)
             if counts["inserted"] + counts["updated"] == 0:
-                return None
+                return Change(lambda _: [], {**counts, "key": list(key), "newer_than": newer_than})
             out = await self._output(target, out_rows, columns, inline_ok=True)
             added = [out] if out else []
             removed = tuple(files[i].path for i in touched)
@@ -365,9 +389,7 @@ class Mutator:
 
         outcome = await self._commit(target, prepare, allow_new=True)
         if outcome.event_id is None:
-            # Every incoming row matched an identical or newer stored row.
-            result = {**last, "key": list(key), "newer_than": newer_than}
-            return msgspec.structs.replace(outcome, result=result)
+            return outcome  # every incoming row matched an identical or newer stored row
         await self.after_inline_write(target.org, target.super_, target.table)
         return outcome
 
@@ -409,7 +431,7 @@ class Mutator:
                 )
             )
             if removed_rows == 0:
-                return None
+                return Change(lambda _: [], {"rows_removed": 0})
             out = await self._output(target, out_rows, table.columns, inline_ok=True)
             added = [out] if out else []
             removed = tuple(files[i].path for i in touched)
@@ -430,16 +452,16 @@ class Mutator:
 
             return Change(events, {"rows_removed": removed_rows}, added, removed, table.columns)
 
-        outcome = await self._commit(target, prepare)
-        if outcome.event_id is None:
-            return msgspec.structs.replace(outcome, result={"rows_removed": 0})
-        return outcome
+        return await self._commit(target, prepare)
 
     # -- compaction --------------------------------------------------------------------
 
     async def compact(self, target: Target, *, inline_only: bool = False) -> Outcome:
         """Merge small files and every inlined batch into Parquet files of up to the
-        target size. Contents and row order are unchanged."""
+        target size. The rows are unchanged (values and types, exactly), and the merged
+        rows keep the order a scan of the inputs returned; where the merged file lands
+        among the others may change the order of an unordered scan (as in any SQL
+        table, only ORDER BY defines one)."""
 
         async def prepare(table: TableState | None) -> Change | None:
             assert table is not None
@@ -496,7 +518,8 @@ class Mutator:
             return []
         groups: list[list[DataFile]] = [[]]
         size = 0
-        for f in inline + small:
+        # In the order a scan of the table reads them: Parquet files, then inlined rows.
+        for f in small + inline:
             if groups[-1] and size + f.size_bytes > self.compact_target_bytes:
                 groups.append([])
                 size = 0

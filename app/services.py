@@ -155,7 +155,11 @@ class Services:
         at_time = parse_time(as_of_time) if as_of_time is not None else None
 
         async def resolve(analysis: Analysis) -> dict[str, TableState]:
-            plain = {r.name for r in analysis.refs if r.version is None and r.time is None}
+            plain = {
+                r.name
+                for r in analysis.refs
+                if r.version is None and r.time is None and r.name in state.tables
+            }
             if as_of_version is not None and len(plain) != 1:
                 raise InvalidInput(
                     "as_of_version needs a query over exactly one table; for several, "

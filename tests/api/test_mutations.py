@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pyarrow as pa
 import pytest
+from litestar.testing import TestClient
 
+from app.http import create_app
+from app.settings import Settings
 from tests.api.lake import (
     ARROW,
     ORG,
@@ -23,12 +27,14 @@ from tests.api.lake import (
     history,
     ok,
     query,
+    query_arrow,
+    stored_files,
     table_url,
     upsert,
     upsert_call,
     version_of,
 )
-from tests.bodies import arrow_bytes
+from tests.bodies import arrow_bytes, parquet_bytes
 
 ALL = "select * from orders order by all"
 
@@ -171,7 +177,8 @@ def test_upsert_newer_than_with_timestamps(client: Client) -> None:
         [2, t0, "z"],
     ]
     # a JSON body's ISO strings are parsed against the stored timestamp column
-    body = upsert(client, [{"id": 2, "seen": "2023-11-14T22:13:19Z", "name": "old"}], newer_than="seen")
+    old = [{"id": 2, "seen": "2023-11-14T22:13:19Z", "name": "old"}]
+    body = upsert(client, old, newer_than="seen")
     assert counts(body) == (0, 0, 1, 0)
 
 
@@ -339,6 +346,33 @@ def test_upsert_idempotency_key_replays_the_first_result(client: Client) -> None
     assert event_ids(client) == after_first
 
 
+def test_idempotency_key_of_a_noop_change_is_not_reusable_for_another(client: Client) -> None:
+    seed(client)
+    headers = {"Idempotency-Key": "noop-1"}
+    first = upsert(client, [{"id": 1, "name": "a"}], headers=headers)
+    assert (first["event_id"], first["unchanged"]) == (None, 1)
+    before = event_ids(client)
+    # A change that had nothing to do still records its key (and a retry replays it).
+    again = upsert(client, [{"id": 1, "name": "a"}], headers=headers)
+    assert (again["replayed"], again["event_id"], again["unchanged"]) == (True, None, 1)
+    other = upsert_call(client, [{"id": 1, "name": "zzz"}], headers=headers)
+    assert_error(other, 422, "idempotency_key_reused")
+    assert event_ids(client) == before
+    assert query(client, ALL) == [[1, "a"], [2, "b"], [3, "c"]]
+
+
+def test_idempotency_key_of_a_noop_delete_is_not_reusable_for_another(client: Client) -> None:
+    seed(client)
+    headers = {"Idempotency-Key": "noop-2"}
+    first = ok(delete_call(client, {"keys": {"id": [99]}}, headers=headers))
+    assert (first["event_id"], first["rows_removed"]) == (None, 0)
+    before = event_ids(client)
+    # As above, for a delete that matched nothing.
+    other = delete_call(client, {"keys": {"id": [1]}}, headers=headers)
+    assert_error(other, 422, "idempotency_key_reused")
+    assert event_ids(client) == before
+
+
 def test_upsert_if_match(client: Client) -> None:
     seed(client)
     stale = upsert_call(client, [{"id": 1, "name": "x"}], headers={"If-Match": '"0"'})
@@ -495,6 +529,54 @@ def test_bad_deletes_are_rejected_and_append_nothing(
     assert query(client, ALL) == [[1, "a"], [2, "b"], [3, "c"]]
 
 
+def test_where_failing_at_run_time_is_a_400_not_a_500(client: Client) -> None:
+    seed(client)
+    before = event_ids(client)
+    # A conversion error found while reading the rows is a 400 ...
+    assert_error(delete_call(client, {"where": "cast(name as int) = 1"}), 400, "invalid_where")
+    # ... and so is an overflow.
+    r = delete_call(client, {"where": "abs(id - 9223372036854775807 - 3) > 0"})
+    assert_error(r, 400, "invalid_where")
+    assert event_ids(client) == before
+    assert query(client, ALL) == [[1, "a"], [2, "b"], [3, "c"]]
+
+
+def test_delete_where_sees_a_later_column_as_null_in_older_files(client: Client) -> None:
+    append(client, [{"id": 1}, {"id": 2}])
+    append(client, [{"id": 3, "note": "x"}, {"id": 4, "note": None}])
+    body = ok(delete_call(client, {"where": "note is null and id <> 2"}))
+    assert body["rows_removed"] == 2
+    assert query(client, "select id, note from orders order by id") == [[2, None], [3, "x"]]
+    body = ok(delete_call(client, {"keys": {"note": ["x"]}}))
+    assert body["rows_removed"] == 1
+    assert query(client, "select id, note from orders") == [[2, None]]
+
+
+UPSERT_BODIES = {
+    "application/json": b'[{"id": 2, "name": "B"}, {"id": 4, "name": "d"}]',
+    "application/x-ndjson": b'{"id": 2, "name": "B"}\n{"id": 4, "name": "d"}\n',
+    "text/csv": b"id,name\n2,B\n4,d\n",
+    "application/vnd.apache.parquet": parquet_bytes(
+        pa.table({"id": pa.array([2, 4], pa.int32()), "name": ["B", "d"]})
+    ),
+    ARROW: arrow_bytes(pa.table({"id": pa.array([2, 4], pa.int64()), "name": ["B", "d"]})),
+}
+
+
+@pytest.mark.parametrize("content_type", list(UPSERT_BODIES))
+def test_upsert_accepts_every_body_format(client: Client, content_type: str) -> None:
+    seed(client)
+    r = client.post(
+        table_url(suffix="/rows"),
+        params={"mode": "upsert", "key": "id"},
+        content=UPSERT_BODIES[content_type],
+        headers={"content-type": content_type},
+    )
+    assert counts(ok(r)) == (1, 1, 0, 1)
+    assert query(client, ALL) == [[1, "a"], [2, "B"], [3, "c"], [4, "d"]]
+    assert [c["type"] for c in detail(client)["columns"]] == ["int64", "string"]
+
+
 def test_delete_from_a_missing_table_is_404(client: Client) -> None:
     assert_error(delete_call(client, {"keys": {"id": [1]}}), 404, "org_not_found")
     seed(client)
@@ -531,3 +613,246 @@ def test_delete_if_match(client: Client) -> None:
     assert ok(good)["version"] == 2
     bad = delete_call(client, {"keys": {"id": [2]}}, headers={"If-Match": "abc"})
     assert_error(bad, 400, "invalid_if_match")
+
+
+def test_upsert_null_keys_are_not_silently_merged(client: Client) -> None:
+    append(client, [{"id": 1, "name": "s"}, {"id": None, "name": "t"}])
+    r = upsert_call(client, [{"id": None, "name": "a"}, {"id": None, "name": "b"}])
+    # A null key can match nothing: refused, as delete does, and nothing changes.
+    assert_error(r, 400, "null_key")
+    assert query(client, ALL) == [[1, "s"], [None, "t"]]
+
+
+# -- compaction -------------------------------------------------------------------------
+
+
+def compact_call(client: Client, table: str = TBL) -> Any:
+    return client.post(table_url(table, "/compact"))
+
+
+def snapshot(client: Client) -> tuple[pa.Table, pa.Table]:
+    """The table's rows sorted, and in the order a plain scan returns them."""
+    return query_arrow(client, ALL), query_arrow(client, "select * from orders")
+
+
+def test_compaction_merges_small_files_without_changing_the_data(client: Client) -> None:
+    append(client, [{"id": 5, "name": "e"}, {"id": 1, "name": "a"}])
+    append(client, [{"id": 3, "name": "c"}])
+    append(client, [{"id": 9, "name": "i", "score": 1.5}])  # a later column
+    append(client, [{"id": 7, "name": None, "score": None}, {"id": 2, "name": "b"}])
+    append(client, [{"id": 4, "name": "d", "score": -0.25}])
+    before_files = current_paths(client)
+    assert len(before_files) == 5
+    version = version_of(client)
+    sorted_before, scan_before = snapshot(client)
+    assert scan_before.column("id").to_pylist() == [5, 1, 3, 9, 7, 2, 4]
+
+    r = compact_call(client)
+    body = ok(r)
+    assert body == {
+        "table": TBL,
+        "version": version + 1,
+        "files_removed": 5,
+        "files_added": 1,
+        "rows": 7,
+        "event_id": body["event_id"],
+    }
+    assert body["event_id"]
+    sorted_after, scan_after = snapshot(client)
+    assert sorted_after.equals(sorted_before, check_metadata=True)
+    assert scan_after.equals(scan_before)
+    assert detail(client)["file_count"] == 1
+    assert detail(client)["row_count"] == 7
+    assert history(client)[-1] == (version + 1, "TableCompacted", 0, 0)
+    (event,) = [e for e in events(client) if e["type"] == "TableCompacted"]
+    assert event["removed_files"] == before_files
+    assert event["rows"] == 7
+    # the version before compaction still reads its own (now non-current) files
+    assert query_arrow(client, ALL, as_of_version=version).equals(sorted_before)
+    # nothing left to merge: a no-op
+    again = ok(compact_call(client))
+    assert again == {
+        "table": TBL,
+        "version": version + 1,
+        "files_removed": 0,
+        "files_added": 0,
+        "rows": 0,
+        "event_id": None,
+    }
+
+
+def test_compaction_keeps_a_column_typed_after_its_first_files(client: Client) -> None:
+    append(client, [{"id": 1, "maybe": None}])
+    append(client, [{"id": 2, "maybe": None}])
+    append(client, [{"id": 3, "maybe": 5}])
+    append(client, [{"id": 4}])
+    sorted_before, scan_before = snapshot(client)
+    assert sorted_before.schema.field("maybe").type == pa.int64()
+    body = ok(compact_call(client))
+    assert (body["files_removed"], body["files_added"], body["rows"]) == (4, 1, 4)
+    sorted_after, scan_after = snapshot(client)
+    assert sorted_after.equals(sorted_before)
+    assert scan_after.equals(scan_before)
+    rows = query(client, "select id, maybe from orders")
+    assert rows == [[1, None], [2, None], [3, 5], [4, None]]
+
+
+def test_compaction_waits_for_enough_small_files(client: Client) -> None:
+    for i in range(3):
+        append(client, [{"id": i}])
+    before = event_ids(client)
+    body = ok(compact_call(client))
+    assert (body["event_id"], body["files_removed"], body["version"]) == (None, 0, 3)
+    assert event_ids(client) == before
+    append(client, [{"id": 3}])
+    body = ok(compact_call(client))
+    assert (body["files_removed"], body["files_added"], body["rows"]) == (4, 1, 4)
+
+
+def test_compaction_of_a_missing_table_is_404(client: Client) -> None:
+    append(client, [{"id": 1}])
+    assert_error(compact_call(client, "nope"), 404, "table_not_found")
+
+
+def test_compaction_keeps_the_row_order_around_a_large_file(settings: Settings) -> None:
+    small = msgspec.structs.replace(settings, compact_small_bytes=20_000)
+    assert small.redis_url
+    with TestClient(create_app(small, small.redis_url)) as client:
+        append(client, [{"id": 1, "pad": "s"}])
+        big = [{"id": 1000 + i, "pad": f"{i:06d}-" + "x" * (i % 97)} for i in range(3000)]
+        append(client, big)
+        for i in (2, 3, 4, 5):
+            append(client, [{"id": i, "pad": "s"}])
+        sizes = [f["size_bytes"] for f in ok(client.get(table_url(suffix="/versions/6")))["files"]]
+        assert sizes[1] >= 20_000 and max(sizes[:1] + sizes[2:]) < 20_000
+        sorted_before, scan_before = snapshot(client)
+        body = ok(compact_call(client))
+        assert (body["files_removed"], body["files_added"], body["rows"]) == (5, 1, 5)
+        sorted_after, scan_after = snapshot(client)
+        assert sorted_after.equals(sorted_before)
+        # The merged file joins the table after the large one: an unordered scan may
+        # return rows in another order (only ORDER BY defines one), never other rows.
+        ids = scan_after.column("id").to_pylist()
+        assert sorted(ids) == sorted(scan_before.column("id").to_pylist())
+
+
+# -- small-write inlining -----------------------------------------------------------------
+
+
+def inline_client(settings: Settings, **overrides: Any) -> TestClient[Any]:
+    inline = msgspec.structs.replace(settings, inline_max_rows=100, **overrides)
+    assert inline.redis_url
+    return TestClient(create_app(inline, inline.redis_url))
+
+
+def test_tiny_writes_are_inlined_and_queryable_at_once(settings: Settings) -> None:
+    with inline_client(settings) as client:
+        body = append(client, [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+        assert body["version"] == 1
+        assert stored_files(settings.storage_root) == set()
+        assert query(client, ALL) == [[1, "a"], [2, "b"]]
+        d = detail(client)
+        assert (d["inline_batches"], d["file_count"], d["row_count"]) == (1, 1, 2)
+        (f,) = ok(client.get(table_url(suffix="/versions/1")))["files"]
+        assert f["inline"] is True
+        assert f["path"].startswith("inline/")
+        assert f["rows"] == 2
+        # a larger write still makes a Parquet file
+        append(client, [{"id": 100 + i, "name": "x"} for i in range(101)])
+        assert len(stored_files(settings.storage_root)) == 1
+        assert detail(client)["inline_batches"] == 1
+        assert query(client, "select count(*), sum(id) from orders") == [[103, 15_153]]
+
+
+def test_upsert_and_delete_over_inlined_rows(settings: Settings) -> None:
+    with inline_client(settings) as client:
+        append(client, [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+        append(client, [{"id": 3, "name": "c"}])
+        body = upsert(client, [{"id": 2, "name": "B"}, {"id": 4, "name": "d"}])
+        assert counts(body) == (1, 1, 0, 1)
+        assert query(client, ALL) == [[1, "a"], [2, "B"], [3, "c"], [4, "d"]]
+        assert ok(delete_call(client, {"keys": {"id": [1, 3]}}))["rows_removed"] == 2
+        assert query(client, ALL) == [[2, "B"], [4, "d"]]
+        assert ok(delete_call(client, {"where": "name = 'd'"}))["rows_removed"] == 1
+        assert query(client, ALL) == [[2, "B"]]
+        assert stored_files(settings.storage_root) == set()
+        d = detail(client)
+        assert d["row_count"] == 1
+        assert d["inline_batches"] == d["file_count"]
+        assert history(client)[-3:] == [
+            (3, "RowsUpserted", 2, 1),
+            (4, "RowsDeleted", 0, 2),
+            (5, "RowsDeleted", 0, 1),
+        ]
+        # past inlined versions stay queryable
+        assert query(client, ALL, as_of_version=2) == [[1, "a"], [2, "b"], [3, "c"]]
+
+
+def test_inlined_batches_are_flushed_into_one_parquet_file(settings: Settings) -> None:
+    with inline_client(settings, inline_flush_files=3) as client:
+        assert append(client, [{"id": 3, "name": "c"}])["version"] == 1
+        assert append(client, [{"id": 1, "name": "a"}])["version"] == 2
+        assert detail(client)["inline_batches"] == 2
+        assert stored_files(settings.storage_root) == set()
+        third = append(client, [{"id": 2, "name": "b"}, {"id": 0, "name": None}])
+        assert third["version"] == 3
+        # the third batch triggered the flush, before the write returned
+        d = detail(client)
+        assert (d["inline_batches"], d["file_count"], d["row_count"], d["version"]) == (
+            0, 1, 4, 4,
+        )  # fmt: skip
+        assert len(stored_files(settings.storage_root)) == 1
+        (f,) = ok(client.get(table_url(suffix="/versions/4")))["files"]
+        assert f["inline"] is False
+        assert history(client)[-1] == (4, "TableCompacted", 0, 0)
+        (event,) = [e for e in events(client) if e["type"] == "TableCompacted"]
+        assert event["actor"] == "ledgerlake"
+        assert len(event["removed_files"]) == 3
+        # the same rows, in the same order, as the inlined version 3
+        assert query_arrow(client, ALL).equals(query_arrow(client, ALL, as_of_version=3))
+        scan = "select * from orders"
+        assert query_arrow(client, scan).equals(query_arrow(client, scan, as_of_version=3))
+        assert query(client, "select id from orders") == [[3], [1], [2], [0]]
+        assert query(client, ALL) == [[0, None], [1, "a"], [2, "b"], [3, "c"]]
+
+
+def test_compact_endpoint_flushes_inlined_batches(settings: Settings) -> None:
+    with inline_client(settings) as client:
+        append(client, [{"id": 2, "name": "b"}])
+        append(client, [{"id": 1, "name": "a"}])
+        sorted_before, scan_before = snapshot(client)
+        body = ok(compact_call(client))
+        assert (body["files_removed"], body["files_added"], body["rows"]) == (2, 1, 2)
+        assert detail(client)["inline_batches"] == 0
+        assert len(stored_files(settings.storage_root)) == 1
+        sorted_after, scan_after = snapshot(client)
+        assert sorted_after.equals(sorted_before)
+        assert scan_after.equals(scan_before)
+
+
+def test_compaction_of_inlined_and_parquet_files_keeps_the_scan_order(settings: Settings) -> None:
+    with inline_client(settings) as client:
+        append(client, [{"id": -1}])  # inlined
+        for start in (0, 200, 400, 600):
+            append(client, [{"id": start + i} for i in range(101)])  # Parquet
+        assert detail(client)["inline_batches"] == 1
+        sorted_before, scan_before = snapshot(client)
+        assert scan_before.column("id").to_pylist()[-1] == -1  # inlined rows come last
+        body = ok(compact_call(client))
+        assert (body["files_removed"], body["files_added"], body["rows"]) == (5, 1, 405)
+        sorted_after, scan_after = snapshot(client)
+        assert sorted_after.equals(sorted_before)
+        # Merged in scan order: the Parquet files, then the inlined rows.
+        assert scan_after.column("id").to_pylist() == scan_before.column("id").to_pylist()
+
+
+def test_an_inlined_upsert_counts_towards_the_flush(settings: Settings) -> None:
+    with inline_client(settings, inline_flush_files=3) as client:
+        append(client, [{"id": 1, "name": "a"}])
+        append(client, [{"id": 2, "name": "b"}])
+        body = upsert(client, [{"id": 3, "name": "c"}])
+        assert (body["version"], counts(body)) == (3, (1, 0, 0, 0))
+        d = detail(client)
+        assert (d["inline_batches"], d["file_count"], d["version"]) == (0, 1, 4)
+        assert history(client)[-1] == (4, "TableCompacted", 0, 0)
+        assert query(client, "select id, name from orders") == [[1, "a"], [2, "b"], [3, "c"]]
