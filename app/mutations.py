@@ -247,10 +247,12 @@ class Mutator:
                 return Outcome(
                     target.table, appended.version, appended.event_ids[-1] or None, change.result
                 )
+            latest = (await self.reader.super_state(target.org, target.super_)).tables
+            now_at = latest[target.table].version if target.table in latest else NEW_TABLE
             raise ConflictError(
                 f"table {target.org}/{target.super_}/{target.table} kept changing under "
                 f"this change; gave up after {self.retries} retries",
-                current_version=current,
+                current_version=now_at,
             )
         except BaseException:
             if change is not None and not unsure:
