@@ -256,8 +256,10 @@ async def _upsert_file(
     source = await anyio.to_thread.run_sync(open_source, path, fmt, known)
     target = Target(org, sup, table, actor="cli", request_id=uuid.uuid4().hex)
     outcome = await services.mutator.upsert(target, source, args.key.split(","), args.newer_than)
-    print(json.dumps({"table": table, "version": outcome.version,
-                      "event_id": outcome.event_id, **outcome.result}))  # fmt: skip
+    r = outcome.result
+    rows = r["inserted"] + r["updated"] + r["unchanged"]
+    print(json.dumps({"table": table, "version": outcome.version, "rows": rows,
+                      "event_id": outcome.event_id, **r}))  # fmt: skip
     return 0
 
 

@@ -207,7 +207,9 @@ def test_cli_bad_input_exits_non_zero_with_a_message(
         (["ingest", good, "--table", "a/b/c/d"], "--table must look like"),
         (["ingest", empty, "--table", TABLE], "is empty"),
         (["ingest", good], "--table"),
-        (["ingest", good, "--table", TABLE, "--mode", "upsert"], "invalid choice"),
+        (["ingest", good, "--table", TABLE, "--mode", "merge"], "invalid choice"),
+        (["ingest", good, "--table", TABLE, "--mode", "upsert"], "needs --key"),
+        (["ingest", good, "--table", TABLE, "--key", "id"], "apply to --mode upsert only"),
         (["query", "SELECT 1", "--super", "acme"], "--super must look like"),
         (["ingest", good, "--table", "acme/sales/Bad-Name"], "invalid table name"),
         (["ingest", odd, "--table", TABLE], "cannot tell the format"),
@@ -243,3 +245,28 @@ def test_data_dir_from_environment(procs: Procs, tmp_path: Path, redis_url: str)
     assert done.returncode == 0, done.stderr
     assert ingest_json(done)["rows"] == 2
     assert any((data_dir / "files").rglob("*.parquet"))
+
+
+def test_cli_upsert_compact_and_time_travel(procs: Procs, tmp_path: Path, redis_url: str) -> None:
+    env = cli_env(redis_url=redis_url, redis_prefix=f"e2e{uuid.uuid4().hex[:8]}")
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_text("id,v\n1,a\n2,b\n")
+    second.write_text("id,v\n2,B\n3,c\n")
+    assert procs.cli("ingest", first, "--table", TABLE, env=env).returncode == 0
+    done = procs.cli("ingest", second, "--table", TABLE, "--mode", "upsert", "--key", "id", env=env)
+    assert done.returncode == 0, done.stderr
+    summary = ingest_json(done)
+    assert (summary["version"], summary["inserted"], summary["updated"]) == (2, 1, 1)
+    done = procs.cli("compact", "acme/sales", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "acme/sales/orders: merged 1 files" in done.stdout  # the inlined batch
+    sql = "select id, v from orders order by id"
+    now = procs.cli("query", sql, "--super", "acme/sales", "--format", "csv", env=env)
+    old = procs.cli(
+        "query", sql, "--super", "acme/sales", "--format", "csv", "--as-of-version", "1", env=env
+    )
+    assert csv_rows(now.stdout) == [{"id": "1", "v": "a"}, {"id": "2", "v": "B"},
+                                    {"id": "3", "v": "c"}]  # fmt: skip
+    assert csv_rows(old.stdout) == [{"id": "1", "v": "a"}, {"id": "2", "v": "b"}]
+    done = procs.cli("compact", "nobody", env=env)
+    assert done.returncode != 0 and "no table matches" in done.stderr
