@@ -15,6 +15,7 @@ Runs with inlining off and on: inlined batches must behave exactly like files.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -75,11 +76,21 @@ create_rows = st.lists(
     max_size=4,
 )
 # Upserted rows always carry a non-null key; v and ts may be null or missing.
-upsert_rows = st.lists(
-    st.fixed_dictionaries({"id": ids}, optional={"v": values, "ts": stamps}),
-    min_size=1,
-    max_size=5,
-)
+upsert_row = st.fixed_dictionaries({"id": ids}, optional={"v": values, "ts": stamps})
+
+
+def upsert_rows(stored: list[Row]) -> st.SearchStrategy[list[dict[str, Any]]]:
+    """Fresh rows, and copies of stored rows (some identical: unchanged; some with the
+    same ts: not newer)."""
+    keyed = sorted({r for r in stored if r[0] is not None}, key=canon_key)
+    row = upsert_row
+    if keyed:
+        row = row | st.sampled_from(keyed).flatmap(
+            lambda r: st.fixed_dictionaries(
+                {"id": st.just(r[0]), "v": st.just(r[1]) | values, "ts": st.just(r[2]) | stamps}
+            )
+        )
+    return st.lists(row, min_size=1, max_size=5)
 
 
 def _sql_null_lt(a: int | None, b: int) -> bool:
@@ -108,9 +119,13 @@ def _null_first(value: int | None) -> tuple[bool, int]:
     return (value is not None, value or 0)
 
 
+def canon_key(row: Row) -> tuple[tuple[bool, int], ...]:
+    return tuple(_null_first(c) for c in row)
+
+
 def canon(rows: list[Row]) -> list[Row]:
     """A multiset of rows as a sorted list (nulls first)."""
-    return sorted(rows, key=lambda r: tuple(_null_first(c) for c in r))
+    return sorted(rows, key=canon_key)
 
 
 def model_upsert(
@@ -221,7 +236,7 @@ class TableMachine(RuleBasedStateMachine):
         result: IngestResult = self.run(self.services.writer.ingest, req)
         return result
 
-    def upsert(self, rows: list[dict[str, Any]], newer_than: str | None) -> Outcome:
+    def call_upsert(self, rows: list[dict[str, Any]], newer_than: str | None) -> Outcome:
         async def go() -> Outcome:
             state = await self.services.reader.super_state(ORG, SUP)
             current = state.tables.get(TABLE)
@@ -285,11 +300,16 @@ class TableMachine(RuleBasedStateMachine):
 
     # -- rules ---------------------------------------------------------------------------
 
-    @initialize(rows=create_rows, how=st.sampled_from(["append", "overwrite", "upsert"]))
-    def create(self, rows: list[dict[str, Any]], how: str) -> None:
+    @initialize(
+        rows=create_rows,
+        how=st.sampled_from(["append", "overwrite", "upsert"]),
+        rnd=st.randoms(use_true_random=False),
+    )
+    def create(self, rows: list[dict[str, Any]], how: str, rnd: random.Random) -> None:
+        self.rnd = rnd  # picks the past version each step reads
         if how == "upsert":
-            outcome = self.upsert(rows, None)
-            expected, counts = model_upsert([], rows, False)
+            outcome = self.call_upsert(rows, None)
+            expected, counts = model_upsert([], rows, newer_than=False)
             assert outcome.result["inserted"] == counts["inserted"]
             self.commit(["TableCreated", "RowsUpserted"], expected, flush=True)
         else:
@@ -310,6 +330,13 @@ class TableMachine(RuleBasedStateMachine):
         assert (result.rows, result.version) == (len(rows), self.version + 1)
         self.commit(["RowsAppended"], self.current + list(map(as_row, rows)), flush=True)
 
+    @rule(batches=st.lists(append_rows.filter(bool), min_size=2, max_size=4))
+    def append_batches(self, batches: list[list[dict[str, Any]]]) -> None:
+        """A burst of small appends: many files (or inlined batches, then a flush)."""
+        for rows in batches:
+            self.ingest(rows, "append")
+            self.commit(["RowsAppended"], self.current + list(map(as_row, rows)), flush=True)
+
     @rule(rows=append_rows)
     def overwrite(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
@@ -321,12 +348,21 @@ class TableMachine(RuleBasedStateMachine):
         assert (result.rows, result.version) == (len(rows), self.version + 1)
         self.commit(["TableOverwritten"], list(map(as_row, rows)), flush=True)
 
-    @rule(rows=upsert_rows, newer=st.booleans(), ts_value=stamps)
-    def upsert_by_id(self, rows: list[dict[str, Any]], newer: bool, ts_value: int | None) -> None:
-        if newer and not any("ts" in r for r in rows):
-            rows = [{**rows[0], "ts": ts_value}, *rows[1:]]  # newer_than needs the column
+    @rule(data=st.data())
+    def upsert_plain(self, data: st.DataObject) -> None:
+        rows = data.draw(upsert_rows(self.current), label="rows")
+        self.check_upsert(rows, newer=False)
+
+    @rule(data=st.data())
+    def upsert_newer_than(self, data: st.DataObject) -> None:
+        rows = data.draw(upsert_rows(self.current), label="rows")
+        if not any("ts" in r for r in rows):
+            rows = [{**rows[0], "ts": None}, *rows[1:]]  # newer_than needs the column
+        self.check_upsert(rows, newer=True)
+
+    def check_upsert(self, rows: list[dict[str, Any]], *, newer: bool) -> None:
         expected, counts = model_upsert(self.current, rows, newer)
-        outcome = self.upsert(rows, "ts" if newer else None)
+        outcome = self.call_upsert(rows, "ts" if newer else None)
         got = {k: outcome.result[k] for k in counts}
         note("upsert: " + ", ".join(k for k, n in counts.items() if n))
         assert got == counts, f"upsert {rows} newer_than={newer}: {got} != {counts}"
@@ -376,7 +412,7 @@ class TableMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def expire(self, data: st.DataObject) -> None:
-        how = data.draw(st.sampled_from(["version", "now", "before"]), label="cutoff")
+        how = data.draw(st.sampled_from(["version"] * 3 + ["now", "before"]), label="cutoff")
         if how == "version":
             v = data.draw(st.integers(0, self.version), label="at the time of version")
             cutoff = self.times[v]
@@ -408,28 +444,6 @@ class TableMachine(RuleBasedStateMachine):
         a, b = self.run(go)
         assert a == b
 
-    @rule(data=st.data())
-    def time_travel(self, data: st.DataObject) -> None:
-        """A past version, by number or by instant, is the model's (or Gone)."""
-        v = data.draw(st.integers(0, self.version), label="version")
-        if data.draw(st.booleans(), label="by time"):
-            t = self.times[v] + timedelta(
-                milliseconds=data.draw(st.sampled_from([-1, 0]), label="ms")
-            )
-            at = f"AT (TIMESTAMP => '{t.isoformat()}')"
-            seen = self.at_time(t)
-        else:
-            at, seen = f"AT (VERSION => {v})", v
-        note(f"time travel: {'not found' if seen is None else 'gone' if seen < self.retained_from else 'ok'}")
-        if seen is None:
-            with pytest.raises(NotFound):
-                self.run(query_rows, self.services, at)
-        elif seen < self.retained_from:
-            with pytest.raises(Gone):
-                self.run(query_rows, self.services, at)
-        else:
-            assert self.run(query_rows, self.services, at) == self.contents[seen], (at, seen)
-
     # -- checks after every step ---------------------------------------------------------
 
     @invariant()
@@ -439,6 +453,28 @@ class TableMachine(RuleBasedStateMachine):
         state = self.table()
         assert (state.version, state.retained_from) == (self.version, self.retained_from)
         assert self.run(query_rows, self.services) == self.current
+        self.check_past_version()
+
+    def check_past_version(self) -> None:
+        """A past version, by number or by instant, is the model's (or Gone)."""
+        v = self.rnd.randint(0, self.version)
+        if self.rnd.random() < 0.3:
+            t = self.times[v] - timedelta(milliseconds=self.rnd.choice([0, 1]))
+            at = f"AT (TIMESTAMP => '{t.isoformat()}')"
+            seen = self.at_time(t)
+        else:
+            at, seen = f"AT (VERSION => {v})", v
+        outcome = "not found" if seen is None else "gone" if seen < self.retained_from else "ok"
+        note(f"time travel: {outcome}")
+        if seen is None:
+            with pytest.raises(NotFound):
+                self.run(query_rows, self.services, at)
+        elif seen < self.retained_from:
+            with pytest.raises(Gone):
+                self.run(query_rows, self.services, at)
+        else:
+            got = self.run(query_rows, self.services, at)
+            assert got == self.contents[seen], f"{at} (version {seen}): {got}"
 
     def teardown(self) -> None:
         try:
