@@ -52,6 +52,7 @@ from projections.replay import replay
 from projections.store import encode_table
 
 ORG, SUP, TABLE = "o", "s", "t"
+NEIGHBOUR = "u"  # another table of the same super (one stream for both)
 COLUMNS = ("id", "v", "ts")
 Row = tuple[int | None, int | None, int | None]
 
@@ -64,11 +65,11 @@ ids = st.integers(0, 4)
 values = st.none() | st.integers(-3, 3)
 stamps = st.none() | st.integers(0, 3)
 
-# Appended rows: the id may be null, v and ts may be null or missing from the row.
-append_rows = st.lists(
-    st.fixed_dictionaries({"id": st.none() | ids}, optional={"v": values, "ts": stamps}),
-    max_size=5,
-)
+# Appended rows: any column may be null or missing (not all: a row needs a value).
+append_row = st.fixed_dictionaries(
+    {}, optional={"id": st.none() | ids, "v": values, "ts": stamps}
+).filter(bool)
+append_rows = st.lists(append_row, max_size=5)
 # The first write types every column (int64), so no version ever lacks a column.
 create_rows = st.lists(
     st.fixed_dictionaries({"id": ids, "v": st.integers(-3, 3), "ts": st.integers(0, 3)}),
@@ -185,10 +186,10 @@ def _views(services: Services, state: SuperState) -> Callable[[Analysis], Any]:
     return resolve
 
 
-async def query_rows(services: Services, at: str = "") -> list[Row]:
+async def query_rows(services: Services, at: str = "", table: str = TABLE) -> list[Row]:
     state = await services.reader.super_state(ORG, SUP)
     result = await services.engine.run(
-        _views(services, state), f"select * from {TABLE} {at}", limit=10_000
+        _views(services, state), f"select * from {table} {at}", limit=10_000
     )
     return canon([as_row(r) for r in result.table.to_pylist()])
 
@@ -217,6 +218,7 @@ class TableMachine(RuleBasedStateMachine):
         self.version = -1
         self.retained_from = 0
         self.last_event = "0-0"
+        self.neighbour: list[Row] | None = None  # the other table's rows, once created
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -231,8 +233,8 @@ class TableMachine(RuleBasedStateMachine):
     def target(self) -> Target:
         return Target(ORG, SUP, TABLE)
 
-    def ingest(self, rows: list[dict[str, Any]], mode: str) -> IngestResult:
-        req = IngestRequest(ORG, SUP, TABLE, self.body(rows), "json", mode=mode)
+    def ingest(self, rows: list[dict[str, Any]], mode: str, table: str = TABLE) -> IngestResult:
+        req = IngestRequest(ORG, SUP, table, self.body(rows), "json", mode=mode)
         result: IngestResult = self.run(self.services.writer.ingest, req)
         return result
 
@@ -429,6 +431,14 @@ class TableMachine(RuleBasedStateMachine):
             assert keep is not None
             self.retained_from = keep
 
+    @rule(rows=st.lists(append_row, min_size=1, max_size=3))
+    def append_to_neighbour(self, rows: list[dict[str, Any]]) -> None:
+        """Events of another table interleave in the same stream: the time travel,
+        expiry and restore of ``t`` must ignore them."""
+        self.ingest(rows, "append", NEIGHBOUR)
+        self.neighbour = canon([*(self.neighbour or []), *map(as_row, rows)])
+        self.commit([], None)  # nothing of t
+
     @rule()
     def project(self) -> None:
         """Run the projector mid-way: a reader with no cache (snapshot + log tail) then
@@ -453,6 +463,8 @@ class TableMachine(RuleBasedStateMachine):
         state = self.table()
         assert (state.version, state.retained_from) == (self.version, self.retained_from)
         assert self.run(query_rows, self.services) == self.current
+        if self.neighbour is not None:
+            assert self.run(query_rows, self.services, "", NEIGHBOUR) == self.neighbour
         self.check_past_version()
 
     def check_past_version(self) -> None:
