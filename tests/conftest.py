@@ -66,7 +66,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def settings(redis_url: str, tmp_path: Path) -> Settings:
     """Inlining is off here: these tests look at the Parquet files a write makes.
-    Tests of inlining (and the model tests) use ``inline_settings``."""
+    Tests of inlining (and the model test) turn it on with msgspec.structs.replace."""
     return Settings(
         data_dir=tmp_path / "data",
         redis_url=redis_url,

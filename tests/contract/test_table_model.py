@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio.from_thread
+import hypothesis
 import msgspec
 import pytest
-from hypothesis import HealthCheck, settings
-from hypothesis import event as note
+from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -53,7 +53,6 @@ from projections.store import encode_table
 
 ORG, SUP, TABLE = "o", "s", "t"
 NEIGHBOUR = "u"  # another table of the same super (one stream for both)
-COLUMNS = ("id", "v", "ts")
 Row = tuple[int | None, int | None, int | None]
 
 # Inlining on, with a flush after every 4 inlined batches (so flushes happen).
@@ -94,13 +93,9 @@ def upsert_rows(stored: list[Row]) -> st.SearchStrategy[list[dict[str, Any]]]:
     return st.lists(row, min_size=1, max_size=5)
 
 
-def _sql_null_lt(a: int | None, b: int) -> bool:
-    return a is not None and a < b
-
-
 # (SQL, the same predicate in Python with SQL's null logic: NULL -> not deleted)
 WHERES: list[Callable[[int, int], tuple[str, Callable[[Row], bool]]]] = [
-    lambda x, _y: (f"v < {x}", lambda r: _sql_null_lt(r[1], x)),
+    lambda x, _y: (f"v < {x}", lambda r: r[1] is not None and r[1] < x),
     lambda x, _y: (
         f"ts >= {x} or v is null",
         lambda r: (r[2] is not None and r[2] >= x) or r[1] is None,
@@ -273,7 +268,6 @@ class TableMachine(RuleBasedStateMachine):
         if flush and self.inline and expected:
             allowed.append([*expected, "TableCompacted"])
         assert types in allowed, f"events {types}, expected one of {allowed}"
-        note(f"events: {'+'.join(types) or 'none'}")
         for event in events:
             assert event.version == self.version + 1, (event.version, self.version)
             kind = type(event).__name__
@@ -366,7 +360,6 @@ class TableMachine(RuleBasedStateMachine):
         expected, counts = model_upsert(self.current, rows, newer)
         outcome = self.call_upsert(rows, "ts" if newer else None)
         got = {k: outcome.result[k] for k in counts}
-        note("upsert: " + ", ".join(k for k, n in counts.items() if n))
         assert got == counts, f"upsert {rows} newer_than={newer}: {got} != {counts}"
         changed = counts["inserted"] + counts["updated"] > 0
         assert (outcome.event_id is not None) == changed
@@ -404,7 +397,6 @@ class TableMachine(RuleBasedStateMachine):
     def restore(self, data: st.DataObject) -> None:
         version = data.draw(st.integers(0, self.version), label="restore to")
         if version < self.retained_from:
-            note("restore: gone")
             with pytest.raises(Gone):
                 self.run(self.services.mutator.restore, self.target(), version)
             self.commit([], None)
@@ -476,8 +468,6 @@ class TableMachine(RuleBasedStateMachine):
             seen = self.at_time(t)
         else:
             at, seen = f"AT (VERSION => {v})", v
-        outcome = "not found" if seen is None else "gone" if seen < self.retained_from else "ok"
-        note(f"time travel: {outcome}")
         if seen is None:
             with pytest.raises(NotFound):
                 self.run(query_rows, self.services, at)
@@ -505,7 +495,7 @@ class TableMachine(RuleBasedStateMachine):
 
 # -- the tests --------------------------------------------------------------------------
 
-MODEL_SETTINGS = settings(
+MODEL_SETTINGS = hypothesis.settings(
     max_examples=25,
     stateful_step_count=12,
     deadline=None,
@@ -521,15 +511,8 @@ def portal() -> Iterator[anyio.from_thread.BlockingPortal]:
 
 @pytest.mark.parametrize("inline", [False, True], ids=["files", "inlined"])
 def test_table_matches_the_model(
-    inline: bool,
-    redis_url: str,
-    tmp_path: Path,
-    portal: anyio.from_thread.BlockingPortal,
+    inline: bool, settings: Settings, tmp_path: Path, portal: anyio.from_thread.BlockingPortal
 ) -> None:
-    base = Settings(
-        data_dir=tmp_path / "data",
-        redis_url=redis_url,
-        redis_prefix="unused",
-        **(INLINE if inline else {"inline_max_rows": 0}),
-    )
+    """Each example gets its own data directory and Redis key prefix."""
+    base = msgspec.structs.replace(settings, **INLINE) if inline else settings
     run_state_machine_as_test(lambda: TableMachine(portal, base, tmp_path), settings=MODEL_SETTINGS)
