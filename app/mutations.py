@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -31,7 +30,7 @@ import msgspec
 import pyarrow as pa
 
 from app.ingest import Plan, Source, WrittenFile, conform_table, plan_schema, table_source
-from app.writes import INTERNAL_TOKEN_TTL_S, Writer
+from app.writes import Writer, append_token
 from events.errors import (
     ConflictError,
     IdempotencyMismatch,
@@ -45,11 +44,9 @@ from events.model import (
     DataType,
     EventBase,
     Field,
-    OrgCreated,
     RowsDeleted,
     RowsUpserted,
     SchemaEvolved,
-    SuperCreated,
     TableCompacted,
     TableCreated,
     TableRestored,
@@ -182,7 +179,7 @@ class Mutator:
                     stored.result,
                     True,
                 )
-        key, fingerprint, ttl = self._token(target)
+        key, fingerprint, ttl = append_token(target.idempotency_key, target.fingerprint)
         change: Change | None = None
         unsure = False
         try:
@@ -206,7 +203,9 @@ class Mutator:
                 if not events and target.idempotency_key is None:
                     return Outcome(target.table, current, None, change.result)
                 if table is None:
-                    await self._register(target)
+                    await self.writer.register(
+                        target.org, target.super_, target.actor, target.request_id
+                    )
                 await self.writer.record_grace()
                 stored = _Stored(change.result, [f.path for f in change.added])
                 idem = Idempotency(
@@ -260,22 +259,9 @@ class Mutator:
                     await self._discard(change)
             raise
 
-    @staticmethod
-    def _token(target: Target) -> tuple[str, str, int | None]:
-        if target.idempotency_key is not None:
-            return target.idempotency_key, target.fingerprint, None
-        internal = f"m:{uuid.uuid4().hex}"
-        return internal, internal, INTERNAL_TOKEN_TTL_S
-
     async def _discard(self, change: Change) -> None:
         for data_file in change.added:
             await self.writer.discard(data_file)
-
-    async def _register(self, target: Target) -> None:
-        common = {k: v for k, v in target.base().items() if k != "table"}
-        await self.log.ensure_super(
-            target.org, target.super_, OrgCreated(**common), SuperCreated(**common)
-        )
 
     async def _output(
         self, target: Target, rows: pa.Table, columns: tuple[Field, ...], *, inline_ok: bool

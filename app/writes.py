@@ -106,6 +106,15 @@ class _Stored(msgspec.Struct, frozen=True):
 INTERNAL_TOKEN_TTL_S = 600
 
 
+def append_token(idempotency_key: str | None, fingerprint: str) -> tuple[str, str, int | None]:
+    """(key, fingerprint, ttl) guarding an append: the client's Idempotency-Key, or a
+    random one of ours."""
+    if idempotency_key is not None:
+        return idempotency_key, fingerprint, None
+    internal = f"w:{uuid.uuid4().hex}"
+    return internal, internal, INTERNAL_TOKEN_TTL_S
+
+
 def _replayed(result: bytes, version: int, event_ids: tuple[str, ...]) -> IngestResult:
     """The answer to a retried request: what the first one recorded."""
     extra = msgspec.json.decode(result, type=_Stored)
@@ -178,7 +187,7 @@ class Writer:
         data_file: DataFile | None = None
         registered = False
         published_at = 0.0
-        token = self._token(req)
+        token = append_token(req.idempotency_key, req.fingerprint)
         # True while an append is in flight: if it fails then (a lost connection), the
         # event may or may not be in the log, so the file must stay (an orphan at worst).
         unsure = False
@@ -198,12 +207,8 @@ class Writer:
                     written, data_file = await self._materialize(req, source, plan, progress)
                     published_at = time.monotonic()
                 assert data_file is not None
-                unit = (req.org, req.super_)
-                if not registered and time.monotonic() - self._registered.get(unit, -1e9) > 60:
-                    await self._register(req)
-                    if len(self._registered) > 10_000:
-                        self._registered.clear()
-                    self._registered[unit] = time.monotonic()
+                if not registered:
+                    await self.register(req.org, req.super_, req.actor, req.request_id)
                 registered = True
                 await self.record_grace()
                 if time.monotonic() - published_at > self.max_file_age_s:
@@ -294,14 +299,6 @@ class Writer:
                 return written, inline
         return await self.write_file(req.org, req.super_, req.table, source, plan, progress)
 
-    @staticmethod
-    def _token(req: IngestRequest) -> tuple[str, str, int | None]:
-        """(key, fingerprint, ttl) guarding this request's append."""
-        if req.idempotency_key is not None:
-            return req.idempotency_key, req.fingerprint, None
-        internal = f"w:{uuid.uuid4().hex}"
-        return internal, internal, INTERNAL_TOKEN_TTL_S
-
     async def _earlier_result(self, req: IngestRequest) -> IngestResult | None:
         assert req.idempotency_key is not None
         stored = await self.log.stored_result(req.org, req.super_, req.idempotency_key)
@@ -353,20 +350,23 @@ class Writer:
             path=key, rows=written.rows, size_bytes=size, columns=written.stats
         )
 
-    async def _register(self, req: IngestRequest) -> None:
+    async def register(self, org: str, super_: str, actor: str, request_id: str) -> None:
+        """Record the org and super in the registry before a table's first event (skipped
+        when this process did so within the last minute)."""
+        unit = (org, super_)
+        if time.monotonic() - self._registered.get(unit, -1e9) <= 60:
+            return
         common: dict[str, Any] = {
-            "org": req.org,
-            "super_": req.super_,
-            "actor": req.actor,
+            "org": org,
+            "super_": super_,
+            "actor": actor,
             "time": now(),
-            "request_id": req.request_id,
+            "request_id": request_id,
         }
-        await self.log.ensure_super(
-            req.org,
-            req.super_,
-            OrgCreated(**common),
-            SuperCreated(**common),
-        )
+        await self.log.ensure_super(org, super_, OrgCreated(**common), SuperCreated(**common))
+        if len(self._registered) > 10_000:
+            self._registered.clear()
+        self._registered[unit] = time.monotonic()
 
     async def _append(
         self,

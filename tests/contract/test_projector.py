@@ -176,7 +176,7 @@ async def test_a_commit_can_acknowledge_thousands_of_entries(services: Services)
     """More acks than Lua's unpack() takes in one call."""
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     base = {"org": "o", "super_": "s", "table": "t", "actor": "me", "time": t0}
-    await services.writer._register(IngestRequest("o", "s", "t", Path("-"), "json"))
+    await services.writer.register("o", "s", "anonymous", "")
     events: list[Any] = [
         TableCreated(version=0, columns=(Field("x", DataType(kind="int64")),), **base)
     ]

@@ -30,8 +30,8 @@ class RacedWriter(Writer):
         self.other = Writer(services.log, services.reader, services.storage)
         self.interloper: IngestRequest | None = interloper
 
-    async def _register(self, req: IngestRequest) -> None:
-        await super()._register(req)
+    async def register(self, org: str, super_: str, actor: str, request_id: str) -> None:
+        await super().register(org, super_, actor, request_id)
         if self.interloper is not None:
             other, self.interloper = self.interloper, None
             await self.other.ingest(other)
