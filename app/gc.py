@@ -16,7 +16,8 @@ Redis, and gc refuses a shorter one (a writer re-uploads only after half of *its
 And gc only considers files under supers the log knows: pointed at the wrong (or an
 empty) Redis, it finds nothing to delete instead of everything.
 
-A file is referenced when a *retained* version of its table holds it: the version
+A file is referenced when a *retained* version of a live table holds it (the files of a
+dropped table, or of an earlier incarnation of a re-created one, are garbage): the version
 ``retained_from`` (the oldest one ``ledgerlake expire`` left) or any later one. Files only
 expired versions held become garbage. Versions are read from the log *after* the table
 states, so an expiry committed in between only makes gc keep more.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from events.model import DataFile, Event
+from events.model import DataFile, Event, stream_id_tuple
 from events.redis_log import Keys, RedisEventLog, guarded
 from events.storage import Storage, StoredObject
 from projections.catalog import TableState, apply_table
@@ -93,13 +94,16 @@ async def referenced_files(
         while True:
             events = await log.read(org, sup, after=after, count=PAGE)
             for event in events:
-                if not event.table:
-                    continue
-                state = apply_table(event, states.get(event.table))
-                states[event.table] = state
                 table = current.get(event.table)
-                retained_from = table.retained_from if table else 0
-                if state.version < retained_from:
+                if table is None or stream_id_tuple(event.id) < stream_id_tuple(
+                    table.incarnation or "0-0"
+                ):
+                    continue  # a dropped table, or an earlier incarnation of this one
+                state = apply_table(event, states.get(event.table))
+                if state is None:
+                    continue
+                states[event.table] = state
+                if state.version < table.retained_from:
                     continue
                 # The oldest retained version: all its files; each later one: the files
                 # it added.

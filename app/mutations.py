@@ -44,11 +44,13 @@ from events.model import (
     DataType,
     EventBase,
     Field,
+    MirrorsChanged,
     RowsDeleted,
     RowsUpserted,
     SchemaEvolved,
     TableCompacted,
     TableCreated,
+    TableDropped,
     TableRestored,
     VersionsExpired,
     now,
@@ -347,7 +349,14 @@ class Mutator:
                 out_events: list[EventBase] = []
                 if table is None:
                     version += 1
-                    out_events.append(TableCreated(version=version, columns=columns, **base))
+                    out_events.append(
+                        TableCreated(
+                            version=version,
+                            columns=columns,
+                            mirrors=self.writer.mirrors,
+                            **base,
+                        )
+                    )
                 elif plan.schema_changed:
                     version += 1
                     out_events.append(
@@ -578,6 +587,39 @@ class Mutator:
 
             # The restored files belong to a retained version: never ours to delete.
             return Change(events, {"restored_version": version}, [], (), old.columns)
+
+        return await self._commit(target, prepare)
+
+    async def drop(self, target: Target) -> Outcome:
+        """Drop the table: its name becomes free, its files garbage, its mirrors go."""
+
+        async def prepare(table: TableState | None) -> Change | None:
+            assert table is not None
+            base = target.base()
+
+            def events(at: int) -> list[EventBase]:
+                return [TableDropped(version=at + 1, rows=table.row_count, **base)]
+
+            return Change(events, {"rows": table.row_count})
+
+        return await self._commit(target, prepare)
+
+    async def set_mirrors(self, target: Target, formats: tuple[str, ...]) -> Outcome:
+        """Choose the mirror formats that publish the table (a no-op if unchanged)."""
+        formats = tuple(sorted(set(formats)))
+
+        async def prepare(table: TableState | None) -> Change | None:
+            assert table is not None
+            result = {"mirrors": list(formats)}
+            current = table.mirrors if table.mirrors is not None else self.writer.mirrors
+            if tuple(sorted(current)) == formats:
+                return Change(lambda _: [], result)
+            base = target.base()
+
+            def events(at: int) -> list[EventBase]:
+                return [MirrorsChanged(version=at + 1, formats=formats, **base)]
+
+            return Change(events, result)
 
         return await self._commit(target, prepare)
 

@@ -66,6 +66,7 @@ class Services:
             max_file_age_s=settings.gc_grace_s / 2,
             inline_max_rows=settings.inline_max_rows,
             inline_max_bytes=settings.inline_max_bytes,
+            mirrors=settings.mirror_formats,
         )
         limits = QueryLimits(
             default_rows=settings.query_default_limit,

@@ -16,6 +16,7 @@ import msgspec
 from events.redis_log import RedisTarget
 
 PREFIX = "LEDGERLAKE_"
+MIRROR_FORMATS = ("delta", "iceberg")
 
 SETTINGS_DOC: dict[str, str] = {
     "data_dir": "Where data files and the embedded Redis live.",
@@ -75,6 +76,11 @@ SETTINGS_DOC: dict[str, str] = {
     "compact_min_files": "Compaction merges small files once a table has at least this many.",
     "compact_interval_s": "Background compaction of every table by `worker` (and `serve`, "
     "which runs a worker) every this many seconds. 0: off (`ledgerlake compact` only).",
+    "mirrors": "Mirror formats a new table gets, comma-separated: `delta`, `iceberg`, both "
+    "(the default) or `none`. Per table: `PUT .../tables/{table}/mirrors`.",
+    "mirror_checkpoint_interval": "A Delta mirror writes a checkpoint every this many commits.",
+    "mirror_retention_s": "Mirror metadata older than this is cleaned up (Delta log entries "
+    "before a checkpoint, expired Iceberg snapshots); never a data file.",
     "row_group_rows": "Parquet row group size, in rows.",
     "zstd_level": "Parquet zstd compression level.",
     "log_format": "`text` or `json` (one JSON object per line).",
@@ -146,6 +152,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     compact_target_bytes: int = 256 * 1024 * 1024
     compact_min_files: int = 4
     compact_interval_s: float = 0.0
+    mirrors: str = "delta,iceberg"
+    mirror_checkpoint_interval: int = 10
+    mirror_retention_s: float = 3600.0
     row_group_rows: int = 131_072
     zstd_level: int = 3
     log_format: str = "text"
@@ -191,8 +200,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if any(c in where for c in "*?[]{}"):
             # DuckDB reads file lists as glob patterns: such a path would match others.
             raise SystemExit(f"the data location must not contain any of *?[]{{}}: {where}")
+        unknown = set(self.mirror_formats) - set(MIRROR_FORMATS)
+        if unknown:
+            raise SystemExit(
+                f"LEDGERLAKE_MIRRORS: unknown format(s) {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(MIRROR_FORMATS)})"
+            )
         if self.redis_appendfsync not in ("always", "everysec", "no"):
             raise SystemExit("LEDGERLAKE_REDIS_APPENDFSYNC must be always, everysec or no")
+
+    @property
+    def mirror_formats(self) -> tuple[str, ...]:
+        """The ``mirrors`` setting as a sorted tuple of format names."""
+        names = {f.strip().lower() for f in self.mirrors.split(",")} - {"", "none"}
+        return tuple(sorted(names))
 
     @property
     def external_redis(self) -> bool:

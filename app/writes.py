@@ -143,6 +143,7 @@ class Writer:
         max_file_age_s: float = 1800.0,
         inline_max_rows: int = 0,
         inline_max_bytes: int = 0,
+        mirrors: tuple[str, ...] = (),
     ) -> None:
         self.log = log
         self.reader = reader
@@ -153,6 +154,8 @@ class Writer:
         self.max_file_age_s = max_file_age_s
         self.inline_max_rows = inline_max_rows
         self.inline_max_bytes = inline_max_bytes
+        # Mirror formats a new table gets (recorded in its TableCreated event).
+        self.mirrors = mirrors
         # Called after an inlined batch was appended (the maintenance service flushes
         # inlined rows into Parquet once enough have accumulated).
         # Its argument is the table's inlined batches, including the new one.
@@ -389,7 +392,9 @@ class Writer:
         events: list[EventBase] = []
         if table is None:
             version += 1
-            events.append(TableCreated(version=version, columns=plan.columns, **base))
+            events.append(
+                TableCreated(version=version, columns=plan.columns, mirrors=self.mirrors, **base)
+            )
         elif plan.schema_changed:
             version += 1
             events.append(

@@ -105,9 +105,12 @@ class SuperCreated(EventBase, frozen=True, tag="SuperCreated"):
 
 
 class TableCreated(EventBase, frozen=True, tag="TableCreated"):
-    """A table was created with an inferred schema; its version is 0 and it is empty."""
+    """A table was created with an inferred schema; its version is 0 and it is empty.
+    ``mirrors``: the mirror formats that publish it (None in events written before
+    mirrors existed: the ``LEDGERLAKE_MIRRORS`` default applies)."""
 
     columns: tuple[Field, ...]
+    mirrors: tuple[str, ...] | None = None
 
 
 class SchemaEvolved(EventBase, frozen=True, tag="SchemaEvolved"):
@@ -186,6 +189,21 @@ class VersionsExpired(EventBase, frozen=True, tag="VersionsExpired"):
     older_than: datetime
 
 
+class MirrorsChanged(EventBase, frozen=True, tag="MirrorsChanged"):
+    """The set of mirror formats (``delta``, ``iceberg``) that publish this table
+    changed. The rows do not change."""
+
+    formats: tuple[str, ...]
+
+
+class TableDropped(EventBase, frozen=True, tag="TableDropped"):
+    """The table was dropped. Its name is free again (a later ``TableCreated`` starts a
+    new table at version 0), its files become garbage for ``ledgerlake gc`` and its
+    mirrors are removed. Its events stay in the stream: they are the audit trail."""
+
+    rows: int
+
+
 Event: TypeAlias = (
     OrgCreated
     | SuperCreated
@@ -198,6 +216,8 @@ Event: TypeAlias = (
     | TableCompacted
     | TableRestored
     | VersionsExpired
+    | MirrorsChanged
+    | TableDropped
 )
 
 TABLE_EVENTS = (
@@ -210,6 +230,8 @@ TABLE_EVENTS = (
     TableCompacted,
     TableRestored,
     VersionsExpired,
+    MirrorsChanged,
+    TableDropped,
 )
 
 # (type tag, stored version) -> function upgrading the raw payload dict by one version.

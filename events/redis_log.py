@@ -74,7 +74,11 @@ for _ = 1, n do
   i = i + 3
 end
 local newv = curv + n
-redis.call('HSET', KEYS[2], tbl, newv)
+if ARGV[7 + 3 * (n - 1)] == 'TableDropped' then
+  redis.call('HDEL', KEYS[2], tbl)  -- the name is free: a new table starts at version 0
+else
+  redis.call('HSET', KEYS[2], tbl, newv)
+end
 local joined = table.concat(ids, ',')
 if fp ~= '' then
   redis.call('HSET', KEYS[3], 'fp', fp, 'version', newv, 'ids', joined, 'result', ARGV[5])

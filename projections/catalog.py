@@ -24,11 +24,13 @@ from events.model import (
     EventBase,
     Field,
     FilesReplaced,
+    MirrorsChanged,
     OrgCreated,
     RowsAppended,
     SchemaEvolved,
     SuperCreated,
     TableCreated,
+    TableDropped,
     TableOverwritten,
     TableRestored,
     VersionsExpired,
@@ -49,6 +51,11 @@ class TableState(msgspec.Struct, frozen=True):
     last_event_id: str
     # The oldest version that can still be queried or restored (VersionsExpired).
     retained_from: int = 0
+    # The id of the TableCreated event of this table: a dropped and re-created table
+    # is a new incarnation whose versions start again at 0.
+    incarnation: str = ""
+    # Mirror formats that publish the table; None: the LEDGERLAKE_MIRRORS default.
+    mirrors: tuple[str, ...] | None = None
 
     @property
     def row_count(self) -> int:
@@ -124,7 +131,9 @@ class RegistryState(msgspec.Struct, frozen=True):
 def apply_super(state: SuperState, event: Event) -> SuperState:
     """Fold one event of the super's stream into ``state``."""
     tables = state.tables
-    if isinstance(event, TABLE_EVENTS):
+    if isinstance(event, TableDropped):
+        tables = {name: t for name, t in tables.items() if name != event.table}
+    elif isinstance(event, TABLE_EVENTS):
         updated = _apply_table(event, tables.get(event.table))
         tables = {**tables, event.table: updated}
     return msgspec.structs.replace(state, tables=tables, position=event.id)
@@ -137,8 +146,11 @@ def fold_super(state: SuperState, events: list[Event]) -> SuperState:
     return state
 
 
-def apply_table(event: Event, table: TableState | None) -> TableState:
-    """Fold one event of a table into that table's state (None before it exists)."""
+def apply_table(event: Event, table: TableState | None) -> TableState | None:
+    """Fold one event of a table into that table's state (None before it exists and
+    after it is dropped)."""
+    if isinstance(event, TableDropped):
+        return None
     return _apply_table(event, table)
 
 
@@ -170,6 +182,8 @@ def _(event: TableCreated, table: TableState | None) -> TableState:
         created_by=event.actor,
         updated_by=event.actor,
         last_event_id=event.id,
+        incarnation=event.id,
+        mirrors=event.mirrors,
     )
 
 
@@ -221,6 +235,11 @@ def _(event: TableRestored, table: TableState | None) -> TableState:
 def _(event: VersionsExpired, table: TableState | None) -> TableState:
     current = _require(table, event)
     return _touch(current, event, retained_from=max(current.retained_from, event.before))
+
+
+@_apply_table.register
+def _(event: MirrorsChanged, table: TableState | None) -> TableState:
+    return _touch(_require(table, event), event, mirrors=event.formats)
 
 
 def apply_registry(state: RegistryState, event: Event) -> RegistryState:

@@ -37,8 +37,9 @@ class CatalogReader:
         self.max_cached = max_cached
         self._supers: OrderedDict[tuple[str, str], SuperState] = OrderedDict()
         self._registry: RegistryState | None = None
-        # Past versions never change: (org, super, table, version) -> state.
-        self._versions: OrderedDict[tuple[str, str, str, int], TableState] = OrderedDict()
+        # Past versions never change.
+        # (org, super, table, incarnation, version) -> state.
+        self._versions: OrderedDict[tuple[str, str, str, str, int], TableState] = OrderedDict()
 
     async def registry(self) -> RegistryState:
         state = self._registry or await self.store.load_registry()
@@ -112,17 +113,19 @@ class CatalogReader:
             return current
         if version is not None:
             self._check_retained(org, super_, current, version)
-            cached = self._versions.get((org, super_, table, version))
+            cached = self._versions.get((org, super_, table, current.incarnation, version))
             if cached is not None:
                 return cached
-        state = await self._fold_table(org, super_, table, version=version, at=at)
+        state = await self._fold_table(
+            org, super_, table, current.incarnation, version=version, at=at
+        )
         if state is None:
             raise NotFound(
                 f"table {org}/{super_}/{table} did not exist at {at.isoformat() if at else ''}",
                 code="version_not_found",
             )
         self._check_retained(org, super_, current, state.version)
-        self._versions[(org, super_, table, state.version)] = state
+        self._versions[(org, super_, table, current.incarnation, state.version)] = state
         while len(self._versions) > self.max_cached * 4:
             self._versions.popitem(last=False)
         return state
@@ -138,12 +141,20 @@ class CatalogReader:
             )
 
     async def _fold_table(
-        self, org: str, super_: str, table: str, *, version: int | None, at: datetime | None
+        self,
+        org: str,
+        super_: str,
+        table: str,
+        incarnation: str,
+        *,
+        version: int | None,
+        at: datetime | None,
     ) -> TableState | None:
-        """Fold one table's events from the start of the stream up to a version or an
-        instant. (Costs a scan of the super's stream; a per-table index would avoid it.)"""
+        """Fold the events of one incarnation of a table (from its ``TableCreated``
+        event on) up to a version or an instant. (Costs a scan of the super's stream;
+        a per-table index would avoid it.)"""
         state: TableState | None = None
-        after = "0-0"
+        after = _before(incarnation)
         while True:
             events = await self.log.read(org, super_, after=after, count=PAGE)
             for event in events:
@@ -152,6 +163,8 @@ class CatalogReader:
                 if at is not None and event.time > at:
                     return state
                 state = apply_table(event, state)
+                if state is None:  # dropped: cannot happen within the current incarnation
+                    return None
                 if version is not None and state.version >= version:
                     return state
             if len(events) < PAGE:
@@ -159,15 +172,25 @@ class CatalogReader:
             after = events[-1].id
 
     async def version_times(self, org: str, super_: str, table: str) -> list[tuple[int, datetime]]:
-        """(version, commit time) of every version of a table, oldest first."""
+        """(version, commit time) of every version of the table's current incarnation,
+        oldest first."""
+        current = await self.require_table(org, super_, table)
         out: list[tuple[int, datetime]] = []
-        after = "0-0"
+        after = _before(current.incarnation)
         while True:
             events = await self.log.read(org, super_, after=after, count=PAGE)
             out.extend((e.version, e.time) for e in events if e.table == table)
             if len(events) < PAGE:
                 return out
             after = events[-1].id
+
+
+def _before(entry_id: str) -> str:
+    """The position just before ``entry_id`` (reading "after" it includes the entry)."""
+    if not entry_id:
+        return "0-0"
+    ms, seq = stream_id_tuple(entry_id)
+    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-18446744073709551615"
 
 
 def _newer_or_same(a: str, b: str) -> bool:

@@ -1,0 +1,139 @@
+"""The Delta mirror: each table's latest version as a Delta Lake table, with deltalake.
+
+The table root is ``<org>/<super>/<table>/``: the log is ``_delta_log/`` next to the
+canonical ``data/`` files, which the log's add actions reference in place by relative
+path. Each publish is one Delta commit: add actions for new files, remove actions for
+files the table no longer has (a schema change is an ``overwrite`` commit that re-adds
+every current file under the new schema). The commitInfo carries
+``ledgerlake.position`` (the stream id of the event the commit reflects),
+``ledgerlake.version`` and ``ledgerlake.incarnation``, and an app transaction
+``ledgerlake`` holds the table version, so readers can tell which version they see.
+
+Maintenance is deltalake's own post-commit hook: a checkpoint every
+``checkpoint_interval`` commits, and log entries older than the retention (and older
+than the last checkpoint) are deleted. Nothing here ever vacuums: data files are never
+deleted by the mirror.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+from deltalake import DeltaTable
+from deltalake import Schema as DeltaSchema
+from deltalake.exceptions import TableNotFoundError
+from deltalake.transaction import (
+    AddAction,
+    CommitProperties,
+    PostCommitHookProperties,
+    RemoveAction,
+    Transaction,
+    create_table_with_add_actions,
+)
+
+from mirrors.plan import MirrorFile
+
+POSITION = "ledgerlake.position"
+VERSION = "ledgerlake.version"
+INCARNATION = "ledgerlake.incarnation"
+APP_ID = "ledgerlake"
+
+
+def committed(location: str, options: dict[str, str]) -> dict[str, str]:
+    """The ``ledgerlake.*`` marks of the latest commit ({} if there is no table)."""
+    try:
+        table = DeltaTable(location, storage_options=options, without_files=True)
+    except TableNotFoundError:
+        return {}
+    for entry in table.history(1):
+        return {k: str(v) for k, v in entry.items() if k.startswith("ledgerlake.")}
+    return {}
+
+
+def publish(
+    location: str,
+    options: dict[str, str],
+    schema: pa.Schema,
+    files: Sequence[MirrorFile],
+    relative: Any,
+    *,
+    version: int,
+    position: str,
+    incarnation: str,
+    checkpoint_interval: int,
+    retention_s: float,
+    fresh: bool,
+) -> int:
+    """Make the Delta table at ``location`` hold exactly ``files`` under ``schema``;
+    return the Delta version written. ``relative(key)``: a file's path from the table
+    root. ``fresh``: (re)create the table (the caller removed any old log)."""
+    marks = {POSITION: position, VERSION: str(version), INCARNATION: incarnation}
+    commit = CommitProperties(
+        custom_metadata=marks,
+        app_transactions=[Transaction(APP_ID, version, int(time.time() * 1000))],
+    )
+    hooks = PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=True)
+    now_ms = int(time.time() * 1000)
+    adds = {relative(f.key): _add(relative(f.key), f, now_ms) for f in files}
+    if fresh:
+        create_table_with_add_actions(
+            location,
+            DeltaSchema.from_arrow(schema),
+            list(adds.values()),
+            mode="error",
+            configuration={
+                "delta.checkpointInterval": str(max(1, checkpoint_interval)),
+                "delta.logRetentionDuration": f"interval {max(1, int(retention_s))} seconds",
+                "delta.enableExpiredLogCleanup": "true",
+            },
+            storage_options=options,
+            commit_properties=commit,
+            post_commithook_properties=hooks,
+        )
+        return 0
+    table = DeltaTable(location, storage_options=options)
+    current = {a["path"]: a for a in _add_actions(table)}
+    if _schema_changed(table, schema):
+        # A new schema needs a metadata action: an overwrite commit re-adds every file.
+        table.create_write_transaction(
+            list(adds.values()),
+            "overwrite",
+            schema,
+            commit_properties=commit,
+            post_commithook_properties=hooks,
+        )
+    else:
+        actions: list[AddAction | RemoveAction] = [
+            RemoveAction(path, True, now_ms, size=int(a["size_bytes"]), partition_values={})
+            for path, a in current.items()
+            if path not in adds
+        ]
+        actions += [add for path, add in adds.items() if path not in current]
+        table.create_write_transaction(
+            actions,
+            "append",
+            schema,
+            commit_properties=commit,
+            post_commithook_properties=hooks,
+        )
+    table.update_incremental()
+    return int(table.version())
+
+
+def _add(path: str, f: MirrorFile, now_ms: int) -> AddAction:
+    return AddAction(path, f.size_bytes, {}, now_ms, True, json.dumps({"numRecords": f.rows}))
+
+
+def _add_actions(table: DeltaTable) -> list[dict[str, Any]]:
+    batch = table.get_add_actions(flatten=True)
+    rows: list[dict[str, Any]] = pa.table(batch).select(["path", "size_bytes"]).to_pylist()
+    return rows
+
+
+def _schema_changed(table: DeltaTable, schema: pa.Schema) -> bool:
+    current = pa.schema(table.schema().to_arrow())
+    return [(f.name, f.type) for f in current] != [(f.name, f.type) for f in schema]
