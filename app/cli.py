@@ -113,15 +113,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             stop = anyio.Event()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_until_signal, stop)
-                projector = services.projector()
                 if settings.compact_interval_s > 0 and not args.burst:
                     tg.start_soon(services.compact_forever, settings.compact_interval_s)
                 if args.burst:
-                    n = await projector.run_until_caught_up()
-                    await projector.release_all()
+                    n = await services.catch_up()
                     print(f"projected {n} events", file=sys.stderr)
                 else:
-                    await projector.run(stop)
+                    await services.run_projections(stop)
                 tg.cancel_scope.cancel()
 
     with redis_for(settings) as url:

@@ -153,7 +153,7 @@ def create_app(settings: Settings, redis_url: str, *, run_projector: bool = True
                 if run_projector:
                     # Cancelled, not stopped, on shutdown: a commit is atomic, so
                     # cancelling anywhere is safe and does not wait out a blocking read.
-                    tg.start_soon(services.projector().run, anyio.Event())
+                    tg.start_soon(services.run_projections, anyio.Event())
                     if settings.compact_interval_s > 0:
                         tg.start_soon(services.compact_forever, settings.compact_interval_s)
                 try:

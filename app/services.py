@@ -12,12 +12,15 @@ import anyio
 import redis.asyncio as aioredis
 
 from app.mutations import Mutator, Target
-from app.settings import Settings
+from app.settings import MIRROR_FORMATS, Settings
 from app.writes import Writer
 from events.errors import InvalidInput, LedgerError
 from events.redis_log import Keys, RedisEventLog, connect, guarded
 from events.s3_storage import S3Location, S3Storage
 from events.storage import LocalStorage, Storage
+from mirrors.access import access_for
+from mirrors.publisher import Publisher
+from mirrors.runner import MirrorRunner
 from projections.catalog import SuperState, TableState
 from projections.query import Analysis, QueryEngine, QueryLimits, Resolver, parse_time
 from projections.reader import CatalogReader
@@ -188,6 +191,49 @@ class Services:
         return CatalogProjector(
             self.redis, self.keys, self.store, batch=self.settings.projection_batch
         )
+
+    def mirror_runners(self) -> list[MirrorRunner]:
+        """One runner per mirror format (each publishes only the tables that have its
+        format enabled)."""
+        access = access_for(self.storage)
+        runners = []
+        for fmt in MIRROR_FORMATS:
+            publisher = Publisher(
+                fmt,
+                self.storage,
+                access,
+                checkpoint_interval=self.settings.mirror_checkpoint_interval,
+                retention_s=self.settings.mirror_retention_s,
+                zstd_level=self.settings.zstd_level,
+            )
+            runners.append(
+                MirrorRunner(
+                    self.redis,
+                    self.keys,
+                    self.store,
+                    publisher,
+                    default_formats=self.settings.mirror_formats,
+                    batch=self.settings.projection_batch,
+                )
+            )
+        return runners
+
+    async def run_projections(self, stop: anyio.Event) -> None:
+        """The catalog projection and every mirror runner, until ``stop``."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.projector().run, stop)
+            for runner in self.mirror_runners():
+                tg.start_soon(runner.run, stop)
+
+    async def catch_up(self) -> int:
+        """Burst mode: drain the catalog projection, then every mirror runner."""
+        projector = self.projector()
+        applied = await projector.run_until_caught_up()
+        await projector.release_all()
+        for runner in self.mirror_runners():
+            await runner.run_until_caught_up()
+            await runner.release_all()
+        return applied
 
     @classmethod
     @asynccontextmanager

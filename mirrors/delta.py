@@ -46,7 +46,7 @@ APP_ID = "ledgerlake"
 def committed(location: str, options: dict[str, str]) -> dict[str, str]:
     """The ``ledgerlake.*`` marks of the latest commit ({} if there is no table)."""
     try:
-        table = DeltaTable(location, storage_options=options, without_files=True)
+        table = DeltaTable(location, storage_options=options)
     except TableNotFoundError:
         return {}
     for entry in table.history(1):

@@ -98,6 +98,7 @@ class CatalogProjector:
         self.lease_ms = lease_ms
         self.block_ms = block_ms
         self.units: dict[str, _Unit] = {}
+        self.group = CATALOG
         # Leases we may hold, including those of units dropped during an outage: on
         # shutdown each is released (compare-and-delete, so only if still ours).
         self._leases: set[str] = set()
@@ -156,10 +157,7 @@ class CatalogProjector:
         was read."""
         await self._follow_registry()
         await self._renew_held()
-        specs = [self._registry_spec()]
-        for org in self._registry_view.orgs.values():
-            specs += [self._super_spec(org.name, sup) for sup in org.supers]
-        for spec in specs:
+        for spec in self._specs():
             if spec[0] not in self.units:
                 await self._acquire(spec)
         progressed = False
@@ -168,6 +166,13 @@ class CatalogProjector:
         if not progressed and block:
             await self._wait_for_entries()
         return progressed
+
+    def _specs(self) -> list[tuple[str, str, str]]:
+        """The units this runner projects: the registry and every super."""
+        specs = [self._registry_spec()]
+        for org in self._registry_view.orgs.values():
+            specs += [self._super_spec(org.name, sup) for sup in org.supers]
+        return specs
 
     async def _follow_registry(self) -> None:
         entries: Any = await guarded(
@@ -226,7 +231,9 @@ class CatalogProjector:
 
     async def _read(self, unit: _Unit, start: str) -> list[tuple[Any, Any]]:
         reply: Any = await guarded(
-            self.client.xreadgroup(CATALOG, self.consumer, {unit.stream: start}, count=self.batch)
+            self.client.xreadgroup(
+                self.group, self.consumer, {unit.stream: start}, count=self.batch
+            )
         )
         if not reply:
             return []
@@ -267,7 +274,7 @@ class CatalogProjector:
         start = "0-0"
         while True:
             reply: Any = await guarded(
-                self.client.xautoclaim(stream, CATALOG, self.consumer, 0, start, count=1000)
+                self.client.xautoclaim(stream, self.group, self.consumer, 0, start, count=1000)
             )
             start = _decode(reply[0])
             if start == "0-0":
@@ -280,7 +287,7 @@ class CatalogProjector:
         return (REGISTRY, self.keys.registry_stream, f"{tag}:lease:{CATALOG}")
 
     def _super_spec(self, org: str, sup: str) -> tuple[str, str, str]:
-        return (f"{org}/{sup}", self.keys.stream(org, sup), self.keys.lease(org, sup, CATALOG))
+        return (f"{org}/{sup}", self.keys.stream(org, sup), self.keys.lease(org, sup, self.group))
 
     async def _acquire(self, spec: tuple[str, str, str]) -> None:
         """Take the unit's lease if free, load its snapshot and claim its pending entries."""
@@ -289,7 +296,7 @@ class CatalogProjector:
             return
         self._leases.add(lease)
         try:
-            await guarded(self.client.xgroup_create(stream, CATALOG, id="0", mkstream=True))
+            await guarded(self.client.xgroup_create(stream, self.group, id="0", mkstream=True))
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -306,6 +313,10 @@ class CatalogProjector:
 
             self.units[name] = _Unit(name, stream, lease, registry, apply_registry, commit_registry)
             return
+        await self._acquire_super(name, stream, lease)
+
+    async def _acquire_super(self, name: str, stream: str, lease: str) -> None:
+        """Load a super's unit (its lease is held, its pending entries claimed)."""
         org, sup = name.split("/", 1)
         snapshot = await self.store.load_super(org, sup)
 

@@ -128,12 +128,14 @@ class SnapshotStore:
         """Write the changed tables and the checkpoint if the stored checkpoint is still
         ``expected`` and (when ``folded`` >= 0) exactly ``folded`` events lie between the
         two checkpoints. Otherwise write nothing and say why."""
-        sets = [(name, encode_table(state.tables[name])) for name in changed]
-        return await self._commit_fields(
+        changed = list(changed)
+        sets = [(n, encode_table(state.tables[n])) for n in changed if n in state.tables]
+        dropped = [n for n in changed if n not in state.tables]
+        return await self.commit_hash(
             self._super_keys(state.org, state.name),
             (expected, state.position, group, folded),
             sets,
-            list(removed),
+            [*removed, *dropped],
             list(acks),
         )
 
@@ -148,11 +150,11 @@ class SnapshotStore:
     ) -> CommitOutcome:
         snapshot = _encoder.encode(msgspec.structs.replace(state, position=""))
         sets = [(REGISTRY_FIELD, snapshot)]
-        return await self._commit_fields(
+        return await self.commit_hash(
             self._registry_keys(), (expected, state.position, group, folded), sets, [], list(acks)
         )
 
-    async def _commit_fields(
+    async def commit_hash(
         self,
         keys: list[str],
         head: tuple[str, str, str, int],
@@ -160,6 +162,9 @@ class SnapshotStore:
         removed: list[str],
         acks: list[str],
     ) -> CommitOutcome:
+        """The atomic step, for any projection kept as a hash: ``keys`` are the hash,
+        the checkpoint and the stream; ``head`` is (expected checkpoint, new checkpoint,
+        consumer group, events folded)."""
         args: list[Any] = [*head, len(sets)]
         for name, value in sets:
             args += [name, value]

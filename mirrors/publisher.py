@@ -1,0 +1,206 @@
+"""Publishes one table's latest version to one mirror format, and removes a mirror.
+
+The mirror libraries are synchronous; they run in worker threads. Publishing is
+idempotent: before committing, the mirror's own last commit is compared with the table
+(its ``ledgerlake.position`` and ``ledgerlake.incarnation``), so a runner that crashed
+after a mirror commit but before its checkpoint does not commit the same change again.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from events.model import DataFile, stream_id_tuple
+from events.storage import Storage
+from mirrors import delta, iceberg
+from mirrors.access import Access
+from mirrors.plan import (
+    MirrorFile,
+    copy_key,
+    mirror_schema,
+    needs_copy,
+    table_prefix,
+    to_mirror,
+)
+from mirrors.status import MirrorStatus
+from projections.catalog import TableState
+from projections.tableview import inline_table
+
+log = logging.getLogger("ledgerlake.mirrors")
+
+# Where each format keeps its own metadata, under the table's prefix.
+METADATA_DIR = {"delta": "_delta_log", "iceberg": "metadata"}
+
+
+class Publisher:
+    def __init__(
+        self,
+        fmt: str,
+        storage: Storage,
+        access: Access,
+        *,
+        checkpoint_interval: int = 10,
+        retention_s: float = 3600.0,
+        zstd_level: int = 3,
+    ) -> None:
+        self.fmt = fmt
+        self.storage = storage
+        self.access = access
+        self.checkpoint_interval = checkpoint_interval
+        self.retention_s = retention_s
+        self.zstd_level = zstd_level
+        # Data files are immutable: whether each needs a copy, and the copies made.
+        self._needs_copy: dict[str, bool] = {}
+        self._copies: dict[str, int] = {}
+
+    async def publish(
+        self, org: str, super_: str, table: TableState, previous: MirrorStatus | None
+    ) -> MirrorStatus:
+        prefix = table_prefix(org, super_, table.name)
+        location = self.access.uri(prefix)
+        files = await self._files(org, super_, table)
+        schema = mirror_schema(table.columns, self.fmt)
+        metadata_location = None
+        if self.fmt == "delta":
+            marks = await anyio.to_thread.run_sync(
+                delta.committed, location, self.access.delta_options
+            )
+            if marks and marks.get(delta.INCARNATION) != table.incarnation:
+                await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
+                marks = {}
+            if not marks or _before(marks.get(delta.POSITION, ""), table.last_event_id):
+                fresh = not marks
+                if fresh:  # a log left half-made by a crash before its first commit
+                    await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
+                await anyio.to_thread.run_sync(
+                    lambda: self._delta(prefix, schema, files, table, fresh)
+                )
+        else:
+            current = previous.metadata_location if previous else None
+            if previous is not None and previous.incarnation != table.incarnation:
+                current = None
+            if current is None:
+                await self._delete_prefix(f"{prefix}/{METADATA_DIR['iceberg']}/")
+            metadata_location = await anyio.to_thread.run_sync(
+                lambda: iceberg.publish(
+                    self.access.iceberg_props,
+                    (f"{org}.{super_}", table.name),
+                    location,
+                    current,
+                    schema,
+                    files,
+                    self.access.uri,
+                    version=table.version,
+                    position=table.last_event_id,
+                    incarnation=table.incarnation,
+                    retention_s=self.retention_s,
+                )
+            )
+        return MirrorStatus(
+            format=self.fmt,
+            location=location,
+            version=table.version,
+            position=table.last_event_id,
+            incarnation=table.incarnation,
+            published_at=datetime.now(UTC),
+            metadata_location=metadata_location,
+        )
+
+    def _delta(
+        self,
+        prefix: str,
+        schema: pa.Schema,
+        files: list[MirrorFile],
+        table: TableState,
+        fresh: bool,
+    ) -> int:
+        def relative(key: str) -> str:
+            return key[len(prefix) + 1 :]
+
+        return delta.publish(
+            self.access.uri(prefix),
+            self.access.delta_options,
+            schema,
+            files,
+            relative,
+            version=table.version,
+            position=table.last_event_id,
+            incarnation=table.incarnation,
+            checkpoint_interval=self.checkpoint_interval,
+            retention_s=self.retention_s,
+            fresh=fresh,
+        )
+
+    async def remove(self, org: str, super_: str, table: str) -> None:
+        """Delete the mirror's metadata and copies (the table was dropped, or this
+        format was turned off for it). Canonical data files are never touched."""
+        prefix = table_prefix(org, super_, table)
+        await self._delete_prefix(f"{prefix}/{METADATA_DIR[self.fmt]}/")
+        await self._delete_prefix(f"{prefix}/mirror/{self.fmt}/")
+
+    async def _delete_prefix(self, prefix: str) -> None:
+        keys = [obj.key async for obj in self.storage.list_objects(prefix)]
+        # The pointer files last, so a half-deleted Delta log never looks like a table.
+        keys.sort(key=lambda k: (k.endswith(".json") or "_last_checkpoint" in k, k))
+        for key in keys:
+            await self.storage.delete(key)
+
+    # -- files --------------------------------------------------------------------------
+
+    async def _files(self, org: str, super_: str, table: TableState) -> list[MirrorFile]:
+        prefix = table_prefix(org, super_, table.name)
+        out = []
+        for f in table.files:
+            if not f.is_inline and not await self._must_copy(f):
+                out.append(MirrorFile(f.path, f.path, f.rows, f.size_bytes, False))
+                continue
+            key = copy_key(prefix, f, self.fmt)
+            size = self._copies.get(key)
+            if size is None:
+                size = await self._copy(f, key)
+                self._copies[key] = size
+            out.append(MirrorFile(key, f.path, f.rows, size, True))
+        return out
+
+    async def _must_copy(self, f: DataFile) -> bool:
+        known = self._needs_copy.get(f.path)
+        if known is None:
+            fs, root = self.access.filesystem()
+            schema = await anyio.to_thread.run_sync(
+                lambda: pq.read_schema(fs.open_input_file(root + f.path))
+            )
+            known = self._needs_copy[f.path] = needs_copy(schema, self.fmt)
+        return known
+
+    async def _copy(self, f: DataFile, key: str) -> int:
+        fs, root = self.access.filesystem()
+
+        def build() -> Any:
+            info = fs.get_file_info(root + key)
+            if info.size is not None and info.type.name == "File":
+                return info.size  # copied before (by an earlier run)
+            rows = inline_table(f) if f.is_inline else pq.read_table(root + f.path, filesystem=fs)
+            staged = self.storage.staging_file(".parquet")
+            pq.write_table(
+                to_mirror(rows, self.fmt),
+                staged,
+                compression="zstd",
+                compression_level=self.zstd_level,
+            )
+            return staged
+
+        built = await anyio.to_thread.run_sync(build)
+        if isinstance(built, int):
+            return built
+        return await self.storage.publish(built, key)
+
+
+def _before(a: str, b: str) -> bool:
+    """Whether stream id ``a`` is before ``b`` (an empty id is before everything)."""
+    return not a or stream_id_tuple(a) < stream_id_tuple(b)

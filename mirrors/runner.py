@@ -1,0 +1,201 @@
+"""The mirror runner: one per format, a projection on its own consumer group.
+
+It reuses the catalog runner's machinery (``projections/runner.py``): a lease per super,
+entries read through the group ``mirror-<format>``, and one atomic Redis step per batch
+that moves the checkpoint, acknowledges the entries and writes the mirror statuses
+(``mirrors/status.py``). It folds the events into its own copy of the catalog state and,
+for every table a batch changed, publishes the table's *latest* version (intermediate
+versions inside one batch are skipped: the mirrors are latest-only).
+
+Start-up: the unit starts from the stored catalog snapshot. If the snapshot is behind
+the mirror checkpoint, the events in between are folded (already published); if it is
+ahead, every table whose last change is newer than what its mirror reflects is
+published. So a runner restarted at any point resumes without skipping a change; and
+since each publish first compares the table with the mirror's own last commit (its
+``ledgerlake.position``), it never commits a change twice.
+
+A table whose publish fails (say, a file the mirror library rejects) gets the error in
+its status and does not block the other tables; it is retried on its next change and
+whenever the runner starts. An unreachable Redis or object store pauses the runner.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from events.errors import Unavailable
+from events.model import decode_event, stream_id_tuple
+from events.redis_log import Keys, guarded
+from mirrors.publisher import Publisher
+from mirrors.status import MirrorStatus, MirrorStatuses, encode_status, group
+from projections.catalog import SuperState, TableState, apply_super
+from projections.runner import CatalogProjector, _Unit
+from projections.store import CommitOutcome, SnapshotStore
+
+log = logging.getLogger("ledgerlake.mirrors")
+PAGE = 1000
+
+
+class MirrorRunner(CatalogProjector):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        store: SnapshotStore,
+        publisher: Publisher,
+        *,
+        default_formats: tuple[str, ...],
+        consumer: str | None = None,
+        batch: int = 1000,
+        lease_ms: int = 15_000,
+        block_ms: int = 1_000,
+    ) -> None:
+        super().__init__(
+            client,
+            keys,
+            store,
+            consumer=consumer,
+            batch=batch,
+            lease_ms=lease_ms,
+            block_ms=block_ms,
+        )
+        self.publisher = publisher
+        self.fmt = publisher.fmt
+        self.group = group(self.fmt)
+        self.statuses = MirrorStatuses(client, keys)
+        self.default_formats = default_formats
+        self._status: dict[str, dict[str, MirrorStatus]] = {}
+        self.published = 0
+
+    def enabled(self, table: TableState) -> bool:
+        formats = table.mirrors if table.mirrors is not None else self.default_formats
+        return self.fmt in formats
+
+    def _specs(self) -> list[tuple[str, str, str]]:
+        specs = []
+        for org in self._registry_view.orgs.values():
+            specs += [self._super_spec(org.name, sup) for sup in org.supers]
+        return specs
+
+    async def _acquire_super(self, name: str, stream: str, lease: str) -> None:
+        org, sup = name.split("/", 1)
+        state = await self.store.load_super(org, sup)
+        raw: Any = await guarded(self.client.get(self.keys.checkpoint(org, sup, self.group)))
+        checkpoint = raw.decode() if raw else "0-0"
+        state = await self._fold_until(state, stream, checkpoint)
+        self._status[name] = await self.statuses.of_super(org, sup, self.fmt)
+
+        async def commit(
+            state: Any, expected: str, changed: set[str], acks: list[str], folded: int
+        ) -> CommitOutcome:
+            return await self._commit(name, state, expected, changed, acks, folded)
+
+        unit = _Unit(name, stream, lease, state, apply_super, commit)
+        # Catch up with what changed while no runner was publishing (and retry the
+        # tables whose last publish failed).
+        statuses = self._status[name]
+        dirty = {t for t in statuses if t not in state.tables or statuses[t].error}
+        for table in state.tables.values():
+            status = statuses.get(table.name)
+            if (
+                status is None
+                or _before(status.position, table.last_event_id)
+                or not self.enabled(table)
+            ):
+                dirty.add(table.name)
+        if dirty or state.position != checkpoint:
+            outcome = await self._commit(name, state, checkpoint, dirty, [], -1)
+            if outcome is not CommitOutcome.DONE:
+                return  # another runner moved on: try again next cycle
+        self.units[name] = unit
+
+    async def _fold_until(self, state: SuperState, stream: str, checkpoint: str) -> SuperState:
+        """Fold the events after the snapshot up to ``checkpoint`` (when the catalog
+        snapshot is behind this mirror)."""
+        while stream_id_tuple(state.position) < stream_id_tuple(checkpoint):
+            entries: Any = await guarded(
+                self.client.xrange(stream, min=f"({state.position}", max=checkpoint, count=PAGE)
+            )
+            if not entries:
+                break
+            for eid, fields in entries:
+                state = apply_super(state, decode_event(eid, fields))
+        return state
+
+    async def _commit(
+        self,
+        name: str,
+        state: SuperState,
+        expected: str,
+        changed: set[str],
+        acks: list[str],
+        folded: int,
+    ) -> CommitOutcome:
+        org, sup = name.split("/", 1)
+        statuses = dict(self._status.get(name, {}))
+        sets: list[tuple[str, bytes]] = []
+        removed: list[str] = []
+        for table_name in sorted(changed):
+            table = state.tables.get(table_name)
+            previous = statuses.get(table_name)
+            if table is not None and self.enabled(table):
+                if (
+                    previous is not None
+                    and previous.error is None
+                    and previous.incarnation == table.incarnation
+                    and not _before(previous.position, table.last_event_id)
+                ):
+                    continue
+                status = await self._publish(org, sup, table, previous)
+                statuses[table_name] = status
+                sets.append((table_name, encode_status(status)))
+            elif previous is not None:
+                await self.publisher.remove(org, sup, table_name)
+                del statuses[table_name]
+                removed.append(table_name)
+        keys = [
+            self.statuses.key(org, sup, self.fmt),
+            self.keys.checkpoint(org, sup, self.group),
+            self.keys.stream(org, sup),
+        ]
+        outcome = await self.store.commit_hash(
+            keys, (expected, state.position, self.group, folded), sets, removed, acks
+        )
+        if outcome is CommitOutcome.DONE:
+            self._status[name] = statuses
+        return outcome
+
+    async def _publish(
+        self, org: str, sup: str, table: TableState, previous: MirrorStatus | None
+    ) -> MirrorStatus:
+        try:
+            status = await self.publisher.publish(org, sup, table, previous)
+        except Unavailable:
+            raise
+        except Exception as exc:  # one table must not block the others
+            log.exception("%s mirror of %s/%s/%s failed", self.fmt, org, sup, table.name)
+            message = f"{type(exc).__name__}: {exc}"[:500]
+            if previous is not None:
+                return MirrorStatus(**{**_fields(previous), "error": message})
+            return MirrorStatus(
+                format=self.fmt,
+                location=self.publisher.access.uri(f"{org}/{sup}/{table.name}"),
+                version=-1,
+                position="0-0",
+                incarnation=table.incarnation,
+                published_at=table.updated_at,
+                error=message,
+            )
+        self.published += 1
+        return status
+
+
+def _fields(status: MirrorStatus) -> dict[str, Any]:
+    return {f: getattr(status, f) for f in status.__struct_fields__}
+
+
+def _before(a: str, b: str) -> bool:
+    return stream_id_tuple(a or "0-0") < stream_id_tuple(b or "0-0")
