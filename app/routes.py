@@ -13,7 +13,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from litestar import Request, Response, Router, get, post
+from litestar import Request, Response, Router, delete, get, post, put
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
@@ -28,11 +28,14 @@ from app.schemas import (
     CompactResponse,
     DeleteRequest,
     DeleteResponse,
+    DropResponse,
     ErrorResponse,
     EventPage,
     History,
     HistoryEntry,
     IngestResponse,
+    MirrorsRequest,
+    MirrorsResponse,
     OrgList,
     OrgOut,
     QueryColumn,
@@ -51,6 +54,7 @@ from app.schemas import (
     version_detail,
 )
 from app.services import Services
+from app.settings import MIRROR_FORMATS
 from app.writes import IngestRequest, check_name
 from events.errors import InvalidInput, LedgerError, NotFound, PayloadTooLarge, Unauthorized
 from events.model import to_builtins
@@ -112,16 +116,43 @@ async def health(services: NamedDependency[Services]) -> Response[dict[str, Any]
     try:
         await guarded(services.redis.ping())
         latency = (time.perf_counter() - started) * 1000
-        lag = await services.projection_lag()
+        lags = await services.all_lags()
     except LedgerError as exc:
         body = {"status": "degraded", "redis": {"ok": False, "error": exc.message}}
         return Response(body, status_code=503)
     body = {
         "status": "ok",
         "redis": {"ok": True, "latency_ms": round(latency, 2)},
-        "projections": {"catalog": lag},
+        "projections": lags,
     }
     return Response(body, status_code=200)
+
+
+@get("/metrics", media_type="text/plain; version=0.0.4")
+async def metrics(services: NamedDependency[Services]) -> Response[str]:
+    """Prometheus metrics: the lag of each projection (the catalog and each mirror
+    format), in events and seconds. 503 when Redis cannot be reached."""
+    try:
+        lags = await services.all_lags()
+    except LedgerError as exc:
+        return Response(f"# redis unreachable: {exc.message}\n", status_code=503)
+    lines = [
+        "# HELP ledgerlake_projection_lag_events Events not yet applied by the projection.",
+        "# TYPE ledgerlake_projection_lag_events gauge",
+    ]
+    lines += [
+        f'ledgerlake_projection_lag_events{{projection="{name}"}} {lag["lag_events"]}'
+        for name, lag in lags.items()
+    ]
+    lines += [
+        "# HELP ledgerlake_projection_lag_seconds Age of the oldest event not yet applied.",
+        "# TYPE ledgerlake_projection_lag_seconds gauge",
+    ]
+    lines += [
+        f'ledgerlake_projection_lag_seconds{{projection="{name}"}} {lag["lag_seconds"]}'
+        for name, lag in lags.items()
+    ]
+    return Response("\n".join(lines) + "\n")
 
 
 def _parse_if_match(value: str | None) -> int | None:
@@ -419,8 +450,71 @@ async def describe_table(
     table: FromPath[str],
 ) -> Response[TableDetail]:
     found = await services.reader.require_table(org, super_name, table)
+    mirrors = await services.table_mirrors(org, super_name, found)
     # The version is the entity tag: send it back as If-Match to write conditionally.
-    return Response(table_detail(org, super_name, found), headers={"ETag": f'"{found.version}"'})
+    return Response(
+        table_detail(org, super_name, found, mirrors), headers={"ETag": f'"{found.version}"'}
+    )
+
+
+@delete(
+    "/v1/{org:str}/{super:str}/tables/{table:str}",
+    status_code=200,
+    responses=_errors(401, 404, 409, 503),
+)
+async def drop_table(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: SuperName,
+    table: FromPath[str],
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[DropResponse]:
+    """Drop the table. Its name becomes free (a new table of that name starts at
+    version 0), its files become garbage for ``ledgerlake gc`` and its mirrors are
+    removed. Its events stay: ``/history`` and ``/v1/events`` still show them."""
+    fingerprint = _fingerprint(request.url.path, "drop")
+    target = _target(request, org, super_name, table, if_match, idempotency_key, fingerprint)
+    outcome = await services.mutator.drop(target)
+    body = DropResponse(
+        table, outcome.version, outcome.result["rows"], outcome.event_id, outcome.replayed
+    )
+    return Response(body)
+
+
+@put(
+    "/v1/{org:str}/{super:str}/tables/{table:str}/mirrors",
+    status_code=200,
+    responses=_errors(400, 401, 404, 409, 503),
+)
+async def set_mirrors(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: SuperName,
+    table: FromPath[str],
+    data: JSONBody[MirrorsRequest],
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[MirrorsResponse]:
+    """Choose which mirror formats publish the table: ``{"formats": ["delta",
+    "iceberg"]}`` (or a subset, or ``[]``). Recorded as a ``MirrorsChanged`` event; a
+    format turned off has its mirror removed."""
+    unknown = sorted(set(data.formats) - set(MIRROR_FORMATS))
+    if unknown:
+        raise InvalidInput(
+            f"unknown mirror format(s) {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(MIRROR_FORMATS)}",
+            code="invalid_mirror_format",
+        )
+    fingerprint = _fingerprint(request.url.path, data)
+    target = _target(request, org, super_name, table, if_match, idempotency_key, fingerprint)
+    outcome = await services.mutator.set_mirrors(target, tuple(data.formats))
+    body = MirrorsResponse(
+        table, outcome.version, outcome.result["mirrors"], outcome.event_id, outcome.replayed
+    )
+    return Response(body, headers={"ETag": f'"{outcome.version}"'})
 
 
 @get("/v1/{org:str}/{super:str}/tables/{table:str}/history")
@@ -576,8 +670,9 @@ async def list_events(
 
 
 V1_HANDLERS = [ingest_rows, delete_rows, restore_table, compact_table, describe_version,
-               list_orgs, list_supers, list_tables, describe_table, table_history,
+               list_orgs, list_supers, list_tables, describe_table, drop_table, set_mirrors,
+               table_history,
                run_query, list_events]  # fmt: skip
 V1 = Router(path="/", route_handlers=V1_HANDLERS, guards=[require_token])
-ROUTES: list[Any] = [health, V1]
+ROUTES: list[Any] = [health, metrics, V1]
 DEPENDENCIES = {"services": Provide(provide_services, sync_to_thread=False)}

@@ -63,6 +63,26 @@ class RestoreRequest(msgspec.Struct, forbid_unknown_fields=True):
     version: int
 
 
+class DropResponse(msgspec.Struct):
+    table: str
+    version: int
+    rows: int
+    event_id: str | None
+    replayed: bool
+
+
+class MirrorsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    formats: list[str]
+
+
+class MirrorsResponse(msgspec.Struct):
+    table: str
+    version: int
+    mirrors: list[str]
+    event_id: str | None
+    replayed: bool
+
+
 class RestoreResponse(msgspec.Struct):
     table: str
     version: int
@@ -146,6 +166,20 @@ class ColumnStatsOut(msgspec.Struct):
     max: Any = None
 
 
+class MirrorInfo(msgspec.Struct, frozen=True):
+    """A table's mirror in one format, as the API shows it."""
+
+    format: str
+    enabled: bool
+    location: str | None
+    metadata_location: str | None
+    version: int | None
+    lag_versions: int
+    lag_seconds: float
+    published_at: datetime | None
+    error: str | None
+
+
 class TableDetail(msgspec.Struct):
     org: str
     super: str
@@ -162,6 +196,7 @@ class TableDetail(msgspec.Struct):
     updated_by: str
     retained_from: int
     inline_batches: int
+    mirrors: list[MirrorInfo] = []
 
 
 class HistoryEntry(msgspec.Struct):
@@ -223,7 +258,9 @@ def table_summary(t: TableState) -> TableSummary:
     return TableSummary(t.name, t.version, t.row_count, len(t.files), t.size_bytes, t.updated_at)
 
 
-def table_detail(org: str, sup: str, t: TableState) -> TableDetail:
+def table_detail(
+    org: str, sup: str, t: TableState, mirrors: list[MirrorInfo] | None = None
+) -> TableDetail:
     return TableDetail(
         org=org,
         super=sup,
@@ -240,6 +277,7 @@ def table_detail(org: str, sup: str, t: TableState) -> TableDetail:
         updated_by=t.updated_by,
         retained_from=t.retained_from,
         inline_batches=len(t.inline_files),
+        mirrors=mirrors or [],
     )
 
 

@@ -12,6 +12,7 @@ import anyio
 import redis.asyncio as aioredis
 
 from app.mutations import Mutator, Target
+from app.schemas import MirrorInfo
 from app.settings import MIRROR_FORMATS, Settings
 from app.writes import Writer
 from events.errors import InvalidInput, LedgerError
@@ -21,6 +22,8 @@ from events.storage import LocalStorage, Storage
 from mirrors.access import access_for
 from mirrors.publisher import Publisher
 from mirrors.runner import MirrorRunner
+from mirrors.status import MirrorStatuses
+from mirrors.status import group as mirror_group
 from projections.catalog import SuperState, TableState
 from projections.query import Analysis, QueryEngine, QueryLimits, Resolver, parse_time
 from projections.reader import CatalogReader
@@ -252,15 +255,21 @@ class Services:
         await self.storage.close()
         await self.redis.aclose()
 
-    async def projection_lag(self) -> dict[str, float | int]:
-        """Events not yet in the stored snapshots, and the age of the oldest one."""
+    async def projection_lag(self, projection: str = CATALOG) -> dict[str, float | int]:
+        """Events the projection (``catalog``, or a mirror's group) has not yet
+        committed, and the age of the oldest one."""
         script = self.redis.register_script(LAG_LUA)
         registry = await self.reader.registry()
-        units = [(self.keys.registry_stream, f"{self.keys.registry_tag}:ckpt:{CATALOG}")]
+        units = []
+        if projection == CATALOG:
+            units.append((self.keys.registry_stream, f"{self.keys.registry_tag}:ckpt:{CATALOG}"))
         for org in registry.orgs.values():
             for sup in org.supers:
                 units.append(
-                    (self.keys.stream(org.name, sup), self.keys.checkpoint(org.name, sup, CATALOG))
+                    (
+                        self.keys.stream(org.name, sup),
+                        self.keys.checkpoint(org.name, sup, projection),
+                    )
                 )
         events, oldest_ms = 0, None
         for stream, ckpt in units:
@@ -271,6 +280,56 @@ class Services:
                 oldest_ms = ms if oldest_ms is None else min(oldest_ms, ms)
         seconds = 0.0 if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
         return {"lag_events": events, "lag_seconds": round(seconds, 3)}
+
+    async def all_lags(self) -> dict[str, dict[str, float | int]]:
+        """The lag of the catalog projection and of each mirror runner."""
+        out = {CATALOG: await self.projection_lag()}
+        for fmt in MIRROR_FORMATS:
+            out[mirror_group(fmt)] = await self.projection_lag(mirror_group(fmt))
+        return out
+
+    async def table_mirrors(self, org: str, super_: str, table: TableState) -> list[MirrorInfo]:
+        """Each mirror format of a table: whether it is on, where it is, the version it
+        reflects and how far behind it is."""
+        enabled = table.mirrors if table.mirrors is not None else self.settings.mirror_formats
+        statuses = await MirrorStatuses(self.redis, self.keys).of_table(
+            org, super_, table.name, MIRROR_FORMATS
+        )
+        out = []
+        for fmt in MIRROR_FORMATS:
+            status = statuses.get(fmt)
+            if status is not None and status.incarnation != table.incarnation:
+                status = None  # the mirror of a dropped table of the same name
+            on = fmt in enabled
+            reflected = status.version if status is not None and status.version >= 0 else None
+            behind = 0 if not on else table.version - (reflected if reflected is not None else -1)
+            seconds = 0.0
+            if behind > 0:
+                unit = await self._unit_lag(org, super_, mirror_group(fmt))
+                seconds = max(unit, time.time() - table.updated_at.timestamp())
+            out.append(
+                MirrorInfo(
+                    format=fmt,
+                    enabled=on,
+                    location=status.location if status else None,
+                    metadata_location=status.metadata_location if status else None,
+                    version=reflected,
+                    lag_versions=max(0, behind),
+                    lag_seconds=round(seconds, 3),
+                    published_at=status.published_at if status else None,
+                    error=status.error if status else None,
+                )
+            )
+        return out
+
+    async def _unit_lag(self, org: str, super_: str, projection: str) -> float:
+        script = self.redis.register_script(LAG_LUA)
+        keys = [self.keys.stream(org, super_), self.keys.checkpoint(org, super_, projection)]
+        count, first = await guarded(script(keys=keys, args=[1]))
+        if not count:
+            return 0.0
+        ms = int((first.decode() if isinstance(first, bytes) else first).split("-")[0])
+        return max(0.0, time.time() - ms / 1000)
 
 
 def open_storage(settings: Settings) -> Storage:
