@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, Router
 from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
@@ -19,7 +19,8 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
-from app.routes import DEPENDENCIES, ROUTES
+from app.iceberg_rest import ICEBERG_HANDLERS, iceberg_error_body
+from app.routes import DEPENDENCIES, ROUTES, require_token
 from app.schemas import ErrorBody, ErrorResponse
 from app.services import Services
 from app.settings import Settings
@@ -65,11 +66,28 @@ def error_response(status: int, code: str, message: str, **details: Any) -> Resp
     return Response(body, status_code=status, headers=headers)
 
 
-def handle_ledger_error(_: Request[Any, Any, Any], exc: LedgerError) -> Response[Any]:
-    status = CODE_STATUS.get(exc.code) or next(
+def status_for(exc: LedgerError) -> int:
+    return CODE_STATUS.get(exc.code) or next(
         (s for cls, s in STATUS.items() if isinstance(exc, cls)), 500
     )
-    return error_response(status, exc.code, exc.message, **exc.details)
+
+
+def handle_ledger_error(_: Request[Any, Any, Any], exc: LedgerError) -> Response[Any]:
+    return error_response(status_for(exc), exc.code, exc.message, **exc.details)
+
+
+def handle_iceberg_error(_: Request[Any, Any, Any], exc: LedgerError) -> Response[Any]:
+    status = status_for(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return Response(iceberg_error_body(exc, status), status_code=status, headers=headers)
+
+
+ICEBERG = Router(
+    path="/iceberg",
+    route_handlers=ICEBERG_HANDLERS,
+    guards=[require_token],
+    exception_handlers={LedgerError: handle_iceberg_error},
+)
 
 
 def handle_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
@@ -164,7 +182,7 @@ def create_app(settings: Settings, redis_url: str, *, run_projector: bool = True
             await services.close()
 
     return Litestar(
-        route_handlers=ROUTES,
+        route_handlers=[*ROUTES, ICEBERG],
         dependencies=DEPENDENCIES,
         lifespan=[lifespan],
         middleware=[RequestIdMiddleware],

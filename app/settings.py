@@ -81,6 +81,9 @@ SETTINGS_DOC: dict[str, str] = {
     "mirror_checkpoint_interval": "A Delta mirror writes a checkpoint every this many commits.",
     "mirror_retention_s": "Mirror metadata older than this is cleaned up (Delta log entries "
     "before a checkpoint, expired Iceberg snapshots); never a data file.",
+    "iceberg_rest_credentials": "The Iceberg REST catalog sends the storage endpoint and "
+    "credentials with each loaded table, so clients need none of their own. `false`: "
+    "clients bring their own.",
     "row_group_rows": "Parquet row group size, in rows.",
     "zstd_level": "Parquet zstd compression level.",
     "log_format": "`text` or `json` (one JSON object per line).",
@@ -155,6 +158,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     mirrors: str = "delta,iceberg"
     mirror_checkpoint_interval: int = 10
     mirror_retention_s: float = 3600.0
+    iceberg_rest_credentials: bool = True
     row_group_rows: int = 131_072
     zstd_level: int = 3
     log_format: str = "text"

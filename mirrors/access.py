@@ -43,7 +43,19 @@ class Access:
     def client_config(self) -> dict[str, str]:
         """Storage settings an Iceberg REST client needs to read the files (sent with
         a loaded table: the credentials the service itself uses)."""
-        return dict(self.iceberg_props)
+        config = dict(self.iceberg_props)
+        if self.s3 is not None:
+            config["s3.path-style-access"] = str(self.s3.get("URL_STYLE") != "vhost").lower()
+            config["client.region"] = config["s3.region"]
+        return config
+
+    def read(self, uri: str) -> bytes:
+        """The bytes of the object at ``uri`` (a ``uri(key)`` value)."""
+        fs, _root = self.filesystem()
+        path = uri[len("s3://") :] if uri.startswith("s3://") else uri
+        with fs.open_input_stream(path) as stream:
+            data: bytes = stream.read()
+        return data
 
 
 def access_for(storage: Storage) -> Access:

@@ -3,8 +3,8 @@
 The table root is ``<org>/<super>/<table>/``: the log is ``_delta_log/`` next to the
 canonical ``data/`` files, which the log's add actions reference in place by relative
 path. Each publish is one Delta commit: add actions for new files, remove actions for
-files the table no longer has (a schema change is an ``overwrite`` commit that re-adds
-every current file under the new schema). The commitInfo carries
+files the table no longer has (new columns come first, in an ADD COLUMNS commit marked
+with the position the table already reflected). The commitInfo carries
 ``ledgerlake.position`` (the stream id of the event the commit reflects),
 ``ledgerlake.version`` and ``ledgerlake.incarnation``, and an app transaction
 ``ledgerlake`` holds the table version, so readers can tell which version they see.
@@ -24,6 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 from deltalake import DeltaTable
+from deltalake import Field as DeltaField
 from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import (
@@ -96,30 +97,31 @@ def publish(
         )
         return 0
     table = DeltaTable(location, storage_options=options)
+    new_columns = _new_columns(table, schema)
+    if new_columns:
+        # A commit of its own (an append ignores a new schema), marked with the position
+        # the table already reflects: the files that use the columns come next.
+        previous = {k: v for k, v in table.history(1)[0].items() if k.startswith("ledgerlake.")}
+        table.alter.add_columns(
+            new_columns,
+            commit_properties=CommitProperties(custom_metadata=previous),
+            post_commithook_properties=hooks,
+        )
+        table.update_incremental()
     current = {a["path"]: a for a in _add_actions(table)}
-    if _schema_changed(table, schema):
-        # A new schema needs a metadata action: an overwrite commit re-adds every file.
-        table.create_write_transaction(
-            list(adds.values()),
-            "overwrite",
-            schema,
-            commit_properties=commit,
-            post_commithook_properties=hooks,
-        )
-    else:
-        actions: list[AddAction | RemoveAction] = [
-            RemoveAction(path, True, now_ms, size=int(a["size_bytes"]), partition_values={})
-            for path, a in current.items()
-            if path not in adds
-        ]
-        actions += [add for path, add in adds.items() if path not in current]
-        table.create_write_transaction(
-            actions,
-            "append",
-            schema,
-            commit_properties=commit,
-            post_commithook_properties=hooks,
-        )
+    actions: list[AddAction | RemoveAction] = [
+        RemoveAction(path, True, now_ms, size=int(a["size_bytes"]), partition_values={})
+        for path, a in current.items()
+        if path not in adds
+    ]
+    actions += [add for path, add in adds.items() if path not in current]
+    table.create_write_transaction(
+        actions,
+        "append",
+        table.schema(),
+        commit_properties=commit,
+        post_commithook_properties=hooks,
+    )
     table.update_incremental()
     return int(table.version())
 
@@ -134,6 +136,10 @@ def _add_actions(table: DeltaTable) -> list[dict[str, Any]]:
     return rows
 
 
-def _schema_changed(table: DeltaTable, schema: pa.Schema) -> bool:
-    current = pa.schema(table.schema().to_arrow())
-    return [(f.name, f.type) for f in current] != [(f.name, f.type) for f in schema]
+def _new_columns(table: DeltaTable, schema: pa.Schema) -> list[DeltaField]:
+    """Columns of ``schema`` the Delta table lacks. (Delta cannot drop a column without
+    column mapping: a column the table no longer has, after a restore to an older
+    schema, stays in the Delta schema and reads as null.)"""
+    have = {f.name for f in table.schema().fields}
+    wanted = DeltaSchema.from_arrow(schema)
+    return [DeltaField(f.name, f.type, nullable=True) for f in wanted.fields if f.name not in have]

@@ -1,0 +1,200 @@
+"""The read side of the Iceberg REST catalog, under ``/iceberg``.
+
+Catalog URI: ``http://host:port/iceberg``. Namespaces are two levels, ``org.super``
+(``["acme", "sales"]``). A client that passes ``warehouse=<org>`` gets the org as the
+URL prefix (``/iceberg/v1/<org>/...``) and sees the org's supers as one-level
+namespaces: one catalog per org, which suits Trino and DuckDB best.
+
+Only tables whose Iceberg mirror has been published are listed; loading one returns the
+mirror's current metadata file (``metadata-location`` and its JSON) and, unless
+``LEDGERLAKE_ICEBERG_REST_CREDENTIALS`` is off, the storage settings and credentials a
+client needs to read the files. The catalog is read-only: Ledgerlake is the only
+writer of its mirrors. Errors have the shape the spec gives
+(``{"error": {"message", "type", "code"}}``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+from litestar import Request, Response, get, head, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+
+from app.services import Services
+from events.errors import InvalidInput, LedgerError, NotFound
+from mirrors.access import access_for
+from mirrors.status import MirrorStatuses
+
+ENDPOINTS = [
+    "GET /v1/{prefix}/namespaces",
+    "GET /v1/{prefix}/namespaces/{namespace}",
+    "HEAD /v1/{prefix}/namespaces/{namespace}",
+    "GET /v1/{prefix}/namespaces/{namespace}/tables",
+    "GET /v1/{prefix}/namespaces/{namespace}/tables/{table}",
+    "HEAD /v1/{prefix}/namespaces/{namespace}/tables/{table}",
+]
+_TYPES = {
+    "table_not_found": "NoSuchTableException",
+    "namespace_not_found": "NoSuchNamespaceException",
+    "unauthorized": "NotAuthorizedException",
+}
+
+
+def _paths(suffix: str) -> list[str]:
+    return [f"/v1{suffix}", f"/v1/{{prefix:str}}{suffix}"]
+
+
+def _namespace(text: str, prefix: str | None) -> list[str]:
+    """``org\\x1fsuper`` (or ``org.super``), or with an org prefix just ``super``."""
+    parts = [p for p in text.replace("\x1f", ".").split(".")]
+    if prefix:
+        parts = [prefix, *parts]
+    if not 1 <= len(parts) <= 2 or not all(parts):
+        raise NotFound(f"namespace {text!r} does not exist", code="namespace_not_found")
+    return parts
+
+
+def _shown(parts: list[str], prefix: str | None) -> list[str]:
+    return parts[1:] if prefix else parts
+
+
+async def _require_namespace(services: Services, parts: list[str]) -> None:
+    registry = await services.reader.registry()
+    org = registry.orgs.get(parts[0])
+    if org is None or (len(parts) == 2 and parts[1] not in org.supers):
+        raise NotFound(f"namespace {'.'.join(parts)} does not exist", code="namespace_not_found")
+
+
+async def _published(services: Services, org: str, sup: str) -> dict[str, str]:
+    """Table -> current metadata location, for the tables with a live Iceberg mirror."""
+    state = await services.reader.super_state(org, sup)
+    statuses = await MirrorStatuses(services.redis, services.keys).of_super(org, sup, "iceberg")
+    out = {}
+    for name, status in statuses.items():
+        table = state.tables.get(name)
+        if table is None or status.incarnation != table.incarnation:
+            continue
+        if status.metadata_location:
+            out[name] = status.metadata_location
+    return out
+
+
+@get(_paths("/config"), sync_to_thread=False)
+def config(request: Request[Any, Any, Any], warehouse: str | None = None) -> dict[str, Any]:
+    """Catalog configuration. ``warehouse=<org>`` makes the org the URL prefix."""
+    overrides = {"prefix": warehouse} if warehouse else {}
+    return {"defaults": {}, "overrides": overrides, "endpoints": ENDPOINTS}
+
+
+@get(_paths("/namespaces"))
+async def list_namespaces(
+    services: NamedDependency[Services], prefix: str | None = None, parent: str | None = None
+) -> dict[str, Any]:
+    registry = await services.reader.registry()
+    if parent is None and not prefix:
+        return {"namespaces": [[org] for org in sorted(registry.orgs)]}
+    parts = _namespace(parent, prefix) if parent else [prefix or ""]
+    await _require_namespace(services, parts)
+    if len(parts) == 2:
+        return {"namespaces": []}
+    supers = sorted(registry.orgs[parts[0]].supers)
+    return {"namespaces": [_shown([parts[0], s], prefix) for s in supers]}
+
+
+@get(_paths("/namespaces/{namespace:str}"))
+async def load_namespace(
+    services: NamedDependency[Services], namespace: FromPath[str], prefix: str | None = None
+) -> dict[str, Any]:
+    parts = _namespace(namespace, prefix)
+    await _require_namespace(services, parts)
+    return {"namespace": _shown(parts, prefix), "properties": {}}
+
+
+@head(_paths("/namespaces/{namespace:str}"), status_code=204)
+async def namespace_exists(
+    services: NamedDependency[Services], namespace: FromPath[str], prefix: str | None = None
+) -> Response[None]:
+    await _require_namespace(services, _namespace(namespace, prefix))
+    return Response(None, status_code=204)
+
+
+@get(_paths("/namespaces/{namespace:str}/tables"))
+async def list_tables(
+    services: NamedDependency[Services], namespace: FromPath[str], prefix: str | None = None
+) -> dict[str, Any]:
+    parts = _namespace(namespace, prefix)
+    await _require_namespace(services, parts)
+    if len(parts) == 1:
+        return {"identifiers": []}
+    shown = _shown(parts, prefix)
+    names = sorted(await _published(services, parts[0], parts[1]))
+    return {"identifiers": [{"namespace": shown, "name": n} for n in names]}
+
+
+async def _metadata_location(services: Services, parts: list[str], table: str) -> str:
+    await _require_namespace(services, parts)
+    if len(parts) == 2:
+        location = (await _published(services, parts[0], parts[1])).get(table)
+        if location:
+            return location
+    raise NotFound(
+        f"table {'.'.join(parts)}.{table} does not exist or has no Iceberg mirror yet",
+        code="table_not_found",
+    )
+
+
+@get(_paths("/namespaces/{namespace:str}/tables/{table:str}"))
+async def load_table(
+    services: NamedDependency[Services],
+    namespace: FromPath[str],
+    table: FromPath[str],
+    prefix: str | None = None,
+) -> dict[str, Any]:
+    parts = _namespace(namespace, prefix)
+    location = await _metadata_location(services, parts, table)
+    access = access_for(services.storage)
+    raw = await anyio.to_thread.run_sync(access.read, location)
+    body: dict[str, Any] = {"metadata-location": location, "metadata": json.loads(raw)}
+    body["config"] = access.client_config() if services.settings.iceberg_rest_credentials else {}
+    return body
+
+
+@head(_paths("/namespaces/{namespace:str}/tables/{table:str}"), status_code=204)
+async def table_exists(
+    services: NamedDependency[Services],
+    namespace: FromPath[str],
+    table: FromPath[str],
+    prefix: str | None = None,
+) -> Response[None]:
+    await _metadata_location(services, _namespace(namespace, prefix), table)
+    return Response(None, status_code=204)
+
+
+@post(_paths("/namespaces/{namespace:str}/tables/{table:str}/metrics"), status_code=204)
+async def report_metrics(
+    namespace: FromPath[str], table: FromPath[str], prefix: str | None = None
+) -> None:
+    """Scan reports from Java clients: accepted and dropped."""
+
+
+def iceberg_error_body(exc: LedgerError, status: int) -> dict[str, Any]:
+    """The error shape of the Iceberg REST spec."""
+    kind = _TYPES.get(exc.code)
+    if kind is None:
+        kind = "BadRequestException" if isinstance(exc, InvalidInput) else type(exc).__name__
+    return {"error": {"message": exc.message, "type": kind, "code": status}}
+
+
+ICEBERG_HANDLERS = [
+    config,
+    list_namespaces,
+    load_namespace,
+    namespace_exists,
+    list_tables,
+    load_table,
+    table_exists,
+    report_metrics,
+]
