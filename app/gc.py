@@ -5,6 +5,11 @@ A data file is published before the event that references it is appended (see
 an orphan, invisible to readers. ``collect_garbage`` deletes orphans older than a grace
 period and never touches a file that any retained version references.
 
+The mirrors' copies of batches they cannot reference in place (``<table>/mirror/<format>/``,
+see ``mirrors/plan.py``) are collected by the same rule: a copy is garbage once its batch
+is in no retained version of a live table, and it is older than the grace period. The
+mirrors' own metadata (``_delta_log/``, ``metadata/``) is never gc's business.
+
 Order matters for safety against concurrent writes: storage is listed *first*, the log
 is read *second*. A file listed but referenced by an event appended after the log was
 read is younger than the grace period (appends follow uploads within a write, and a
@@ -39,6 +44,12 @@ from projections.reader import CatalogReader
 DATA_FILE = re.compile(
     r"^(?P<org>[a-z_][a-z0-9_]*)/(?P<super>[a-z_][a-z0-9_]*)/[a-z_][a-z0-9_]*/data/"
     r"[0-9a-f]{32}\.parquet$"
+)
+# A mirror's copy of a batch it cannot reference in place (mirrors/plan.py): garbage once
+# the batch (data/<name>.parquet or inline/<name>) is in no retained version.
+MIRROR_COPY = re.compile(
+    r"^(?P<org>[a-z_][a-z0-9_]*)/(?P<super>[a-z_][a-z0-9_]*)/[a-z_][a-z0-9_]*/mirror/"
+    r"[a-z]+/(?P<name>[0-9a-f]{32})\.parquet$"
 )
 PAGE = 5000
 RECORD_GRACE_LUA = """
@@ -84,7 +95,8 @@ def event_files(event: Event) -> tuple[DataFile, ...]:
 async def referenced_files(
     log: RedisEventLog, reader: CatalogReader, supers: list[tuple[str, str]]
 ) -> set[str]:
-    """Every data file a retained version of a table of these supers holds."""
+    """Every batch (data file key, or ``inline/<name>``) a retained version of a table
+    of these supers holds."""
     keys: set[str] = set()
     for org, sup in supers:
         current = (await reader.super_state(org, sup)).tables
@@ -109,7 +121,7 @@ async def referenced_files(
                 # it added.
                 added = state.files if event.table not in seeded else event_files(event)
                 seeded.add(event.table)
-                keys.update(f.path for f in added if not f.is_inline)
+                keys.update(f.path for f in added)
             if len(events) < PAGE:
                 break
             after = events[-1].id
@@ -141,15 +153,17 @@ async def collect_garbage(
     known = {(org.name, sup) for org in registry.orgs.values() for sup in org.supers}
     listed = []
     async for obj in storage.list_objects():
-        match = DATA_FILE.match(obj.key)
+        match = DATA_FILE.match(obj.key) or MIRROR_COPY.match(obj.key)
         # Only supers the log knows: against a wrong or empty Redis nothing is a
         # candidate, rather than everything.
         if match and (match["org"], match["super"]) in known:
             listed.append(obj)
     live = await referenced_files(log, reader, sorted(known))  # after listing: see the docstring
+    names = {key.rsplit("/", 1)[-1].removesuffix(".parquet") for key in live}
     for obj in listed:
         report.scanned += 1
-        if obj.key in live:
+        copy = MIRROR_COPY.match(obj.key)
+        if obj.key in live or (copy is not None and copy["name"] in names):
             report.referenced += 1
         elif obj.modified > cutoff:
             report.young += 1

@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 from pyiceberg.catalog import MetastoreCatalog
 from pyiceberg.exceptions import NoSuchTableError
 from pyiceberg.io import load_file_io
@@ -172,9 +173,11 @@ def publish(
         with tx.update_snapshot(snapshot_properties=marks).fast_append() as append:
             for data_file in added:
                 append.append_data_file(data_file)
-    _expire(tx, retention_s)
+    expired = _expire(tx, retention_s)
     tx.commit_transaction()
     assert catalog.current is not None
+    if expired:
+        prune_manifests(catalog.current, retention_s)
     return str(catalog.current.metadata_location)
 
 
@@ -200,7 +203,7 @@ def _name_mapping(tx: Any) -> NameMapping:
     return mapping
 
 
-def _expire(tx: Any, retention_s: float) -> None:
+def _expire(tx: Any, retention_s: float) -> bool:
     metadata = tx.table_metadata
     cutoff = datetime.now(UTC) - timedelta(seconds=retention_s)
     cutoff_ms = int(cutoff.timestamp() * 1000)
@@ -211,3 +214,41 @@ def _expire(tx: Any, retention_s: float) -> None:
     ]
     if old:
         ExpireSnapshots(tx).by_ids(old).commit()
+    return bool(old)
+
+
+def prune_manifests(table: Table, retention_s: float) -> int:
+    """Delete the manifest lists and manifests (``metadata/*.avro``) no remaining
+    snapshot references and older than the retention; return how many. Only the
+    mirror's own metadata: data files are never listed here."""
+    referenced: set[str] = set()
+    for snapshot in table.metadata.snapshots:
+        referenced.add(snapshot.manifest_list)
+        referenced.update(m.manifest_path for m in snapshot.manifests(table.io))
+    fs, path = _filesystem(table.io, f"{table.metadata.location}/metadata")
+    cutoff = datetime.now(UTC) - timedelta(seconds=retention_s)
+    deleted = 0
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if not info.path.endswith(".avro") or info.mtime is None:
+            continue
+        uri = _uri_like(table.metadata.location, path, info.path)
+        if uri in referenced or info.mtime.replace(tzinfo=UTC) > cutoff:
+            continue
+        fs.delete_file(info.path)
+        deleted += 1
+    return deleted
+
+
+def _filesystem(io: Any, location: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem pyiceberg reads ``location`` with, and the path in it."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(location)
+    fs: pafs.FileSystem = io.fs_by_scheme(parsed.scheme or "file", parsed.netloc)
+    path = f"{parsed.netloc}{parsed.path}" if parsed.scheme == "s3" else parsed.path
+    return fs, path
+
+
+def _uri_like(location: str, listed_root: str, listed: str) -> str:
+    """A listed path written the way the metadata writes locations."""
+    return f"{location}/metadata{listed[len(listed_root) :]}"
