@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from app.routes import V1_HANDLERS, health
+from app.iceberg_rest import ICEBERG_HANDLERS
+from app.routes import V1_HANDLERS, health, metrics
 from app.settings import SETTINGS_DOC, Settings
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
@@ -19,8 +20,13 @@ def test_every_setting_is_in_the_readme_table() -> None:
 
 
 def test_every_route_is_in_the_readme() -> None:
-    handlers = [health, *V1_HANDLERS]
+    handlers = [health, metrics, *V1_HANDLERS]
     for handler in handlers:
         for path in handler.paths:
             shown = re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
             assert f" {shown}" in README, shown
+    for handler in ICEBERG_HANDLERS:
+        for path in handler.paths:
+            shown = re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
+            if "{prefix}" not in shown:
+                assert f" /iceberg{shown}" in README, shown
