@@ -144,6 +144,9 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
                 f"{verb} {report.supers} supers from {report.events} events: "
                 f"{len(report.differences)} difference(s)"
             )
+            if args.mirrors and not args.verify:
+                reset = await services.reset_mirrors()
+                print(f"mirrors of {reset} supers will be published again by the runners")
             return 1 if report.differences else 0
 
     with redis_for(settings) as url:
@@ -377,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify",
         action="store_true",
         help="compare a rebuild with the stored snapshots; exit 1 on a difference",
+    )
+    p.add_argument(
+        "--mirrors",
+        action="store_true",
+        help="also forget what the mirrors reflect, so the runners publish every table again",
     )
     p = command("query", cmd_query, "Run a read-only SQL query.")
     p.add_argument("sql")

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 from litestar import Request, Response, get, head, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath
+from litestar.params import FromPath, FromQuery
 
 from app.services import Services
 from events.errors import InvalidInput, LedgerError, NotFound
@@ -82,8 +82,15 @@ async def _published(services: Services, org: str, sup: str) -> dict[str, str]:
     return out
 
 
+def _prefix(request: Request[Any, Any, Any]) -> str | None:
+    """The org in ``/v1/{prefix}/...`` (None on the unprefixed paths). Read from the
+    path, not declared as a parameter: on the other path it would become a query one."""
+    prefix: str | None = request.path_params.get("prefix")
+    return prefix
+
+
 @get(_paths("/config"), sync_to_thread=False)
-def config(request: Request[Any, Any, Any], warehouse: str | None = None) -> dict[str, Any]:
+def config(warehouse: FromQuery[str | None] = None) -> dict[str, Any]:
     """Catalog configuration. ``warehouse=<org>`` makes the org the URL prefix."""
     overrides = {"prefix": warehouse} if warehouse else {}
     return {"defaults": {}, "overrides": overrides, "endpoints": ENDPOINTS}
@@ -91,8 +98,11 @@ def config(request: Request[Any, Any, Any], warehouse: str | None = None) -> dic
 
 @get(_paths("/namespaces"))
 async def list_namespaces(
-    services: NamedDependency[Services], prefix: str | None = None, parent: str | None = None
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    parent: FromQuery[str | None] = None,
 ) -> dict[str, Any]:
+    prefix = _prefix(request)
     registry = await services.reader.registry()
     if parent is None and not prefix:
         return {"namespaces": [[org] for org in sorted(registry.orgs)]}
@@ -106,8 +116,9 @@ async def list_namespaces(
 
 @get(_paths("/namespaces/{namespace:str}"))
 async def load_namespace(
-    services: NamedDependency[Services], namespace: FromPath[str], prefix: str | None = None
+    request: Request[Any, Any, Any], services: NamedDependency[Services], namespace: FromPath[str]
 ) -> dict[str, Any]:
+    prefix = _prefix(request)
     parts = _namespace(namespace, prefix)
     await _require_namespace(services, parts)
     return {"namespace": _shown(parts, prefix), "properties": {}}
@@ -115,16 +126,17 @@ async def load_namespace(
 
 @head(_paths("/namespaces/{namespace:str}"), status_code=204)
 async def namespace_exists(
-    services: NamedDependency[Services], namespace: FromPath[str], prefix: str | None = None
+    request: Request[Any, Any, Any], services: NamedDependency[Services], namespace: FromPath[str]
 ) -> Response[None]:
-    await _require_namespace(services, _namespace(namespace, prefix))
+    await _require_namespace(services, _namespace(namespace, _prefix(request)))
     return Response(None, status_code=204)
 
 
 @get(_paths("/namespaces/{namespace:str}/tables"))
 async def list_tables(
-    services: NamedDependency[Services], namespace: FromPath[str], prefix: str | None = None
+    request: Request[Any, Any, Any], services: NamedDependency[Services], namespace: FromPath[str]
 ) -> dict[str, Any]:
+    prefix = _prefix(request)
     parts = _namespace(namespace, prefix)
     await _require_namespace(services, parts)
     if len(parts) == 1:
@@ -148,12 +160,12 @@ async def _metadata_location(services: Services, parts: list[str], table: str) -
 
 @get(_paths("/namespaces/{namespace:str}/tables/{table:str}"))
 async def load_table(
+    request: Request[Any, Any, Any],
     services: NamedDependency[Services],
     namespace: FromPath[str],
     table: FromPath[str],
-    prefix: str | None = None,
 ) -> dict[str, Any]:
-    parts = _namespace(namespace, prefix)
+    parts = _namespace(namespace, _prefix(request))
     location = await _metadata_location(services, parts, table)
     access = access_for(services.storage)
     raw = await anyio.to_thread.run_sync(access.read, location)
@@ -164,19 +176,17 @@ async def load_table(
 
 @head(_paths("/namespaces/{namespace:str}/tables/{table:str}"), status_code=204)
 async def table_exists(
+    request: Request[Any, Any, Any],
     services: NamedDependency[Services],
     namespace: FromPath[str],
     table: FromPath[str],
-    prefix: str | None = None,
 ) -> Response[None]:
-    await _metadata_location(services, _namespace(namespace, prefix), table)
+    await _metadata_location(services, _namespace(namespace, _prefix(request)), table)
     return Response(None, status_code=204)
 
 
 @post(_paths("/namespaces/{namespace:str}/tables/{table:str}/metrics"), status_code=204)
-async def report_metrics(
-    namespace: FromPath[str], table: FromPath[str], prefix: str | None = None
-) -> None:
+async def report_metrics(namespace: FromPath[str], table: FromPath[str]) -> None:
     """Scan reports from Java clients: accepted and dropped."""
 
 

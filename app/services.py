@@ -221,6 +221,23 @@ class Services:
             )
         return runners
 
+    async def reset_mirrors(self) -> int:
+        """Forget every mirror status and checkpoint: the runners then publish each
+        table's latest version again (reusing what a mirror already holds: a publish
+        compares with the mirror's own last commit). Returns the number of supers."""
+        registry = await self.reader.registry()
+        statuses = MirrorStatuses(self.redis, self.keys)
+        count = 0
+        for org in registry.orgs.values():
+            for sup in org.supers:
+                keys = []
+                for fmt in MIRROR_FORMATS:
+                    keys.append(statuses.key(org.name, sup, fmt))
+                    keys.append(self.keys.checkpoint(org.name, sup, mirror_group(fmt)))
+                await guarded(self.redis.delete(*keys))
+                count += 1
+        return count
+
     async def run_projections(self, stop: anyio.Event) -> None:
         """The catalog projection and every mirror runner, until ``stop``."""
         async with anyio.create_task_group() as tg:
