@@ -13,6 +13,7 @@ from events.model import (
     RowsUpserted,
     SchemaEvolved,
     TableCreated,
+    TableDropped,
     TableOverwritten,
     TableRestored,
     stream_id_tuple,
@@ -114,6 +115,8 @@ def history_fields(event: Event) -> tuple[int, int, list[str]]:
         return event.inserted + event.updated, event.rows_removed, []
     if isinstance(event, RowsDeleted):
         return 0, event.rows_removed, []
+    if isinstance(event, TableDropped):
+        return 0, event.rows, []
     if isinstance(event, TableCreated):
         return 0, 0, [f.name for f in event.columns]
     if isinstance(event, SchemaEvolved):

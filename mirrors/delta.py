@@ -44,6 +44,10 @@ INCARNATION = "ledgerlake.incarnation"
 APP_ID = "ledgerlake"
 
 
+class SchemaConflict(Exception):
+    """A column of the table has another type in the Delta schema."""
+
+
 def committed(location: str, options: dict[str, str]) -> dict[str, str]:
     """The ``ledgerlake.*`` marks of the latest commit ({} if there is no table)."""
     try:
@@ -97,6 +101,10 @@ def publish(
         )
         return 0
     table = DeltaTable(location, storage_options=options)
+    have = {f.name: f.type for f in table.schema().fields}
+    for f in DeltaSchema.from_arrow(schema).fields:
+        if f.name in have and have[f.name] != f.type:
+            raise SchemaConflict(f"column {f.name!r} is {have[f.name]} in Delta, {f.type} now")
     new_columns = _new_columns(table, schema)
     if new_columns:
         # A commit of its own (an append ignores a new schema), marked with the position
@@ -139,7 +147,8 @@ def _add_actions(table: DeltaTable) -> list[dict[str, Any]]:
 def _new_columns(table: DeltaTable, schema: pa.Schema) -> list[DeltaField]:
     """Columns of ``schema`` the Delta table lacks. (Delta cannot drop a column without
     column mapping: a column the table no longer has, after a restore to an older
-    schema, stays in the Delta schema and reads as null.)"""
+    schema, stays in the Delta schema and reads as null; if it comes back with another
+    type, ``publish`` raises SchemaConflict and the mirror is created again.)"""
     have = {f.name for f in table.schema().fields}
     wanted = DeltaSchema.from_arrow(schema)
     return [DeltaField(f.name, f.type, nullable=True) for f in wanted.fields if f.name not in have]

@@ -78,9 +78,18 @@ class Publisher:
                 fresh = not marks
                 if fresh:  # a log left half-made by a crash before its first commit
                     await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
-                await anyio.to_thread.run_sync(
-                    lambda: self._delta(prefix, schema, files, table, fresh)
-                )
+                try:
+                    await anyio.to_thread.run_sync(
+                        lambda: self._delta(prefix, schema, files, table, fresh)
+                    )
+                except delta.SchemaConflict as exc:
+                    # A column came back with another type (Delta cannot drop or
+                    # retype one): start the Delta table over.
+                    log.warning("recreating the Delta mirror of %s: %s", prefix, exc)
+                    await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
+                    await anyio.to_thread.run_sync(
+                        lambda: self._delta(prefix, schema, files, table, True)
+                    )
         else:
             current = previous.metadata_location if previous else None
             if previous is not None and previous.incarnation != table.incarnation:
@@ -142,7 +151,10 @@ class Publisher:
         format was turned off for it). Canonical data files are never touched."""
         prefix = table_prefix(org, super_, table)
         await self._delete_prefix(f"{prefix}/{METADATA_DIR[self.fmt]}/")
-        await self._delete_prefix(f"{prefix}/mirror/{self.fmt}/")
+        copies = f"{prefix}/mirror/{self.fmt}/"
+        await self._delete_prefix(copies)
+        for key in [k for k in self._copies if k.startswith(copies)]:
+            del self._copies[key]
 
     async def _delete_prefix(self, prefix: str) -> None:
         keys = [obj.key async for obj in self.storage.list_objects(prefix)]

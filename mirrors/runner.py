@@ -85,7 +85,11 @@ class MirrorRunner(CatalogProjector):
         state = await self.store.load_super(org, sup)
         raw: Any = await guarded(self.client.get(self.keys.checkpoint(org, sup, self.group)))
         checkpoint = raw.decode() if raw else "0-0"
-        state = await self._fold_until(state, stream, checkpoint)
+        # Fold up to what the group already delivered, too: entries delivered and
+        # acknowledged past a lost checkpoint would otherwise never be read again.
+        delivered = await self._delivered(stream)
+        target = max(checkpoint, delivered, key=stream_id_tuple)
+        state = await self._fold_until(state, stream, target)
         self._status[name] = await self.statuses.of_super(org, sup, self.fmt)
 
         async def commit(
@@ -111,6 +115,16 @@ class MirrorRunner(CatalogProjector):
             if outcome is not CommitOutcome.DONE:
                 return  # another runner moved on: try again next cycle
         self.units[name] = unit
+
+    async def _delivered(self, stream: str) -> str:
+        """The group's last delivered entry id."""
+        groups: Any = await guarded(self.client.xinfo_groups(stream))
+        for info in groups:
+            name = info.get("name") or info.get(b"name")
+            if (name.decode() if isinstance(name, bytes) else name) == self.group:
+                raw = info.get("last-delivered-id") or info.get(b"last-delivered-id") or "0-0"
+                return raw.decode() if isinstance(raw, bytes) else str(raw)
+        return "0-0"
 
     async def _fold_until(self, state: SuperState, stream: str, checkpoint: str) -> SuperState:
         """Fold the events after the snapshot up to ``checkpoint`` (when the catalog
