@@ -271,13 +271,10 @@ def test_lost_status_and_checkpoint_make_no_duplicate(lake: Lake) -> None:
 
 
 def test_lost_checkpoint_while_the_catalog_snapshot_is_behind(local_lake: Lake) -> None:
-    # BUG: a mirror runner whose checkpoint key is gone starts from the catalog snapshot;
-    # when that snapshot is behind what the consumer group already delivered (the
-    # catalog projection lags, or never ran), MirrorRunner never catches up: `_step`
-    # finds nothing to read (">" is past every entry, nothing is pending) but `_behind`
-    # stays true, so it claims (nothing) and loops forever. In `run` mode that is a
-    # busy loop and the mirrors stop for good. Expected: it resumes from the log (at
-    # worst re-folding the stream) and publishes without a duplicate commit.
+    # Regression: a runner whose checkpoint key is gone used to start from a catalog
+    # snapshot behind what the group had already delivered and loop forever (nothing to
+    # read, nothing pending, yet behind). It now folds up to the group's last delivered
+    # entry, and publishes without a duplicate commit.
     c, settings = local_lake.client, local_lake.settings
     append(c, ids(2))
     assert run_mirrors(settings) == {"delta": 1, "iceberg": 1}  # no catalog projection yet
@@ -466,14 +463,10 @@ def test_mirrors_follow_every_kind_of_change(inline_lake: Lake) -> None:
 
 
 def test_a_column_that_comes_back_with_another_type(local_lake: Lake) -> None:
-    # BUG: Delta cannot drop a column, so after a restore to a schema without `x` the
-    # Delta schema keeps `x double` (documented: it reads as null). When `x` is then
-    # written again as a *string*, mirrors/delta.py `_new_columns` only looks at names:
-    # no schema change is committed, the append commit adds a file whose `x` is a string
-    # under a Delta schema that says double, and the status reports it published, with
-    # no error. Every Delta reader then fails ("data type mismatch for column x"; the
-    # Iceberg mirror is right). Expected: a readable mirror (e.g. start a new Delta table
-    # when a column's type changes), or at least an error in the mirror status.
+    # Regression: Delta cannot drop a column, so after a restore to a schema without `x`
+    # the Delta schema keeps `x double`. When `x` came back as a string, the mirror
+    # committed string files under a double schema (unreadable, reported as fine). The
+    # Delta table is now created again when a column's type changes.
     c, settings = local_lake.client, local_lake.settings
     append(c, [{"id": 1, "s": "a"}])
     append(c, [{"id": 2, "s": "b", "x": 0.5}])
@@ -520,14 +513,9 @@ def test_types_the_formats_lack_are_copied(local_lake: Lake) -> None:
 
 
 def test_a_format_turned_off_and_on_under_one_long_lived_runner(inline_lake: Lake) -> None:
-    # BUG: mirrors/publisher.py caches the copies it made (`Publisher._copies`) for the
-    # life of the runner. Turning a format off removes the mirror *and its copies*
-    # (`Publisher.remove`), but not the cache entries; turned on again under the same
-    # runner (as in `serve` and `worker`, whose runners live for the process), the
-    # publish trusts the cache: the Delta mirror is committed over copy files that no
-    # longer exist (status: published, no error; every reader fails with "No such file")
-    # and the Iceberg publish fails (FileNotFoundError in its status). Expected: both
-    # mirrors readable, with the rows of the table.
+    # Regression: the publisher caches the copies it made; turning a format off deleted
+    # the copies but kept the cache, so turning it on again under the same runner (as in
+    # `serve`) committed over files that no longer existed. `remove` now forgets them.
     lake = inline_lake
     c, settings = lake.client, lake.settings
     append(c, ids(2))  # inlined: each format has a copy of the batch
