@@ -90,8 +90,15 @@ ICEBERG = Router(
 )
 
 
-def handle_http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+def handle_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     status = exc.status_code
+    if request.url.path.startswith("/iceberg/"):
+        # Unknown paths and methods (writes) under the Iceberg catalog: the spec's shape.
+        kind = {404: "NoSuchTableException", 405: "NotSupportedException"}.get(
+            status, "BadRequestException"
+        )
+        body = {"error": {"message": str(exc.detail), "type": kind, "code": status}}
+        return Response(body, status_code=status)
     code = {
         400: "bad_request",
         401: "unauthorized",

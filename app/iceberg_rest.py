@@ -2,7 +2,7 @@
 
 Catalog URI: ``http://host:port/iceberg``. Namespaces are two levels, ``org.super``
 (``["acme", "sales"]``). A client that passes ``warehouse=<org>`` gets the org as the
-URL prefix (``/iceberg/v1/<org>/...``) and sees the org's supers as one-level
+URL prefix (``/iceberg/v1/orgs/<org>/...``) and sees the org's supers as one-level
 namespaces: one catalog per org, which suits Trino and DuckDB best.
 
 Only tables whose Iceberg mirror has been published are listed; loading one returns the
@@ -44,7 +44,9 @@ _TYPES = {
 
 
 def _paths(suffix: str) -> list[str]:
-    return [f"/v1{suffix}", f"/v1/{{prefix:str}}{suffix}"]
+    # The org prefix is ``orgs/<org>``: a fixed first segment, so that no org name (say
+    # ``namespaces``) can be mistaken for a route of the unprefixed catalog.
+    return [f"/v1{suffix}", f"/v1/orgs/{{prefix:str}}{suffix}"]
 
 
 def _namespace(text: str, prefix: str | None) -> list[str]:
@@ -92,7 +94,7 @@ def _prefix(request: Request[Any, Any, Any]) -> str | None:
 @get(_paths("/config"), sync_to_thread=False)
 def config(warehouse: FromQuery[str | None] = None) -> dict[str, Any]:
     """Catalog configuration. ``warehouse=<org>`` makes the org the URL prefix."""
-    overrides = {"prefix": warehouse} if warehouse else {}
+    overrides = {"prefix": f"orgs/{warehouse}"} if warehouse else {}
     return {"defaults": {}, "overrides": overrides, "endpoints": ENDPOINTS}
 
 
