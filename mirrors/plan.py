@@ -12,8 +12,9 @@ be referenced as they are, and get a *mirror-owned copy* (only that batch, once)
 
 A copy lives at ``<org>/<super>/<table>/mirror/<format>/<name>.parquet``, where
 ``name`` comes from the batch's own name, so each batch is copied at most once per
-format; it holds the batch's rows in the mirror's types, with untyped all-null columns
-left out (a reader returns null for a column a file lacks). Copies are mirror files:
+format; it holds the batch's rows in the mirror's types. A column that was untyped when
+the batch was written is typed nulls if the column has a type by the time of the copy,
+and left out otherwise (a reader returns null for a column a file lacks). Copies are mirror files:
 ``ledgerlake gc`` deletes one once its batch is gone from every retained version.
 """
 
@@ -88,18 +89,29 @@ def _needs_copy(t: pa.DataType, fmt: str) -> bool:
     return False
 
 
-def to_mirror(table: pa.Table, fmt: str) -> pa.Table:
-    """A batch's rows in the mirror's types: untyped all-null columns dropped, the rest
-    cast (unsigned → wider signed, Delta's time → text)."""
+def to_mirror(table: pa.Table, fmt: str, schema: pa.Schema) -> pa.Table | None:
+    """A batch's rows in the mirror's types (unsigned → wider signed, Delta's time →
+    text). A column that was untyped (all null) when the batch was written takes its
+    type in ``schema`` (the mirror's now) as typed nulls, or is left out if it still has
+    none. None when no column is left (every column of the table is still untyped):
+    such a batch joins the mirror once a column has a type."""
     arrays, fields = [], []
     for name, column in zip(table.column_names, table.columns, strict=True):
-        target = _target_type(column.type, fmt)
+        if pa.types.is_null(column.type):
+            if name not in schema.names:
+                continue
+            target: pa.DataType | None = schema.field(name).type
+            column = pa.nulls(len(column), target)
+        else:
+            target = _target_type(column.type, fmt)
         if target is None:
             continue
         if column.type != target:
             column = column.cast(target)
         arrays.append(column)
         fields.append(pa.field(name, target))
+    if not arrays:
+        return None
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 

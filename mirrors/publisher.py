@@ -64,8 +64,8 @@ class Publisher:
     ) -> MirrorStatus:
         prefix = table_prefix(org, super_, table.name)
         location = self.access.uri(prefix)
-        files = await self._files(org, super_, table)
         schema = mirror_schema(table.columns, self.fmt)
+        files = await self._files(org, super_, table, schema)
         metadata_location = None
         if self.fmt == "delta":
             marks = await anyio.to_thread.run_sync(
@@ -165,7 +165,9 @@ class Publisher:
 
     # -- files --------------------------------------------------------------------------
 
-    async def _files(self, org: str, super_: str, table: TableState) -> list[MirrorFile]:
+    async def _files(
+        self, org: str, super_: str, table: TableState, schema: pa.Schema
+    ) -> list[MirrorFile]:
         prefix = table_prefix(org, super_, table.name)
         out = []
         for f in table.files:
@@ -175,7 +177,9 @@ class Publisher:
             key = copy_key(prefix, f, self.fmt)
             size = self._copies.get(key)
             if size is None:
-                size = await self._copy(f, key)
+                size = await self._copy(f, key, schema)
+                if size is None:
+                    continue  # no typed column yet: nothing a reader could read
                 self._copies[key] = size
             out.append(MirrorFile(key, f.path, f.rows, size, True))
         return out
@@ -190,7 +194,7 @@ class Publisher:
             known = self._needs_copy[f.path] = needs_copy(schema, self.fmt)
         return known
 
-    async def _copy(self, f: DataFile, key: str) -> int:
+    async def _copy(self, f: DataFile, key: str, schema: pa.Schema) -> int | None:
         fs, root = self.access.filesystem()
 
         def build() -> Any:
@@ -198,9 +202,12 @@ class Publisher:
             if info.size is not None and info.type.name == "File":
                 return info.size  # copied before (by an earlier run)
             rows = inline_table(f) if f.is_inline else pq.read_table(root + f.path, filesystem=fs)
+            converted = to_mirror(rows, self.fmt, schema)
+            if converted is None:
+                return None
             staged = self.storage.staging_file(".parquet")
             pq.write_table(
-                to_mirror(rows, self.fmt),
+                converted,
                 staged,
                 compression="zstd",
                 compression_level=self.zstd_level,
@@ -208,7 +215,7 @@ class Publisher:
             return staged
 
         built = await anyio.to_thread.run_sync(build)
-        if isinstance(built, int):
+        if built is None or isinstance(built, int):
             return built
         return await self.storage.publish(built, key)
 
