@@ -178,6 +178,7 @@ class MirrorInfo(msgspec.Struct, frozen=True):
     lag_seconds: float
     published_at: datetime | None
     error: str | None
+    note: str | None = None
 
 
 class TableDetail(msgspec.Struct):

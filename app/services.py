@@ -335,6 +335,7 @@ class Services:
                     lag_seconds=round(seconds, 3),
                     published_at=status.published_at if status else None,
                     error=status.error if status else None,
+                    note=status.note if status else None,
                 )
             )
         return out

@@ -173,7 +173,10 @@ def publish(
         with tx.update_snapshot(snapshot_properties=marks).fast_append() as append:
             for data_file in added:
                 append.append_data_file(data_file)
-    expired = _expire(tx, retention_s)
+    # The snapshot the recorded pointer shows stays: if the runner stops before it
+    # records the new pointer, the old one must still be readable.
+    keep = current.metadata.current_snapshot_id if current is not None else None
+    expired = _expire(tx, retention_s, keep)
     tx.commit_transaction()
     assert catalog.current is not None
     if expired:
@@ -203,14 +206,14 @@ def _name_mapping(tx: Any) -> NameMapping:
     return mapping
 
 
-def _expire(tx: Any, retention_s: float) -> bool:
+def _expire(tx: Any, retention_s: float, keep: int | None) -> bool:
     metadata = tx.table_metadata
     cutoff = datetime.now(UTC) - timedelta(seconds=retention_s)
     cutoff_ms = int(cutoff.timestamp() * 1000)
     old = [
         s.snapshot_id
         for s in metadata.snapshots
-        if s.timestamp_ms < cutoff_ms and s.snapshot_id != metadata.current_snapshot_id
+        if s.timestamp_ms < cutoff_ms and s.snapshot_id not in (metadata.current_snapshot_id, keep)
     ]
     if old:
         ExpireSnapshots(tx).by_ids(old).commit()

@@ -93,8 +93,8 @@ def to_mirror(table: pa.Table, fmt: str, schema: pa.Schema) -> pa.Table | None:
     """A batch's rows in the mirror's types (unsigned → wider signed, Delta's time →
     text). A column that was untyped (all null) when the batch was written takes its
     type in ``schema`` (the mirror's now) as typed nulls, or is left out if it still has
-    none. None when no column is left (every column of the table is still untyped):
-    such a batch joins the mirror once a column has a type."""
+    none. A batch with no column left keeps its rows as nulls of the typed columns;
+    None only when the table has no typed column at all (then there is no mirror)."""
     arrays, fields = [], []
     for name, column in zip(table.column_names, table.columns, strict=True):
         if pa.types.is_null(column.type):
@@ -111,7 +111,11 @@ def to_mirror(table: pa.Table, fmt: str, schema: pa.Schema) -> pa.Table | None:
         arrays.append(column)
         fields.append(pa.field(name, target))
     if not arrays:
-        return None
+        if not schema:
+            return None
+        # Only untyped columns (a sparse record): its rows, with the typed columns null.
+        arrays = [pa.nulls(table.num_rows, f.type) for f in schema]
+        fields = [pa.field(f.name, f.type) for f in schema]
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 

@@ -65,6 +65,19 @@ class Publisher:
         prefix = table_prefix(org, super_, table.name)
         location = self.access.uri(prefix)
         schema = mirror_schema(table.columns, self.fmt)
+        if not schema:
+            # Every column is still untyped: neither format has a table without
+            # columns. The mirror appears with the first typed column.
+            await self.remove(org, super_, table.name)
+            return MirrorStatus(
+                format=self.fmt,
+                location=location,
+                version=table.version,
+                position=table.last_event_id,
+                incarnation=table.incarnation,
+                published_at=datetime.now(UTC),
+                note="no typed column yet: nothing to publish",
+            )
         files = await self._files(org, super_, table, schema)
         metadata_location = None
         if self.fmt == "delta":

@@ -33,6 +33,7 @@ class MirrorStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     published_at: datetime
     metadata_location: str | None = None
     error: str | None = None
+    note: str | None = None
 
 
 _decoder = msgspec.json.Decoder(MirrorStatus)

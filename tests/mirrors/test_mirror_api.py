@@ -383,6 +383,7 @@ def test_turning_a_format_off_and_on_removes_and_republishes_it(local_lake: Lake
         "lag_seconds": 0.0,
         "published_at": None,
         "error": None,
+        "note": None,
     }
     assert not (path / "metadata").exists() or not any((path / "metadata").iterdir())
     assert status["delta"]["version"] == 3 and status["delta"]["lag_versions"] == 0
