@@ -4,6 +4,7 @@ mirrors hold is deterministic), with both mirror formats on."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,10 @@ from litestar.testing import TestClient
 from app.http import create_app
 from app.services import Services
 from app.settings import Settings
+
+# polars plans Iceberg scans with pyiceberg unless an optional plugin is installed; say
+# so instead of warning in every test.
+os.environ.setdefault("POLARS_ICEBERG_PLANNER", "pyiceberg")
 
 
 @pytest.fixture
