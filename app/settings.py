@@ -14,9 +14,10 @@ from typing import Any
 import msgspec
 
 from events.redis_log import RedisTarget
+from mirrors import FORMATS
 
 PREFIX = "LEDGERLAKE_"
-MIRROR_FORMATS = ("delta", "iceberg")
+MIRROR_FORMATS = FORMATS
 
 SETTINGS_DOC: dict[str, str] = {
     "data_dir": "Where data files and the embedded Redis live.",

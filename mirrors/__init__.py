@@ -1,5 +1,6 @@
 """Mirror writers: latest-only Delta Lake and Iceberg tables over the canonical Parquet
-files (issue 5). Each format will be one module here (``delta.py``, ``iceberg.py``) run
-as its own projection on its own consumer group, registered in ``MIRRORS``."""
+files. One module per format (``delta.py``, ``iceberg.py``), each published by a
+``MirrorRunner`` (``runner.py``) on its own consumer group; ``FORMATS`` is the registry.
+Adding a format: its module, its name here, its branch in ``publisher.py``, its tests."""
 
-MIRRORS: dict[str, str] = {}
+FORMATS = ("delta", "iceberg")

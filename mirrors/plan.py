@@ -28,8 +28,6 @@ import pyarrow as pa
 from events.model import DataFile, DataType, Field
 from projections.arrow import to_arrow
 
-FORMATS = ("delta", "iceberg")
-
 # Unsigned integers widen to the next signed type (as Spark reads Parquet's unsigned).
 _UNSIGNED = {
     "uint8": pa.int16(),
