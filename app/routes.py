@@ -152,6 +152,15 @@ async def metrics(services: NamedDependency[Services]) -> Response[str]:
         f'ledgerlake_projection_lag_seconds{{projection="{name}"}} {lag["lag_seconds"]}'
         for name, lag in lags.items()
     ]
+    lines += [
+        "# HELP ledgerlake_mirror_failed_tables Tables whose last mirror publish failed.",
+        "# TYPE ledgerlake_mirror_failed_tables gauge",
+    ]
+    lines += [
+        f'ledgerlake_mirror_failed_tables{{projection="{name}"}} {lag["failed_tables"]}'
+        for name, lag in lags.items()
+        if "failed_tables" in lag
+    ]
     return Response("\n".join(lines) + "\n")
 
 

@@ -301,8 +301,16 @@ class Services:
     async def all_lags(self) -> dict[str, dict[str, float | int]]:
         """The lag of the catalog projection and of each mirror runner."""
         out = {CATALOG: await self.projection_lag()}
+        registry = await self.reader.registry()
+        statuses = MirrorStatuses(self.redis, self.keys)
         for fmt in MIRROR_FORMATS:
-            out[mirror_group(fmt)] = await self.projection_lag(mirror_group(fmt))
+            lag = await self.projection_lag(mirror_group(fmt))
+            failed = 0
+            for org in registry.orgs.values():
+                for sup in org.supers:
+                    found = await statuses.of_super(org.name, sup, fmt)
+                    failed += sum(1 for status in found.values() if status.error)
+            out[mirror_group(fmt)] = {**lag, "failed_tables": failed}
         return out
 
     async def table_mirrors(self, org: str, super_: str, table: TableState) -> list[MirrorInfo]:

@@ -26,7 +26,7 @@ import pyarrow as pa
 from deltalake import DeltaTable
 from deltalake import Field as DeltaField
 from deltalake import Schema as DeltaSchema
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import DeltaError, TableNotFoundError
 from deltalake.transaction import (
     AddAction,
     CommitProperties,
@@ -48,12 +48,18 @@ class SchemaConflict(Exception):
     """A column of the table has another type in the Delta schema."""
 
 
-def committed(location: str, options: dict[str, str]) -> dict[str, str]:
-    """The ``ledgerlake.*`` marks of the latest commit ({} if there is no table)."""
+def committed(location: str, options: dict[str, str]) -> dict[str, str] | None:
+    """The ``ledgerlake.*`` marks of the latest commit: {} if there is no table, None
+    if there is a log that cannot be loaded (a checkpoint hint without its checkpoint,
+    a missing commit...). A storage outage raises."""
     try:
         table = DeltaTable(location, storage_options=options)
     except TableNotFoundError:
         return {}
+    except DeltaError as exc:
+        if _unreachable(exc):
+            raise
+        return None
     for entry in table.history(1):
         return {k: str(v) for k, v in entry.items() if k.startswith("ledgerlake.")}
     return {}
@@ -132,6 +138,11 @@ def publish(
     )
     table.update_incremental()
     return int(table.version())
+
+
+def _unreachable(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(w in text for w in ("connect", "timed out", "timeout", "dns", "503", "network"))
 
 
 def _add(path: str, f: MirrorFile, now_ms: int) -> AddAction:

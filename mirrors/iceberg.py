@@ -20,6 +20,7 @@ files beyond the last ``METADATA_KEEP``. Manifests of expired snapshots are dele
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -207,13 +208,21 @@ def _name_mapping(tx: Any) -> NameMapping:
 
 
 def _expire(tx: Any, retention_s: float, keep: int | None) -> bool:
+    """Expire the snapshots that stopped being current more than ``retention_s`` ago
+    (a reader that loaded one within the retention can still scan it), never the
+    current one nor ``keep`` (the one the recorded pointer shows)."""
     metadata = tx.table_metadata
-    cutoff = datetime.now(UTC) - timedelta(seconds=retention_s)
-    cutoff_ms = int(cutoff.timestamp() * 1000)
+    cutoff_ms = int((datetime.now(UTC) - timedelta(seconds=retention_s)).timestamp() * 1000)
+    replaced_at: dict[int, int] = {}
+    log = list(metadata.snapshot_log)
+    for entry, following in itertools.pairwise(log):
+        replaced_at.setdefault(entry.snapshot_id, following.timestamp_ms)
+    protected = {metadata.current_snapshot_id, keep}
     old = [
         s.snapshot_id
         for s in metadata.snapshots
-        if s.timestamp_ms < cutoff_ms and s.snapshot_id not in (metadata.current_snapshot_id, keep)
+        if s.snapshot_id not in protected
+        and replaced_at.get(s.snapshot_id, s.timestamp_ms) < cutoff_ms
     ]
     if old:
         ExpireSnapshots(tx).by_ids(old).commit()

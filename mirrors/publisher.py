@@ -9,6 +9,7 @@ after a mirror commit but before its checkpoint does not commit the same change 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +35,7 @@ from projections.tableview import inline_table
 
 log = logging.getLogger("ledgerlake.mirrors")
 
+NEEDS_COPY_CACHE = 100_000
 # Where each format keeps its own metadata, under the table's prefix.
 METADATA_DIR = {"delta": "_delta_log", "iceberg": "metadata"}
 
@@ -55,9 +57,9 @@ class Publisher:
         self.checkpoint_interval = checkpoint_interval
         self.retention_s = retention_s
         self.zstd_level = zstd_level
-        # Data files are immutable: whether each needs a copy, and the copies made.
-        self._needs_copy: dict[str, bool] = {}
-        self._copies: dict[str, int] = {}
+        # Data files are immutable: whether each needs a copy (bounded LRU). Copies are
+        # not cached: another process may have removed them (a format turned off).
+        self._needs_copy: OrderedDict[str, bool] = OrderedDict()
 
     async def publish(
         self, org: str, super_: str, table: TableState, previous: MirrorStatus | None
@@ -84,6 +86,12 @@ class Publisher:
             marks = await anyio.to_thread.run_sync(
                 delta.committed, location, self.access.delta_options
             )
+            if marks is None:
+                # A log that cannot be loaded (say, half deleted by a crash): only a
+                # mirror's own metadata, so start it over.
+                log.warning("the Delta log of %s is unreadable; recreating it", prefix)
+                await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
+                marks = {}
             if marks and marks.get(delta.INCARNATION) != table.incarnation:
                 await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
                 marks = {}
@@ -164,15 +172,13 @@ class Publisher:
         format was turned off for it). Canonical data files are never touched."""
         prefix = table_prefix(org, super_, table)
         await self._delete_prefix(f"{prefix}/{METADATA_DIR[self.fmt]}/")
-        copies = f"{prefix}/mirror/{self.fmt}/"
-        await self._delete_prefix(copies)
-        for key in [k for k in self._copies if k.startswith(copies)]:
-            del self._copies[key]
+        await self._delete_prefix(f"{prefix}/mirror/{self.fmt}/")
 
     async def _delete_prefix(self, prefix: str) -> None:
         keys = [obj.key async for obj in self.storage.list_objects(prefix)]
-        # The pointer files last, so a half-deleted Delta log never looks like a table.
-        keys.sort(key=lambda k: (k.endswith(".json") or "_last_checkpoint" in k, k))
+        # The checkpoint hint first, then checkpoints, then commits: a half-deleted Delta
+        # log is at worst unreadable, which the next publish repairs by starting over.
+        keys.sort(key=lambda k: ("_last_checkpoint" not in k, "checkpoint" not in k, k))
         for key in keys:
             await self.storage.delete(key)
 
@@ -188,12 +194,9 @@ class Publisher:
                 out.append(MirrorFile(f.path, f.path, f.rows, f.size_bytes, False))
                 continue
             key = copy_key(prefix, f, self.fmt)
-            size = self._copies.get(key)
+            size = await self._copy(f, key, schema)
             if size is None:
-                size = await self._copy(f, key, schema)
-                if size is None:
-                    continue  # no typed column yet: nothing a reader could read
-                self._copies[key] = size
+                continue  # no typed column yet: nothing a reader could read
             out.append(MirrorFile(key, f.path, f.rows, size, True))
         return out
 
@@ -205,6 +208,10 @@ class Publisher:
                 lambda: pq.read_schema(fs.open_input_file(root + f.path))
             )
             known = self._needs_copy[f.path] = needs_copy(schema, self.fmt)
+            while len(self._needs_copy) > NEEDS_COPY_CACHE:
+                self._needs_copy.popitem(last=False)
+        else:
+            self._needs_copy.move_to_end(f.path)
         return known
 
     async def _copy(self, f: DataFile, key: str, schema: pa.Schema) -> int | None:

@@ -14,16 +14,24 @@ published. So a runner restarted at any point resumes without skipping a change;
 since each publish first compares the table with the mirror's own last commit (its
 ``ledgerlake.position``), it never commits a change twice.
 
-A table whose publish fails (say, a file the mirror library rejects) gets the error in
-its status and does not block the other tables; it is retried on its next change and
-whenever the runner starts. An unreachable Redis or object store pauses the runner.
+A table whose publish fails (a storage error, a file a library rejects) gets the error
+in its status (counted in ``/health`` and ``/metrics``) and does not block the other
+tables; it is retried with backoff (1 s doubling to 5 min), on its next change and
+whenever the runner starts. An unreachable Redis pauses the runner.
+
+The runner holds the super's lease while it publishes: a background heartbeat renews
+it during long publishes and each table's publish first checks it, so two runners
+never write the same mirrors (the only writer assumption behind Delta's plain PUTs on
+S3). A runner that loses the lease stops and reloads.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+import anyio
 import redis.asyncio as aioredis
 
 from events.errors import Unavailable
@@ -37,6 +45,13 @@ from projections.store import CommitOutcome, SnapshotStore
 
 log = logging.getLogger("ledgerlake.mirrors")
 PAGE = 1000
+RETRY_S = 1.0
+MAX_RETRY_S = 300.0
+
+
+class LeaseLost(Exception):
+    """The runner lost a super's lease in the middle of publishing: it stops writing
+    that super's mirrors (the run loop reloads)."""
 
 
 class MirrorRunner(CatalogProjector):
@@ -68,6 +83,8 @@ class MirrorRunner(CatalogProjector):
         self.statuses = MirrorStatuses(client, keys)
         self.default_formats = default_formats
         self._status: dict[str, dict[str, MirrorStatus]] = {}
+        self._retry_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
         self.published = 0
 
     def enabled(self, table: TableState) -> bool:
@@ -95,7 +112,7 @@ class MirrorRunner(CatalogProjector):
         async def commit(
             state: Any, expected: str, changed: set[str], acks: list[str], folded: int
         ) -> CommitOutcome:
-            return await self._commit(name, state, expected, changed, acks, folded)
+            return await self._commit(name, lease, state, expected, changed, acks, folded)
 
         unit = _Unit(name, stream, lease, state, apply_super, commit)
         # Catch up with what changed while no runner was publishing (and retry the
@@ -106,12 +123,13 @@ class MirrorRunner(CatalogProjector):
             status = statuses.get(table.name)
             if (
                 status is None
+                or status.incarnation != table.incarnation
                 or _before(status.position, table.last_event_id)
                 or not self.enabled(table)
             ):
                 dirty.add(table.name)
         if dirty or state.position != checkpoint:
-            outcome = await self._commit(name, state, checkpoint, dirty, [], -1)
+            outcome = await self._commit(name, lease, state, checkpoint, dirty, [], -1)
             if outcome is not CommitOutcome.DONE:
                 return  # another runner moved on: try again next cycle
         self.units[name] = unit
@@ -139,37 +157,55 @@ class MirrorRunner(CatalogProjector):
                 state = apply_super(state, decode_event(eid, fields))
         return state
 
+    async def _cycle(self, *, block: bool) -> bool:
+        progressed = await super()._cycle(block=block)
+        await self._retry_failed()
+        return progressed
+
+    async def _retry_failed(self) -> None:
+        """Publish again, with backoff, the tables whose last publish failed (a storage
+        blip must not leave a mirror stale until the table's next write)."""
+        now = time.monotonic()
+        for name, unit in list(self.units.items()):
+            failed = {t for t, st in self._status.get(name, {}).items() if st.error}
+            if not failed or self._retry_at.get(name, 0.0) > now:
+                continue
+            state = unit.state
+            outcome = await self._commit(name, unit.lease, state, state.position, failed, [], -1)
+            if outcome is not CommitOutcome.DONE:
+                self.units.pop(name, None)  # another runner moved on: reload
+
     async def _commit(
         self,
         name: str,
+        lease: str,
         state: SuperState,
         expected: str,
         changed: set[str],
         acks: list[str],
         folded: int,
     ) -> CommitOutcome:
+        """Publish every changed table (holding the lease: renewed in the background
+        while the libraries work, checked before each table), then commit."""
         org, sup = name.split("/", 1)
         statuses = dict(self._status.get(name, {}))
         sets: list[tuple[str, bytes]] = []
         removed: list[str] = []
-        for table_name in sorted(changed):
-            table = state.tables.get(table_name)
-            previous = statuses.get(table_name)
-            if table is not None and self.enabled(table):
-                if (
-                    previous is not None
-                    and previous.error is None
-                    and previous.incarnation == table.incarnation
-                    and not _before(previous.position, table.last_event_id)
-                ):
-                    continue
-                status = await self._publish(org, sup, table, previous)
-                statuses[table_name] = status
-                sets.append((table_name, encode_status(status)))
-            elif previous is not None:
-                await self.publisher.remove(org, sup, table_name)
-                del statuses[table_name]
-                removed.append(table_name)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat, lease)
+                await self._publish_all(org, sup, lease, state, changed, statuses, sets, removed)
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the task group wraps what the body raised
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        if any(st.error for st in statuses.values()):
+            delay = min(MAX_RETRY_S, RETRY_S * 2 ** self._failures.get(name, 0))
+            self._failures[name] = self._failures.get(name, 0) + 1
+            self._retry_at[name] = time.monotonic() + delay
+        else:
+            self._failures.pop(name, None)
         keys = [
             self.statuses.key(org, sup, self.fmt),
             self.keys.checkpoint(org, sup, self.group),
@@ -181,6 +217,66 @@ class MirrorRunner(CatalogProjector):
         if outcome is CommitOutcome.DONE:
             self._status[name] = statuses
         return outcome
+
+    async def _publish_all(
+        self,
+        org: str,
+        sup: str,
+        lease: str,
+        state: SuperState,
+        changed: set[str],
+        statuses: dict[str, MirrorStatus],
+        sets: list[tuple[str, bytes]],
+        removed: list[str],
+    ) -> None:
+        for table_name in sorted(changed):
+            table = state.tables.get(table_name)
+            previous = statuses.get(table_name)
+            if table is not None and self.enabled(table):
+                if (
+                    previous is not None
+                    and previous.error is None
+                    and previous.incarnation == table.incarnation
+                    and not _before(previous.position, table.last_event_id)
+                ):
+                    continue
+                await self._hold(lease)
+                status = await self._publish(org, sup, table, previous)
+                statuses[table_name] = status
+                sets.append((table_name, encode_status(status)))
+            elif previous is not None:
+                await self._hold(lease)
+                failure = await self._remove(org, sup, table_name, previous)
+                if failure is None:
+                    del statuses[table_name]
+                    removed.append(table_name)
+                else:
+                    statuses[table_name] = failure
+                    sets.append((table_name, encode_status(failure)))
+
+    async def _heartbeat(self, lease: str) -> None:
+        """Keep the lease while a publish runs longer than a cycle."""
+        while True:
+            await anyio.sleep(self.lease_ms / 3000)
+            await self._hold(lease)
+
+    async def _hold(self, lease: str) -> None:
+        """Renew the lease, or stop: another runner may be writing these mirrors."""
+        if not await guarded(self._renew(keys=[lease], args=[self.consumer, self.lease_ms])):
+            raise LeaseLost(f"lease {lease} lost while publishing mirrors")
+
+    async def _remove(
+        self, org: str, sup: str, table: str, previous: MirrorStatus
+    ) -> MirrorStatus | None:
+        """Remove a mirror (dropped table, format off); the failed status on error."""
+        try:
+            await self.publisher.remove(org, sup, table)
+        except Unavailable:
+            raise
+        except Exception as exc:
+            log.exception("removing the %s mirror of %s/%s/%s failed", self.fmt, org, sup, table)
+            return MirrorStatus(**{**_fields(previous), "error": f"{type(exc).__name__}: {exc}"})
+        return None
 
     async def _publish(
         self, org: str, sup: str, table: TableState, previous: MirrorStatus | None

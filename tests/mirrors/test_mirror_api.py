@@ -560,8 +560,10 @@ def test_health_and_metrics_report_every_projection(local_lake: Lake) -> None:
     names = ["catalog", "mirror-delta", "mirror-iceberg"]
     health = ok(c.get("/health"))
     assert sorted(health["projections"]) == names
-    for lag in health["projections"].values():
-        assert lag == {"lag_events": 0, "lag_seconds": 0.0}
+    idle = {"lag_events": 0, "lag_seconds": 0.0}
+    assert health["projections"]["catalog"] == idle
+    for name in names[1:]:
+        assert health["projections"][name] == {**idle, "failed_tables": 0}
 
     append(c, [{"id": 1}])  # TableCreated + RowsAppended
     append(c, [{"id": 2}])
@@ -586,5 +588,7 @@ def test_health_and_metrics_report_every_projection(local_lake: Lake) -> None:
 
     local_lake.sync()
     for lag in ok(c.get("/health"))["projections"].values():
-        assert lag == {"lag_events": 0, "lag_seconds": 0.0}
-    assert re.search(r'lag_events\{projection="mirror-delta"\} 0$', c.get("/metrics").text, re.M)
+        assert lag["lag_events"] == 0 and lag["lag_seconds"] == 0.0
+    metrics_text = c.get("/metrics").text
+    assert re.search(r'lag_events\{projection="mirror-delta"\} 0$', metrics_text, re.M)
+    assert re.search(r'failed_tables\{projection="mirror-iceberg"\} 0$', metrics_text, re.M)

@@ -399,8 +399,11 @@ def test_a_failing_table_does_not_block_the_others(local_lake: Lake) -> None:
     for m in mirror(local_lake, "good").values():
         assert m["error"] is None and m["version"] == 1
     assert delta_ids(settings, "good") == iceberg_ids(local_lake, "good") == [0, 1, 2]
-    for lag in ok(c.get("/health"))["projections"].values():
-        assert lag["lag_events"] == 0
+    lags = ok(c.get("/health"))["projections"]
+    assert all(lag["lag_events"] == 0 for lag in lags.values())
+    # The checkpoint moved on, so the failure shows as failed tables, not as lag.
+    assert lags["mirror-delta"]["failed_tables"] == lags["mirror-iceberg"]["failed_tables"] == 1
+    assert 'ledgerlake_mirror_failed_tables{projection="mirror-delta"} 1' in c.get("/metrics").text
 
     # It keeps failing; the other table keeps being published.
     append(c, ids(1, 3), table="good")
