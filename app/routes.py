@@ -480,9 +480,10 @@ async def drop_table(
     if_match: IfMatch = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response[DropResponse]:
-    """Drop the table. Its name becomes free (a new table of that name starts at
-    version 0), its files become garbage for ``ledgerlake gc`` and its mirrors are
-    removed. Its events stay: ``/history`` and ``/v1/events`` still show them."""
+    """Drop the table. Its name becomes free (a new table of that name continues the
+    name's version numbers, so no old version or ETag ever matches it), its files
+    become garbage for ``ledgerlake gc`` and its mirrors are removed. Its events stay:
+    ``/history`` and ``/v1/events`` still show them."""
     fingerprint = _fingerprint(request.url.path, "drop")
     target = _target(request, org, super_name, table, if_match, idempotency_key, fingerprint)
     outcome = await services.mutator.drop(target)

@@ -327,7 +327,8 @@ class Services:
                 status = None  # the mirror of a dropped table of the same name
             on = fmt in enabled
             reflected = status.version if status is not None and status.version >= 0 else None
-            behind = 0 if not on else table.version - (reflected if reflected is not None else -1)
+            since = reflected if reflected is not None else table.created_version - 1
+            behind = table.version - since if on else 0
             seconds = 0.0
             if behind > 0:
                 unit = await self._unit_lag(org, super_, mirror_group(fmt))

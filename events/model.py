@@ -198,8 +198,9 @@ class MirrorsChanged(EventBase, frozen=True, tag="MirrorsChanged"):
 
 class TableDropped(EventBase, frozen=True, tag="TableDropped"):
     """The table was dropped. Its name is free again (a later ``TableCreated`` starts a
-    new table at version 0), its files become garbage for ``ledgerlake gc`` and its
-    mirrors are removed. Its events stay in the stream: they are the audit trail."""
+    new table whose versions continue the name's: they never repeat), its files become
+    garbage for ``ledgerlake gc`` and its mirrors are removed. Its events stay in the
+    stream: they are the audit trail."""
 
     rows: int
 

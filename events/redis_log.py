@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -33,7 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events.errors import ConflictError, IdempotencyMismatch, Unavailable
-from events.log import Appended, Idempotency, StoredResult
+from events.log import NEW_TABLE, Appended, Idempotency, StoredResult
 from events.model import Event, EventBase, decode_event, encode_event
 
 T = TypeVar("T")
@@ -55,16 +56,25 @@ APPEND_LUA = """
 -- ARGV: table, expected version, fingerprint ('' = none), ttl, result, n, then
 --       (type, schema version, payload) per event
 local tbl = ARGV[1]
-local expected = tonumber(ARGV[2])
+local expected = ARGV[2]
 local fp = ARGV[3]
 if fp ~= '' then
   local prev = redis.call('HMGET', KEYS[3], 'fp', 'version', 'ids', 'result')
   if prev[1] then return {'idem', prev[1], prev[2], prev[3], prev[4]} end
 end
+-- The versions hash holds a live table's version, or 'x<v>' for a name whose table
+-- was dropped at version v; ARGV[2] must be exactly that ('-1': no table ever).
 local cur = redis.call('HGET', KEYS[2], tbl)
+local dropped = cur and string.sub(cur, 1, 1) == 'x'
+if (cur or '-1') ~= expected then
+  local curv = -1
+  if cur and not dropped then curv = tonumber(cur) end
+  return {'conflict', tostring(curv)}
+end
 local curv = -1
-if cur then curv = tonumber(cur) end
-if curv ~= expected then return {'conflict', tostring(curv)} end
+if cur then
+  if dropped then curv = tonumber(string.sub(cur, 2)) else curv = tonumber(cur) end
+end
 local n = tonumber(ARGV[6])
 local ids = {}
 local i = 7
@@ -75,7 +85,9 @@ for _ = 1, n do
 end
 local newv = curv + n
 if ARGV[7 + 3 * (n - 1)] == 'TableDropped' then
-  redis.call('HDEL', KEYS[2], tbl)  -- the name is free: a new table starts at version 0
+  -- The name is free, and its versions go on: a table created under it later starts
+  -- at newv + 1, so no version (or If-Match) of the old table can match the new one.
+  redis.call('HSET', KEYS[2], tbl, 'x' .. newv)
 else
   redis.call('HSET', KEYS[2], tbl, newv)
 end
@@ -241,9 +253,18 @@ class RedisEventLog:
             if idempotency
             else f"{self.keys.tag(org, super_)}:idem:-"
         )
+        token = str(expected_version)
+        if expected_version == NEW_TABLE:
+            # A name whose table was dropped: the new table continues its versions.
+            raw = await guarded(self.client.hget(self.keys.versions(org, super_), table))
+            marker = _s(raw)
+            if marker.startswith("x"):
+                token = marker
+                shift = int(marker[1:]) + 1
+                events = [msgspec.structs.replace(e, version=e.version + shift) for e in events]
         args: list[Any] = [
             table,
-            expected_version,
+            token,
             idempotency.fingerprint if idempotency else "",
             (idempotency.ttl_s if idempotency else None) or self.idempotency_ttl_s,
             idempotency.result if idempotency else b"",

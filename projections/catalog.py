@@ -54,6 +54,9 @@ class TableState(msgspec.Struct, frozen=True):
     # The id of the TableCreated event of this table: a dropped and re-created table
     # is a new incarnation whose versions start again at 0.
     incarnation: str = ""
+    # The version its TableCreated event has: 0, or more for a name whose earlier
+    # table was dropped (a name's versions never repeat).
+    created_version: int = 0
     # Mirror formats that publish the table; None: the LEDGERLAKE_MIRRORS default.
     mirrors: tuple[str, ...] | None = None
 
@@ -183,6 +186,7 @@ def _(event: TableCreated, table: TableState | None) -> TableState:
         updated_by=event.actor,
         last_event_id=event.id,
         incarnation=event.id,
+        created_version=event.version,
         mirrors=event.mirrors,
     )
 

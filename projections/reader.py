@@ -124,6 +124,14 @@ class CatalogReader:
                 f"table {org}/{super_}/{table} did not exist at {at.isoformat() if at else ''}",
                 code="version_not_found",
             )
+        if version is not None and state.version != version:
+            # Before this table's first version: a dropped table's, or never there.
+            raise NotFound(
+                f"table {org}/{super_}/{table} has no version {version} (it was created "
+                f"at version {state.version})",
+                code="version_not_found",
+                current_version=current.version,
+            )
         self._check_retained(org, super_, current, state.version)
         self._versions[(org, super_, table, current.incarnation, state.version)] = state
         while len(self._versions) > self.max_cached * 4:

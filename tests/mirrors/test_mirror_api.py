@@ -153,15 +153,20 @@ def test_a_dropped_name_starts_a_new_table(local_lake: Lake) -> None:
     c = local_lake.client
     append(c, [{"id": 1, "a": "x"}, {"id": 2, "a": "y"}])
     append(c, [{"id": 3, "a": "z"}])
-    ok(drop(local_lake))
+    dropped = ok(drop(local_lake))["version"]
+    assert dropped == 3
+
+    # An old ETag can never match the new table: the name's versions go on.
+    stale = c.post(table_url(suffix="/rows"), json=[{"id": 9}], headers={"If-Match": "1"})
+    assert_error(stale, 409, "version_conflict")
 
     # Another schema: nothing of the old table's columns remains. If-Match -1 ("must
     # not exist yet") holds again.
     rows = [{"id": 10.5, "b": True}]
     created = ok(c.post(table_url(suffix="/rows"), json=rows, headers={"If-Match": "-1"}))
-    assert created["version"] == 1
+    assert created["version"] == dropped + 2  # TableCreated, then RowsAppended
     table = detail(c)
-    assert table["version"] == 1 and table["row_count"] == 1 and table["file_count"] == 1
+    assert table["version"] == 5 and table["row_count"] == 1 and table["file_count"] == 1
     assert [(col["name"], col["type"]) for col in table["columns"]] == [
         ("id", "float64"),
         ("b", "bool"),
@@ -175,8 +180,8 @@ def test_a_dropped_name_starts_a_new_table(local_lake: Lake) -> None:
         (1, "RowsAppended"),
         (2, "RowsAppended"),
         (3, "TableDropped"),
-        (0, "TableCreated"),
-        (1, "RowsAppended"),
+        (4, "TableCreated"),
+        (5, "RowsAppended"),
     ]
     assert [kind for kind, _ in all_events(local_lake)].count("TableCreated") == 2
 
@@ -190,22 +195,28 @@ def test_time_travel_sees_only_the_new_incarnation(local_lake: Lake) -> None:
     assert old_v1["row_count"] == 5
     old_time = events(c)[1]["time"]  # when the old table's version 1 was committed
     assert query(c, f"select count(*) from {TBL}", as_of_version=1) == [[5]]
-    ok(drop(local_lake))
-    append(c, [{"id": 100, "n": 1}])  # the new table's version 1
-    append(c, [{"id": 101, "n": 2}])  # version 2
+    assert ok(drop(local_lake))["version"] == 4
+    append(c, [{"id": 100, "n": 1}])  # the new table: created at 5, its rows at 6
+    append(c, [{"id": 101, "n": 2}])  # version 7
 
-    v1 = ok(c.get(table_url(suffix="/versions/1")))
-    assert v1["row_count"] == 1
-    assert [col["name"] for col in v1["columns"]] == ["id", "n"]
-    assert v1["files"] != old_v1["files"]
-    v0 = ok(c.get(table_url(suffix="/versions/0")))
-    assert v0["row_count"] == 0 and [col["name"] for col in v0["columns"]] == ["id", "n"]
-    # Version 3 only existed in the dropped table.
-    assert_error(c.get(table_url(suffix="/versions/3")), 404, "version_not_found")
+    v6 = ok(c.get(table_url(suffix="/versions/6")))
+    assert v6["row_count"] == 1
+    assert [col["name"] for col in v6["columns"]] == ["id", "n"]
+    assert v6["files"] != old_v1["files"]
+    v5 = ok(c.get(table_url(suffix="/versions/5")))
+    assert v5["row_count"] == 0 and [col["name"] for col in v5["columns"]] == ["id", "n"]
+    # Versions 0 to 4 only existed in (or dropped) the old table.
+    for version in (0, 1, 3, 4):
+        assert_error(c.get(table_url(suffix=f"/versions/{version}")), 404, "version_not_found")
+        assert_error(
+            query_call(c, f"select count(*) from {TBL}", as_of_version=version),
+            404,
+            "version_not_found",
+        )
 
-    assert query(c, f"select id from {TBL}", as_of_version=1) == [[100]]
-    assert query(c, f"select count(*) from {TBL}", as_of_version=0) == [[0]]
-    assert query(c, f"select id from {TBL} AT (VERSION => 1)") == [[100]]
+    assert query(c, f"select id from {TBL}", as_of_version=6) == [[100]]
+    assert query(c, f"select count(*) from {TBL}", as_of_version=5) == [[0]]
+    assert query(c, f"select id from {TBL} AT (VERSION => 6)") == [[100]]
     assert query(c, f"select id from {TBL} order by id") == [[100], [101]]
     # An instant in the dropped table's life: the new table did not exist yet.
     assert_error(
@@ -267,11 +278,11 @@ def test_gc_deletes_a_dropped_tables_files_only(local_lake: Lake) -> None:
     local_lake.sync()  # mirrors of the old table exist too
     old = stored_files(root(settings))
     assert len(old) == 4
-    ok(drop(local_lake))
+    assert ok(drop(local_lake))["version"] == 4
     append(c, [{"id": 10, "s": "new"}])  # the name again, before and after the runners ran
     local_lake.sync()
-    append(c, [{"id": 11, "s": "new"}])
-    live = {f["path"] for f in ok(c.get(table_url(suffix="/versions/2")))["files"]}
+    append(c, [{"id": 11, "s": "new"}])  # version 7
+    live = {f["path"] for f in ok(c.get(table_url(suffix="/versions/7")))["files"]}
     other = {f["path"] for f in ok(c.get(table_url("other", "/versions/1")))["files"]}
     assert len(live) == 2 and len(other) == 1
 
@@ -340,11 +351,13 @@ def test_set_mirrors_refuses_bad_requests(local_lake: Lake) -> None:
     assert len(event_ids(c)) == before
     assert [m["enabled"] for m in mirrors_of(local_lake).values()] == [True, True]
 
-    ok(drop(local_lake))
+    assert ok(drop(local_lake))["version"] == 2
     assert_error(put_mirrors(local_lake, ["delta"]), 404, "table_not_found")
 
-    append(c, [{"id": 1}])
-    assert ok(put_mirrors(local_lake, ["iceberg"], headers={"If-Match": "1"}))["version"] == 2
+    append(c, [{"id": 1}])  # created at 3, rows at 4
+    stale = put_mirrors(local_lake, ["iceberg"], headers={"If-Match": "1"})
+    assert_error(stale, 409, "version_conflict")
+    assert ok(put_mirrors(local_lake, ["iceberg"], headers={"If-Match": "4"}))["version"] == 5
 
 
 def test_set_mirrors_idempotency_key(local_lake: Lake) -> None:
@@ -506,7 +519,7 @@ def test_the_status_of_a_dropped_table_is_not_the_new_ones(local_lake: Lake) -> 
     append(c, [{"id": 1}, {"id": 2}])
     local_lake.sync()
     ok(drop(local_lake))
-    append(c, [{"id": 3, "z": "new"}])
+    append(c, [{"id": 3, "z": "new"}])  # created at 3, rows at 4: two versions behind
     status = mirrors_of(local_lake)
     for fmt in FORMATS:
         assert status[fmt]["version"] is None and status[fmt]["lag_versions"] == 2
@@ -526,10 +539,10 @@ def test_drop_removes_the_mirrors(local_lake: Lake) -> None:
     assert not (path / "metadata").exists() or not any((path / "metadata").iterdir())
     assert stored_files(root(settings)) == data  # data files wait for gc
 
-    append(c, [{"id": 5, "z": "new"}])
+    append(c, [{"id": 5, "z": "new"}])  # created at 3, rows at 4
     local_lake.sync()
     status = mirrors_of(local_lake)
-    assert [status[f]["version"] for f in FORMATS] == [1, 1]
+    assert [status[f]["version"] for f in FORMATS] == [4, 4]
     assert delta_rows(status["delta"]["location"]) == [{"id": 5, "z": "new"}]
     assert iceberg_rows(status["iceberg"]["metadata_location"]) == [{"id": 5, "z": "new"}]
     assert DeltaTable(status["delta"]["location"]).version() == 0  # a new Delta table
@@ -546,8 +559,8 @@ def test_drop_and_re_create_between_two_runs(local_lake: Lake) -> None:
     local_lake.sync()
     status = mirrors_of(local_lake)
     created = events(c)[-2]
-    assert created["type"] == "TableCreated"
-    assert [status[f]["version"] for f in FORMATS] == [1, 1]
+    assert created["type"] == "TableCreated" and created["version"] == 4
+    assert [status[f]["version"] for f in FORMATS] == [5, 5]
     assert delta_rows(status["delta"]["location"]) == [{"id": 5, "z": 1.5}]
     assert iceberg_rows(status["iceberg"]["metadata_location"]) == [{"id": 5, "z": 1.5}]
     marks = DeltaTable(status["delta"]["location"]).history(1)[0]
