@@ -18,6 +18,7 @@ from events.model import (
     RowsAppended,
     SuperCreated,
     TableCreated,
+    TableDropped,
 )
 
 pytestmark = pytest.mark.anyio
@@ -53,6 +54,30 @@ async def test_append_checks_and_bumps_the_version(services: Services) -> None:
         first.event_ids[1],
         second.event_ids[0],
     ]
+
+
+async def test_a_dropped_names_versions_go_on(services: Services) -> None:
+    """After a drop, a create under the name continues its versions, and nothing
+    prepared against the old table (an expected version it had) lands on the new one."""
+    log = services.log
+    await log.append("o", "s", "t", [create(), append(1)], expected_version=NEW_TABLE)
+    dropped = await log.append(
+        "o", "s", "t", [TableDropped(version=2, rows=1, **base)], expected_version=1
+    )
+    assert dropped.version == 2
+    with pytest.raises(ConflictError) as err:  # the table is gone
+        await log.append("o", "s", "t", [append(2)], expected_version=1)
+    assert err.value.current_version == NEW_TABLE
+    # A create numbers its events from 0; the log shifts them past the dropped table's.
+    again = await log.append("o", "s", "t", [create(), append(1)], expected_version=NEW_TABLE)
+    assert again.version == 4
+    assert [e.version for e in await log.read("o", "s")] == [0, 1, 2, 3, 4]
+    for stale in (1, 2, 3):  # versions the old table had, or the new one had before
+        with pytest.raises(ConflictError):
+            await log.append("o", "s", "t", [append(stale + 1)], expected_version=stale)
+    with pytest.raises(ConflictError):  # it exists again
+        await log.append("o", "s", "t", [create()], expected_version=NEW_TABLE)
+    assert (await log.append("o", "s", "t", [append(5)], expected_version=4)).version == 5
 
 
 async def test_a_failed_append_writes_nothing(services: Services) -> None:
