@@ -170,7 +170,13 @@ async def load_table(
     parts = _namespace(namespace, _prefix(request))
     location = await _metadata_location(services, parts, table)
     access = access_for(services.storage)
-    raw = await anyio.to_thread.run_sync(access.read, location)
+    try:
+        raw = await anyio.to_thread.run_sync(access.read, location)
+    except FileNotFoundError:  # dropped (or turned off) just now
+        raise NotFound(
+            f"table {'.'.join(parts)}.{table} has no Iceberg mirror any more",
+            code="table_not_found",
+        ) from None
     body: dict[str, Any] = {"metadata-location": location, "metadata": json.loads(raw)}
     body["config"] = access.client_config() if services.settings.iceberg_rest_credentials else {}
     return body

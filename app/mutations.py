@@ -611,8 +611,8 @@ class Mutator:
         async def prepare(table: TableState | None) -> Change | None:
             assert table is not None
             result = {"mirrors": list(formats)}
-            current = table.mirrors if table.mirrors is not None else self.writer.mirrors
-            if tuple(sorted(current)) == formats:
+            # (A table from before mirrors existed follows the setting: record it.)
+            if table.mirrors is not None and tuple(sorted(table.mirrors)) == formats:
                 return Change(lambda _: [], result)
             base = target.base()
 

@@ -223,8 +223,9 @@ class Services:
 
     async def reset_mirrors(self) -> int:
         """Forget every mirror status and checkpoint: the runners then publish each
-        table's latest version again (reusing what a mirror already holds: a publish
-        compares with the mirror's own last commit). Returns the number of supers."""
+        table's latest version again. A Delta mirror that already holds it gets no new
+        commit (a publish compares with the log's last commit); an Iceberg mirror is
+        created anew (its pointer lived in the status). Returns the number of supers."""
         registry = await self.reader.registry()
         statuses = MirrorStatuses(self.redis, self.keys)
         count = 0
