@@ -95,7 +95,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             "authentication is configured (set LEDGERLAKE_API_TOKEN)"
         )
     with redis_for(settings) as url:
-        app = create_app(settings, url)
+        app = create_app(settings, url, bootstrap=is_loopback(settings.host))
         uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     return 0
 

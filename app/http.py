@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -19,6 +22,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
+from app.auth import Forbidden, bootstrap_admin
 from app.iceberg_rest import ICEBERG_HANDLERS, iceberg_error_body
 from app.routes import DEPENDENCIES, ROUTES, require_token
 from app.schemas import ErrorBody, ErrorResponse
@@ -47,6 +51,7 @@ STATUS: dict[type[LedgerError], int] = {
     InvalidInput: 400,
     QueryRejected: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     QueryTimeout: 408,
     Gone: 410,
@@ -165,14 +170,45 @@ class RequestIdMiddleware:
             )
 
 
-def create_app(settings: Settings, redis_url: str, *, run_projector: bool = True) -> Litestar:
-    """The API. With ``run_projector`` the catalog projection runs in this process."""
+def _announce_admin_token(settings: Settings, token: str) -> None:
+    """Print the bootstrapped admin token, once (never through the log handlers)."""
+    path = settings.data_dir / "admin-token"
+    if settings.log_format == "json":
+        line = {
+            "time": datetime.now(UTC).isoformat(),
+            "level": "WARNING",
+            "logger": "ledgerlake.auth",
+            "message": "admin token created (shown once)",
+            "token": token,
+            "file": str(path),
+        }
+        print(json.dumps(line), file=sys.stderr, flush=True)
+        return
+    print(
+        f"Ledgerlake admin token (shown once; also in {path}, mode 0600):\n  {token}\n"
+        "Send it as: Authorization: Bearer <token>",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def create_app(
+    settings: Settings, redis_url: str, *, run_projector: bool = True, bootstrap: bool = False
+) -> Litestar:
+    """The API. With ``run_projector`` the projections run in this process. With
+    ``bootstrap`` (``serve`` on loopback), a deployment without any principal nor
+    ``LEDGERLAKE_API_TOKEN`` gets an admin token, printed once and written to
+    ``<data-dir>/admin-token``."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         services = Services.build(settings, redis_url)
         await services.start()
         app.state.services = services
+        if bootstrap and not settings.api_token:
+            token = await bootstrap_admin(services.auth, settings.data_dir)
+            if token is not None:
+                _announce_admin_token(settings, token)
         try:
             async with anyio.create_task_group() as tg:
                 if run_projector:

@@ -23,6 +23,7 @@ from litestar import Request, Response, get, head, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 
+from app.auth import Caller
 from app.services import Services
 from events.errors import InvalidInput, LedgerError, NotFound
 from mirrors.access import access_for
@@ -63,21 +64,25 @@ def _shown(parts: list[str], prefix: str | None) -> list[str]:
     return parts[1:] if prefix else parts
 
 
-async def _require_namespace(services: Services, parts: list[str]) -> None:
+async def _require_namespace(services: Services, parts: list[str], caller: Caller) -> None:
     registry = await services.reader.registry()
     org = registry.orgs.get(parts[0])
-    if org is None or (len(parts) == 2 and parts[1] not in org.supers):
+    hidden = not caller.sees(*parts)  # another tenant's, or not granted: not found
+    if hidden or org is None or (len(parts) == 2 and parts[1] not in org.supers):
         raise NotFound(f"namespace {'.'.join(parts)} does not exist", code="namespace_not_found")
 
 
-async def _published(services: Services, org: str, sup: str) -> dict[str, str]:
-    """Table -> current metadata location, for the tables with a live Iceberg mirror."""
+async def _published(services: Services, org: str, sup: str, caller: Caller) -> dict[str, str]:
+    """Table -> current metadata location, for the tables with a live Iceberg mirror
+    that the caller may read."""
     state = await services.reader.super_state(org, sup)
     statuses = await MirrorStatuses(services.redis, services.keys).of_super(org, sup, "iceberg")
     out = {}
     for name, status in statuses.items():
         table = state.tables.get(name)
         if table is None or status.incarnation != table.incarnation:
+            continue
+        if not caller.can("read", org, sup, name):
             continue
         if status.metadata_location:
             out[name] = status.metadata_location
@@ -107,12 +112,15 @@ async def list_namespaces(
     prefix = _prefix(request)
     registry = await services.reader.registry()
     if parent is None and not prefix:
-        return {"namespaces": [[org] for org in sorted(registry.orgs)]}
+        caller: Caller = request.state.caller
+        return {"namespaces": [[org] for org in sorted(registry.orgs) if caller.sees(org)]}
     parts = _namespace(parent, prefix) if parent else [prefix or ""]
-    await _require_namespace(services, parts)
+    await _require_namespace(services, parts, request.state.caller)
     if len(parts) == 2:
         return {"namespaces": []}
-    supers = sorted(registry.orgs[parts[0]].supers)
+    supers = [
+        s for s in sorted(registry.orgs[parts[0]].supers) if request.state.caller.sees(parts[0], s)
+    ]
     return {"namespaces": [_shown([parts[0], s], prefix) for s in supers]}
 
 
@@ -122,7 +130,7 @@ async def load_namespace(
 ) -> dict[str, Any]:
     prefix = _prefix(request)
     parts = _namespace(namespace, prefix)
-    await _require_namespace(services, parts)
+    await _require_namespace(services, parts, request.state.caller)
     return {"namespace": _shown(parts, prefix), "properties": {}}
 
 
@@ -130,7 +138,9 @@ async def load_namespace(
 async def namespace_exists(
     request: Request[Any, Any, Any], services: NamedDependency[Services], namespace: FromPath[str]
 ) -> Response[None]:
-    await _require_namespace(services, _namespace(namespace, _prefix(request)))
+    await _require_namespace(
+        services, _namespace(namespace, _prefix(request)), request.state.caller
+    )
     return Response(None, status_code=204)
 
 
@@ -140,18 +150,20 @@ async def list_tables(
 ) -> dict[str, Any]:
     prefix = _prefix(request)
     parts = _namespace(namespace, prefix)
-    await _require_namespace(services, parts)
+    await _require_namespace(services, parts, request.state.caller)
     if len(parts) == 1:
         return {"identifiers": []}
     shown = _shown(parts, prefix)
-    names = sorted(await _published(services, parts[0], parts[1]))
+    names = sorted(await _published(services, parts[0], parts[1], request.state.caller))
     return {"identifiers": [{"namespace": shown, "name": n} for n in names]}
 
 
-async def _metadata_location(services: Services, parts: list[str], table: str) -> str:
-    await _require_namespace(services, parts)
+async def _metadata_location(
+    services: Services, parts: list[str], table: str, caller: Caller
+) -> str:
+    await _require_namespace(services, parts, caller)
     if len(parts) == 2:
-        location = (await _published(services, parts[0], parts[1])).get(table)
+        location = (await _published(services, parts[0], parts[1], caller)).get(table)
         if location:
             return location
     raise NotFound(
@@ -168,7 +180,7 @@ async def load_table(
     table: FromPath[str],
 ) -> dict[str, Any]:
     parts = _namespace(namespace, _prefix(request))
-    location = await _metadata_location(services, parts, table)
+    location = await _metadata_location(services, parts, table, request.state.caller)
     access = access_for(services.storage)
     try:
         raw = await anyio.to_thread.run_sync(access.read, location)
@@ -189,7 +201,9 @@ async def table_exists(
     namespace: FromPath[str],
     table: FromPath[str],
 ) -> Response[None]:
-    await _metadata_location(services, _namespace(namespace, _prefix(request)), table)
+    await _metadata_location(
+        services, _namespace(namespace, _prefix(request)), table, request.state.caller
+    )
     return Response(None, status_code=204)
 
 

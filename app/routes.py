@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import io
 import time
 from typing import Annotated, Any
@@ -21,7 +20,9 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, PathParameter, QueryParameter
 
+from app.admin_routes import ADMIN_HANDLERS
 from app.audit import check_cursor, history_fields, scan_org, scan_super
+from app.auth import Caller
 from app.ingest import format_for_content_type, open_source
 from app.mutations import Outcome, Target
 from app.schemas import (
@@ -56,10 +57,11 @@ from app.schemas import (
 from app.services import Services
 from app.settings import MIRROR_FORMATS
 from app.writes import IngestRequest, check_name
-from events.errors import InvalidInput, LedgerError, NotFound, PayloadTooLarge, Unauthorized
+from events.errors import InvalidInput, LedgerError, NotFound, PayloadTooLarge
 from events.model import to_builtins
 from events.redis_log import guarded
 from projections.arrow import from_arrow, normalize_type, type_name
+from projections.catalog import SuperState
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 SuperName = Annotated[str, PathParameter(name="super", description="the super table (catalog)")]
@@ -88,7 +90,9 @@ def provide_services(state: State) -> Services:
 
 
 def actor_for(request: Request[Any, Any, Any]) -> str:
-    return "api-token" if request.app.state.services.settings.api_token else "anonymous"
+    """The principal and token id of the request, as events record them."""
+    caller: Caller | None = getattr(request.state, "caller", None)
+    return caller.actor if caller is not None else "anonymous"
 
 
 def request_id(request: Request[Any, Any, Any]) -> str:
@@ -96,17 +100,41 @@ def request_id(request: Request[Any, Any, Any]) -> str:
 
 
 async def require_token(
-    connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
-    """With ``LEDGERLAKE_API_TOKEN`` set, /v1 needs ``Authorization: Bearer <token>``."""
-    expected = connection.app.state.services.settings.api_token
-    if not expected:
-        return
-    header = connection.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    given = token.strip().encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected.encode()):
-        raise Unauthorized("missing or wrong bearer token", code="unauthorized")
+    """Every /v1 and /iceberg request needs ``Authorization: Bearer <token>``. The
+    caller is kept on the connection; a handler's ``opt["perm"]`` (``see``, ``read``,
+    ``write``, ``grant``) is checked against the org / super / table in its path: 404
+    for what the caller cannot see, 403 for what it cannot do."""
+    services: Services = connection.app.state.services
+    caller = await services.auth.authenticate(
+        connection.headers.get("authorization", ""), services.settings.api_token
+    )
+    connection.state.caller = caller
+    perm = handler.opt.get("perm")
+    org = connection.path_params.get("org")
+    if perm and org:
+        sup = connection.path_params.get("super", "")
+        table = connection.path_params.get("table", "")
+        if perm == "see":
+            caller.require_visible(org, sup, table)
+        else:
+            caller.require(perm, org, sup, table)
+
+
+def visible(caller: Caller, state: SuperState) -> SuperState:
+    """``state`` with only the tables the caller can see (the views a query gets)."""
+    if caller.admin:
+        return state
+    tables = {
+        name: t for name, t in state.tables.items() if caller.sees(state.org, state.name, name)
+    }
+    return msgspec.structs.replace(state, tables=tables)
+
+
+def caller_of(request: Request[Any, Any, Any]) -> Caller:
+    caller: Caller = request.state.caller
+    return caller
 
 
 @get("/health")
@@ -180,6 +208,7 @@ def _parse_if_match(value: str | None) -> int | None:
     "/v1/{org:str}/{super:str}/tables/{table:str}/rows",
     status_code=200,
     responses=_errors(400, 401, 404, 409, 413, 415, 422, 503),
+    opt={"perm": "write"},
 )
 async def ingest_rows(
     request: Request[Any, Any, Any],
@@ -334,6 +363,7 @@ def _fingerprint(path: str, body: Any) -> str:
     "/v1/{org:str}/{super:str}/tables/{table:str}/delete",
     status_code=200,
     responses=_errors(400, 401, 404, 409, 422, 503),
+    opt={"perm": "write"},
 )
 async def delete_rows(
     request: Request[Any, Any, Any],
@@ -361,6 +391,7 @@ async def delete_rows(
     "/v1/{org:str}/{super:str}/tables/{table:str}/restore",
     status_code=200,
     responses=_errors(400, 401, 404, 409, 410, 503),
+    opt={"perm": "write"},
 )
 async def restore_table(
     request: Request[Any, Any, Any],
@@ -384,6 +415,7 @@ async def restore_table(
     "/v1/{org:str}/{super:str}/tables/{table:str}/compact",
     status_code=200,
     responses=_errors(400, 401, 404, 409, 503),
+    opt={"perm": "write"},
 )
 async def compact_table(
     request: Request[Any, Any, Any],
@@ -409,6 +441,7 @@ async def compact_table(
 @get(
     "/v1/{org:str}/{super:str}/tables/{table:str}/versions/{version:int}",
     responses=_errors(401, 404, 410),
+    opt={"perm": "read"},
 )
 async def describe_version(
     services: NamedDependency[Services],
@@ -423,35 +456,57 @@ async def describe_version(
 
 
 @get("/v1/orgs")
-async def list_orgs(services: NamedDependency[Services]) -> OrgList:
+async def list_orgs(
+    request: Request[Any, Any, Any], services: NamedDependency[Services]
+) -> OrgList:
+    """The orgs the caller can see."""
+    caller = caller_of(request)
     registry = await services.reader.registry()
-    orgs = [OrgOut(o.name, len(o.supers), o.created_at) for o in registry.orgs.values()]
+    orgs = [
+        OrgOut(o.name, len([s for s in o.supers if caller.sees(o.name, s)]), o.created_at)
+        for o in registry.orgs.values()
+        if caller.sees(o.name)
+    ]
     return OrgList(sorted(orgs, key=lambda o: o.name))
 
 
-@get("/v1/{org:str}/supers")
-async def list_supers(services: NamedDependency[Services], org: FromPath[str]) -> SuperList:
+@get("/v1/{org:str}/supers", opt={"perm": "see"})
+async def list_supers(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], org: FromPath[str]
+) -> SuperList:
+    """The supers of the org the caller can see."""
+    caller = caller_of(request)
     registry = await services.reader.registry()
     info = registry.orgs.get(org)
     if info is None:
         raise NotFound(f"org {org!r} does not exist", code="org_not_found")
     supers = []
     for sup in sorted(info.supers.values(), key=lambda s: s.name):
-        state = await services.reader.super_state(org, sup.name)
+        if not caller.sees(org, sup.name):
+            continue
+        state = visible(caller, await services.reader.super_state(org, sup.name))
         supers.append(SuperOut(sup.name, len(state.tables), sup.created_at))
     return SuperList(org, supers)
 
 
-@get("/v1/{org:str}/{super:str}/tables")
+@get("/v1/{org:str}/{super:str}/tables", opt={"perm": "see"})
 async def list_tables(
-    services: NamedDependency[Services], org: FromPath[str], super_name: SuperName
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: SuperName,
 ) -> TableList:
-    state = await services.reader.require_super(org, super_name)
+    """The tables of the super the caller can see."""
+    state = visible(caller_of(request), await services.reader.require_super(org, super_name))
     tables = [table_summary(t) for t in sorted(state.tables.values(), key=lambda t: t.name)]
     return TableList(org, super_name, tables)
 
 
-@get("/v1/{org:str}/{super:str}/tables/{table:str}", responses=_errors(401, 404))
+@get(
+    "/v1/{org:str}/{super:str}/tables/{table:str}",
+    responses=_errors(401, 404),
+    opt={"perm": "read"},
+)
 async def describe_table(
     services: NamedDependency[Services],
     org: FromPath[str],
@@ -470,6 +525,7 @@ async def describe_table(
     "/v1/{org:str}/{super:str}/tables/{table:str}",
     status_code=200,
     responses=_errors(401, 404, 409, 503),
+    opt={"perm": "write"},
 )
 async def drop_table(
     request: Request[Any, Any, Any],
@@ -497,6 +553,7 @@ async def drop_table(
     "/v1/{org:str}/{super:str}/tables/{table:str}/mirrors",
     status_code=200,
     responses=_errors(400, 401, 404, 409, 503),
+    opt={"perm": "write"},
 )
 async def set_mirrors(
     request: Request[Any, Any, Any],
@@ -527,7 +584,7 @@ async def set_mirrors(
     return Response(body, headers={"ETag": f'"{outcome.version}"'})
 
 
-@get("/v1/{org:str}/{super:str}/tables/{table:str}/history")
+@get("/v1/{org:str}/{super:str}/tables/{table:str}/history", opt={"perm": "read"})
 async def table_history(
     services: NamedDependency[Services],
     org: FromPath[str],
@@ -601,6 +658,7 @@ def _result_columns(table: pa.Table) -> list[QueryColumn]:
     "/v1/{org:str}/{super:str}/query",
     status_code=200,
     responses=_errors(400, 401, 404, 408, 410, 503),
+    opt={"perm": "see"},
 )
 async def run_query(
     request: Request[Any, Any, Any],
@@ -612,7 +670,9 @@ async def run_query(
     """Run one read-only SELECT over the super's tables (referenced by name).
 
     ``Accept: text/csv`` or ``application/vnd.apache.arrow.stream`` change the format."""
-    state = await services.reader.require_super(org, super_name)
+    # Only the tables the caller may read exist for the query: any other name is an
+    # unknown table to the engine, whatever form of SQL names it.
+    state = visible(caller_of(request), await services.reader.require_super(org, super_name))
     resolve = services.views(
         org, super_name, state, as_of_version=data.as_of_version, as_of_time=data.as_of_time
     )
@@ -654,6 +714,7 @@ async def run_query(
 
 @get("/v1/events")
 async def list_events(
+    request: Request[Any, Any, Any],
     services: NamedDependency[Services],
     org: Annotated[str, QueryParameter()],
     super_name: Annotated[str | None, QueryParameter(name="super")] = None,
@@ -661,7 +722,12 @@ async def list_events(
     after: Annotated[str, QueryParameter(description="event id cursor")] = "0-0",
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
 ) -> EventPage:
-    """The audit log, straight from the streams, oldest first."""
+    """The audit log, straight from the streams, oldest first: the events of what the
+    caller can read."""
+    caller = caller_of(request)
+    caller.require("read", org) if super_name is None else caller.require_visible(org)
+    if super_name is not None:
+        caller.require_visible(org, super_name, table or "")
     registry = await services.reader.registry()
     if org not in registry.orgs:
         raise NotFound(f"org {org!r} does not exist", code="org_not_found")
@@ -676,13 +742,14 @@ async def list_events(
         events, nxt = await scan_super(
             services.log, org, super_name, after=cursor, limit=limit, table=table
         )
-    return EventPage([to_builtins(e) for e in events], nxt)
+    shown = [e for e in events if caller.can("read", org, e.super_, e.table)]
+    return EventPage([to_builtins(e) for e in shown], nxt)
 
 
 V1_HANDLERS = [ingest_rows, delete_rows, restore_table, compact_table, describe_version,
                list_orgs, list_supers, list_tables, describe_table, drop_table, set_mirrors,
                table_history,
                run_query, list_events]  # fmt: skip
-V1 = Router(path="/", route_handlers=V1_HANDLERS, guards=[require_token])
+V1 = Router(path="/", route_handlers=[*V1_HANDLERS, *ADMIN_HANDLERS], guards=[require_token])
 ROUTES: list[Any] = [health, metrics, V1]
 DEPENDENCIES = {"services": Provide(provide_services, sync_to_thread=False)}

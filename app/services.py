@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import anyio
 import redis.asyncio as aioredis
 
+from app.auth import AuthStore
 from app.mutations import Mutator, Target
 from app.schemas import MirrorInfo
 from app.settings import MIRROR_FORMATS, Settings
@@ -52,6 +53,7 @@ class Services:
     writer: Writer
     engine: QueryEngine
     mutator: Mutator
+    auth: AuthStore
 
     @classmethod
     def build(cls, settings: Settings, redis_url: str | None = None) -> Services:
@@ -105,7 +107,10 @@ class Services:
             inline_flush_files=settings.inline_flush_files,
         )
         writer.on_inline = mutator.after_inline_write
-        return cls(settings, client, keys, log, store, reader, storage, writer, engine, mutator)
+        auth = AuthStore(client, keys)
+        return cls(
+            settings, client, keys, log, store, reader, storage, writer, engine, mutator, auth
+        )
 
     async def start(self) -> None:
         """Open what needs an event loop (the object storage client)."""

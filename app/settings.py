@@ -45,9 +45,11 @@ SETTINGS_DOC: dict[str, str] = {
     "s3_create_bucket": "Create the bucket at start if it is missing.",
     "s3_part_size": "Uploads above this size use multipart, in parts of this size (bytes).",
     "s3_max_attempts": "Attempts per S3 request (with backoff) before a 503.",
-    "host": "Address `serve` binds to. Non-loopback requires `api_token`.",
+    "host": "Address `serve` binds to. Non-loopback requires `api_token`; on loopback "
+    "without it, the first start creates an admin token (`<data-dir>/admin-token`).",
     "port": "Port `serve` listens on.",
-    "api_token": "Bearer token required on `/v1` when set. Required for non-loopback binds.",
+    "api_token": "A static platform-admin bearer token (besides the principals' API "
+    "tokens). Required for non-loopback binds.",
     "max_body_bytes": "Largest accepted ingest body (413 above).",
     "query_default_limit": "Rows returned when a query gives no `limit`.",
     "query_max_limit": "Largest allowed `limit`.",

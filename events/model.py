@@ -205,6 +205,67 @@ class TableDropped(EventBase, frozen=True, tag="TableDropped"):
     rows: int
 
 
+# -- principals, tokens and grants (the auth stream, ``<p>:{auth}:events``) -----------------
+# ``org`` is the tenant the principal belongs to ("" for a platform admin); a grant's
+# scope is its ``org`` / ``super`` / ``table``.
+
+
+class PrincipalCreated(EventBase, frozen=True, tag="PrincipalCreated"):
+    """A user or service principal was created. ``admin``: a platform admin, who may
+    do anything in every org (the bootstrap admin is one)."""
+
+    principal_id: str
+    name: str
+    kind: str
+    attributes: dict[str, str] = {}
+    admin: bool = False
+
+
+class PrincipalChanged(EventBase, frozen=True, tag="PrincipalChanged"):
+    """A principal's name, attributes or disabled flag changed (None: unchanged)."""
+
+    principal_id: str
+    name: str | None = None
+    attributes: dict[str, str] | None = None
+    disabled: bool | None = None
+
+
+class TokenIssued(EventBase, frozen=True, tag="TokenIssued"):
+    """An API token was issued; only its SHA-256 is kept."""
+
+    token_id: str
+    principal_id: str
+    token_hash: str
+    name: str = ""
+    expires_at: datetime | None = None
+
+
+class TokenRevoked(EventBase, frozen=True, tag="TokenRevoked"):
+    token_id: str
+
+
+class GrantAdded(EventBase, frozen=True, tag="GrantAdded"):
+    """``role`` for ``principal_id`` on the scope ``org`` / ``super`` / ``table``."""
+
+    grant_id: str
+    principal_id: str
+    role: str
+
+
+class GrantRemoved(EventBase, frozen=True, tag="GrantRemoved"):
+    grant_id: str
+
+
+AUTH_EVENTS = (
+    PrincipalCreated,
+    PrincipalChanged,
+    TokenIssued,
+    TokenRevoked,
+    GrantAdded,
+    GrantRemoved,
+)
+
+
 Event: TypeAlias = (
     OrgCreated
     | SuperCreated
@@ -219,6 +280,12 @@ Event: TypeAlias = (
     | VersionsExpired
     | MirrorsChanged
     | TableDropped
+    | PrincipalCreated
+    | PrincipalChanged
+    | TokenIssued
+    | TokenRevoked
+    | GrantAdded
+    | GrantRemoved
 )
 
 TABLE_EVENTS = (

@@ -9,8 +9,9 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx
 import pytest
 import redis
 from litestar.testing import TestClient
@@ -75,13 +76,25 @@ def settings(redis_url: str, tmp_path: Path) -> Settings:
         redis_prefix=f"t{uuid.uuid4().hex[:10]}",
         inline_max_rows=0,
         mirrors="none",
+        api_token=ADMIN_TOKEN,
     )
+
+
+# Every test's settings carry this static platform-admin token; ``authed`` makes a test
+# client send it. Tests of principals, tokens and grants send their own.
+ADMIN_TOKEN = "test-admin-token"
+C = TypeVar("C", bound=httpx.Client)
+
+
+def authed(client: C, token: str = ADMIN_TOKEN) -> C:
+    client.headers["Authorization"] = f"Bearer {token}"
+    return client
 
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient[Any]]:
     assert settings.redis_url
-    with TestClient(create_app(settings, settings.redis_url)) as c:
+    with authed(TestClient(create_app(settings, settings.redis_url))) as c:
         yield c
 
 

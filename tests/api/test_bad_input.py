@@ -17,6 +17,7 @@ from litestar.testing import TestClient
 from app.http import create_app
 from app.settings import Settings
 from tests.bodies import arrow_bytes, parquet_bytes
+from tests.conftest import authed
 
 ORG, SUP, TBL = "acme", "sales", "orders"
 ROWS = f"/v1/{ORG}/{SUP}/tables/{TBL}/rows"
@@ -342,7 +343,7 @@ LIMIT = 256
 def small_client(settings: Settings) -> Iterator[TestClient[Any]]:
     small = msgspec.structs.replace(settings, max_body_bytes=LIMIT)
     assert small.redis_url
-    with TestClient(create_app(small, small.redis_url)) as c:
+    with authed(TestClient(create_app(small, small.redis_url))) as c:
         yield c
 
 

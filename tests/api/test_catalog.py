@@ -9,6 +9,7 @@ from litestar.testing import TestClient
 
 from app.http import create_app
 from app.settings import Settings
+from tests.conftest import authed
 
 
 def put(client: TestClient[Any], path: str, rows: list[dict[str, Any]], **kw: Any) -> Any:
@@ -39,7 +40,7 @@ def test_listings_and_table_detail(client: TestClient[Any]) -> None:
     assert d["stats"]["id"] == {"null_count": 0, "min": 1, "max": 7}
     assert d["stats"]["amount"] == {"null_count": 1, "min": 1.0, "max": 5.5}
     assert d["created_at"] <= d["updated_at"]
-    assert d["created_by"] == "anonymous"
+    assert d["created_by"] == "api-token"
 
 
 def test_history_has_one_entry_per_version_and_pages(client: TestClient[Any]) -> None:
@@ -49,7 +50,7 @@ def test_history_has_one_entry_per_version_and_pages(client: TestClient[Any]) ->
     assert [e["version"] for e in entries] == [0, 1, 2, 3, 4]
     assert [e["event_id"] for e in entries[1:]] == ids
     assert all(e["rows_added"] == 1 for e in entries[1:])
-    assert all(e["actor"] == "anonymous" and e["request_id"] for e in entries)
+    assert all(e["actor"] == "api-token" and e["request_id"] for e in entries)
     page = client.get("/v1/acme/sales/tables/t/history?limit=2").json()
     assert [e["version"] for e in page["entries"]] == [0, 1]
     rest = client.get(f"/v1/acme/sales/tables/t/history?after={page['next_after']}").json()
@@ -94,7 +95,7 @@ def test_events_api_reads_streams_with_filters_and_cursor(client: TestClient[Any
 def test_health_reports_redis_and_projection_lag(settings: Settings) -> None:
     assert settings.redis_url
     # no projector in this instance: the lag must show the unprojected events
-    with TestClient(create_app(settings, settings.redis_url, run_projector=False)) as c:
+    with authed(TestClient(create_app(settings, settings.redis_url, run_projector=False))) as c:
         c.post("/v1/a/b/tables/t/rows", json=[{"x": 1}])
         body = c.get("/health").json()
         assert body["status"] == "ok" and body["redis"]["ok"] is True
@@ -104,7 +105,9 @@ def test_health_reports_redis_and_projection_lag(settings: Settings) -> None:
 
 
 def test_health_is_503_when_redis_is_unreachable(settings: Settings) -> None:
-    with TestClient(create_app(settings, "redis://127.0.0.1:1/0", run_projector=False)) as c:
+    with authed(
+        TestClient(create_app(settings, "redis://127.0.0.1:1/0", run_projector=False))
+    ) as c:
         r = c.get("/health")
         assert r.status_code == 503
         assert r.json()["status"] == "degraded"
@@ -144,7 +147,7 @@ def test_api_token_guards_v1_but_not_health(settings: Settings) -> None:
 
     assert settings.redis_url
     guarded = msgspec.structs.replace(settings, api_token="s3cret")
-    with TestClient(create_app(guarded, settings.redis_url)) as c:
+    with authed(TestClient(create_app(guarded, settings.redis_url))) as c:
         assert c.get("/v1/orgs").status_code == 401
         assert c.get("/v1/orgs", headers={"Authorization": "Bearer nope"}).status_code == 401
         assert c.get("/v1/orgs", headers={"Authorization": "Bearer s3cret"}).status_code == 200

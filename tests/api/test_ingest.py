@@ -13,6 +13,7 @@ from litestar.testing import AsyncTestClient, TestClient
 from app.http import create_app
 from app.settings import Settings
 from tests.bodies import arrow_bytes, parquet_bytes
+from tests.conftest import authed
 
 ROWS = "/v1/acme/sales/tables/orders/rows"
 QUERY = "/v1/acme/sales/query"
@@ -151,7 +152,7 @@ def test_reads_see_writes_through_another_api_instance(settings: Settings) -> No
     assert settings.redis_url
     a = create_app(settings, settings.redis_url, run_projector=False)
     b = create_app(settings, settings.redis_url, run_projector=False)
-    with TestClient(a) as ca, TestClient(b) as cb:
+    with authed(TestClient(a)) as ca, authed(TestClient(b)) as cb:
         for i in range(5):
             v = ca.post(ROWS, json=[{"id": i}]).json()["version"]
             assert cb.get("/v1/acme/sales/tables/orders").json()["version"] == v
@@ -165,7 +166,7 @@ def test_concurrent_appends_rebase_and_lose_nothing(settings: Settings) -> None:
     results: list[int] = []
 
     async def main() -> None:
-        async with AsyncTestClient(app) as c:
+        async with authed(AsyncTestClient(app)) as c:
             await c.post(ROWS, json=[{"w": -1, "i": -1}])
 
             async def writer(w: int) -> None:

@@ -35,6 +35,7 @@ from tests.api.lake import (
     version_of,
 )
 from tests.bodies import arrow_bytes, parquet_bytes
+from tests.conftest import authed
 
 ALL = "select * from orders order by all"
 
@@ -717,7 +718,7 @@ def test_compaction_of_a_missing_table_is_404(client: Client) -> None:
 def test_compaction_around_a_large_file_keeps_every_row(settings: Settings) -> None:
     small = msgspec.structs.replace(settings, compact_small_bytes=20_000)
     assert small.redis_url
-    with TestClient(create_app(small, small.redis_url)) as client:
+    with authed(TestClient(create_app(small, small.redis_url))) as client:
         append(client, [{"id": 1, "pad": "s"}])
         big = [{"id": 1000 + i, "pad": f"{i:06d}-" + "x" * (i % 97)} for i in range(3000)]
         append(client, big)
@@ -742,7 +743,7 @@ def test_compaction_around_a_large_file_keeps_every_row(settings: Settings) -> N
 def inline_client(settings: Settings, **overrides: Any) -> TestClient[Any]:
     inline = msgspec.structs.replace(settings, inline_max_rows=100, **overrides)
     assert inline.redis_url
-    return TestClient(create_app(inline, inline.redis_url))
+    return authed(TestClient(create_app(inline, inline.redis_url)))
 
 
 def test_tiny_writes_are_inlined_and_queryable_at_once(settings: Settings) -> None:

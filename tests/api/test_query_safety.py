@@ -18,6 +18,7 @@ import redis
 from litestar.testing import TestClient
 
 from app.settings import Settings
+from tests.conftest import authed
 
 ORG, SUP, OTHER_SUP = "acme", "sales", "hr"
 QUERY = f"/v1/{ORG}/{SUP}/query"
@@ -503,7 +504,7 @@ def test_concurrent_spilling_queries_do_not_collide(settings: Settings) -> None:
         "select count(distinct s) "
         "from (select md5(range::varchar) s from range(1500000) order by s)"
     )
-    with TestClient(create_app(small, small.redis_url)) as c:
+    with authed(TestClient(create_app(small, small.redis_url))) as c:
         write(c, f"/v1/{ORG}/{SUP}/tables/t/rows", [{"x": 1}])
         with ThreadPoolExecutor(3) as pool:
             results = list(

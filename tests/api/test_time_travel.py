@@ -38,6 +38,7 @@ from tests.api.lake import (
     table_url,
     upsert,
 )
+from tests.conftest import authed
 
 ALL = "select * from orders order by all"
 
@@ -99,7 +100,7 @@ def test_version_detail_describes_each_past_version(client: Client) -> None:
         assert sum(f["rows"] for f in body["files"]) == len(rows)
         assert body["event_id"] == hist[v]["event_id"]
         assert parse(body["committed_at"]) == parse(hist[v]["time"])
-        assert body["committed_by"] == "anonymous"
+        assert body["committed_by"] == "api-token"
     v1 = version_detail(client, 1)
     assert v1["files"] == [
         {
@@ -487,7 +488,7 @@ def test_the_whole_lifecycle_on_each_storage_backend(any_settings: Settings) -> 
     """Upsert, delete, compaction, time travel, restore, expiry and gc read and write
     the data files through the configured storage (local disk, then S3)."""
     assert any_settings.redis_url
-    with TestClient(create_app(any_settings, any_settings.redis_url)) as client:
+    with authed(TestClient(create_app(any_settings, any_settings.redis_url))) as client:
         build_history(client)
         for v, rows in CONTENTS.items():
             assert query(client, ALL, as_of_version=v) == rows

@@ -13,6 +13,7 @@ from app.http import create_app
 from app.services import open_storage
 from app.settings import Settings
 from events.storage import Storage
+from tests.conftest import authed
 
 pytestmark = pytest.mark.anyio
 
@@ -71,7 +72,7 @@ def test_ingest_and_queries_give_the_same_results_on_every_backend(
 ) -> None:
     def results(s: Settings) -> list[Any]:
         assert s.redis_url
-        with TestClient(create_app(s, s.redis_url)) as c:
+        with authed(TestClient(create_app(s, s.redis_url))) as c:
             assert c.post("/v1/a/b/tables/orders/rows", json=ROWS[:1000]).status_code == 200
             assert c.post("/v1/a/b/tables/orders/rows", json=ROWS[1000:]).status_code == 200
             tags = [{"id": 3, "tag": "x"}, {"id": 1999, "tag": "y"}]
@@ -118,7 +119,7 @@ def test_object_store_failing_mid_upload_is_503_and_appends_nothing(
         # ~12 MiB of incompressible Parquet: a multipart upload of three parts
         table = pa.table({"blob": pa.array([os.urandom(2 * 1024 * 1024) for _ in range(6)])})
         body = parquet_bytes(table)
-        with TestClient(create_app(s3, s3.redis_url)) as c:
+        with authed(TestClient(create_app(s3, s3.redis_url))) as c:
             ok = c.post(
                 "/v1/a/b/tables/t/rows",
                 content=parquet_bytes(pa.table({"blob": pa.array([b"small"])})),
@@ -160,7 +161,7 @@ def test_queries_use_the_credentials_boto_resolved(
         s3_endpoint_url=s3_server.endpoint,
     )
     assert chained.redis_url and chained.s3_access_key_id is None
-    with TestClient(create_app(chained, chained.redis_url)) as c:
+    with authed(TestClient(create_app(chained, chained.redis_url))) as c:
         assert c.post("/v1/a/b/tables/t/rows", json=[{"x": 41}, {"x": 1}]).status_code == 200
         r = c.post("/v1/a/b/query", json={"sql": "select sum(x) from t"})
         assert r.status_code == 200, r.text

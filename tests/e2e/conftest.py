@@ -261,7 +261,17 @@ class Server:
         raise AssertionError(f"serve not healthy within {timeout}s; stderr:\n{self.stderr()}")
 
     def client(self, **kwargs: Any) -> httpx.Client:
+        """A client of the server, with its admin token: LEDGERLAKE_API_TOKEN if the
+        environment sets one, else the one ``serve`` bootstrapped into the data dir."""
+        kwargs.setdefault("headers", self.auth_headers())
         return httpx.Client(base_url=self.url, timeout=60.0, **kwargs)
+
+    def auth_headers(self) -> dict[str, str]:
+        token = self.env.get("LEDGERLAKE_API_TOKEN")
+        path = self.data_dir / "admin-token"
+        if not token and path.exists():
+            token = path.read_text().strip()
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def stderr(self) -> str:
         try:

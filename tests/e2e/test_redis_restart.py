@@ -22,7 +22,7 @@ from app.services import Services
 from app.settings import Settings
 from projections.replay import rebuild_super
 from projections.store import encode_table
-from tests.conftest import free_port
+from tests.conftest import authed, free_port
 
 
 def start_durable_redis(workdir: Path, port: int) -> subprocess.Popen[bytes]:
@@ -57,7 +57,7 @@ def test_acknowledged_writes_survive_a_redis_kill_and_restart(
     acknowledged: list[int] = []
     failed = 0
     try:
-        with TestClient(create_app(durable, url)) as c:
+        with authed(TestClient(create_app(durable, url))) as c:
             for i in range(60):
                 if i == 20:
                     server.send_signal(signal.SIGKILL)

@@ -30,7 +30,7 @@ from app.http import create_app
 from app.services import Services
 from app.settings import Settings
 from projections.replay import replay
-from tests.conftest import free_port
+from tests.conftest import authed, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def start(procs: list[subprocess.Popen[bytes]], workdir: Path, *args: str) -> No
 
 def round_trip(settings: Settings) -> None:
     """Writes to two supers, a query, the audit log and an exact projection."""
-    with TestClient(create_app(settings, settings.redis_url)) as c:
+    with authed(TestClient(create_app(settings, settings.redis_url))) as c:
         for sup in ("s1", "s2"):
             for i in range(3):
                 r = c.post(f"/v1/a/{sup}/tables/t/rows", json=[{"x": i}])
@@ -106,7 +106,7 @@ def test_password_protected_redis(settings: Settings, tmp_path: Path) -> None:
             msgspec.structs.replace(settings, redis_url=f"redis://:s3cret@127.0.0.1:{port}/0")
         )
         wrong = msgspec.structs.replace(settings, redis_url=f"redis://:nope@127.0.0.1:{port}/0")
-        with TestClient(create_app(wrong, wrong.redis_url, run_projector=False)) as c:
+        with authed(TestClient(create_app(wrong, wrong.redis_url, run_projector=False))) as c:
             assert c.get("/health").status_code == 503
 
 

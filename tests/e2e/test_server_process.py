@@ -190,7 +190,7 @@ def test_api_token_guards_v1_but_not_health(
     env = cli_env(redis_url=redis_url, redis_prefix=f"e2e{uuid.uuid4().hex[:8]}", api_token=token)
     server = start_server(tmp_path / "data", env)
     good = {"Authorization": f"Bearer {token}"}
-    with server.client() as http:
+    with server.client(headers={}) as http:
         health = http.get("/health")
         assert health.status_code == 200 and health.json()["status"] == "ok"
 
@@ -229,3 +229,27 @@ def test_api_token_non_ascii_authorization_is_401_not_500(
         # A Latin-1 byte in the header (a client bug or a probe) must be a plain 401.
         denied = http.get("/v1/orgs", headers={"Authorization": b"Bearer caf\xe9"})
     assert denied.status_code == 401, denied.text
+
+
+def test_serve_bootstraps_an_admin_token_once(start_server: Any, tmp_path: Path) -> None:
+    """On loopback with no auth configured, the first start creates an admin token,
+    prints it once and keeps it in <data-dir>/admin-token (0600); the next start
+    prints nothing and the token still works."""
+    data_dir = tmp_path / "data"
+    server = start_server(data_dir, cli_env())
+    token_file = data_dir / "admin-token"
+    token = token_file.read_text().strip()
+    assert token.startswith("llt_")
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert server.stderr().count(token) == 1
+    with server.client(headers={}) as http:
+        assert http.get("/v1/orgs").status_code == 401
+        authorized = {"Authorization": f"Bearer {token}"}
+        assert http.post(ROWS, json=[{"id": 1}], headers=authorized).status_code == 200
+    assert server.stop() == 0
+
+    again = start_server(data_dir, cli_env())
+    assert token not in again.stderr() and "admin token" not in again.stderr()
+    assert token_file.read_text().strip() == token
+    with again.client() as http:
+        assert http.get("/v1/acme/supers").status_code == 200

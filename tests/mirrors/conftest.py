@@ -16,6 +16,7 @@ from litestar.testing import TestClient
 from app.http import create_app
 from app.services import Services
 from app.settings import Settings
+from tests.conftest import authed
 
 # polars plans Iceberg scans with pyiceberg unless an optional plugin is installed; say
 # so instead of warning in every test.
@@ -50,7 +51,7 @@ class Lake:
 def open_lake(settings: Settings) -> Iterator[Lake]:
     assert settings.redis_url
     app = create_app(settings, settings.redis_url, run_projector=False)
-    with TestClient(app) as client:
+    with authed(TestClient(app)) as client:
         yield Lake(client, settings)
 
 

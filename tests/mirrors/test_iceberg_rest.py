@@ -165,11 +165,14 @@ def duck_ext_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def catalog(
     server: Server, warehouse: str | None = None, token: str | None = None, **props: str
 ) -> Catalog:
-    """pyiceberg's REST catalog: nothing but the URI (and the warehouse, the token)."""
+    """pyiceberg's REST catalog: nothing but the URI (and the warehouse, the token:
+    the server's admin token unless given; "" for none at all)."""
     kw: dict[str, Any] = dict(props)
     if warehouse is not None:
         kw["warehouse"] = warehouse
-    if token is not None:
+    if token is None:
+        token = server.settings.api_token
+    if token:
         kw["token"] = token
     else:
         kw["auth"] = {"type": "noop"}
@@ -206,6 +209,10 @@ def duck_attach(
     secret: str | None = None,
 ) -> None:
     opts = ["TYPE iceberg", f"ENDPOINT '{server.uri}'"]
+    if secret is None and server.settings.api_token:  # the server's admin token
+        token = server.settings.api_token
+        con.execute(f"CREATE OR REPLACE SECRET ll_admin (TYPE iceberg, TOKEN '{token}')")
+        secret = "ll_admin"
     opts.append(f"SECRET {secret}" if secret else "AUTHORIZATION_TYPE 'none'")
     if nested:
         opts.append("SUPPORT_NESTED_NAMESPACES true")
@@ -239,11 +246,14 @@ def assert_spec_error(response: httpx.Response, status: int, kind: str) -> None:
     assert isinstance(error["message"], str) and error["message"].strip(), error
 
 
-def raw_head(server: Server, path: str) -> tuple[int, bytes, bytes]:
+def raw_head(server: Server, path: str, token: str | None = None) -> tuple[int, bytes, bytes]:
     """HEAD over a plain socket: status, header block and every byte after it (the
-    connection is closed by the server, so a body sent by mistake shows up)."""
+    connection is closed by the server, so a body sent by mistake shows up). With the
+    server's admin token unless given ("" for none)."""
+    token = server.settings.api_token if token is None else token
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        request = f"HEAD /iceberg/v1{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        request = f"HEAD /iceberg/v1{path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
         sock.sendall(request.encode())
         data = b""
         while chunk := sock.recv(65536):
@@ -701,7 +711,7 @@ def test_api_token_guards_the_catalog(
     assert r.status_code == 401
 
     with pytest.raises(UnauthorizedError, match="NotAuthorizedException"):
-        catalog(server)
+        catalog(server, token="")
     with pytest.raises(UnauthorizedError, match="NotAuthorizedException"):
         catalog(server, token="wrong")
 
@@ -715,7 +725,7 @@ def test_api_token_guards_the_catalog(
     con = duck(duck_ext_dir)
     try:
         with pytest.raises(duckdb.Error, match="401"):
-            duck_attach(con, server, ORG)
+            duck_attach(con, server, ORG, secret="")
             con.execute("select * from c.sales.orders").fetchall()
     finally:
         con.close()

@@ -39,6 +39,7 @@ import pytest
 
 from app.settings import Settings
 from projections.query import EXTENSIONS, install_extensions
+from tests.conftest import ADMIN_TOKEN
 from tests.mirrors import readers as rd
 from tests.mirrors.conftest import Lake, open_lake
 
@@ -203,6 +204,7 @@ def world(
         redis_prefix=f"t{uuid.uuid4().hex[:10]}",
         inline_max_rows=0,
         mirrors="delta,iceberg",
+        api_token=ADMIN_TOKEN,
     )
     if request.param == "s3":
         server = request.getfixturevalue("s3_server")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from app.admin_routes import ADMIN_HANDLERS
 from app.iceberg_rest import ICEBERG_HANDLERS
 from app.routes import V1_HANDLERS, health, metrics
 from app.settings import SETTINGS_DOC, Settings
@@ -20,7 +21,7 @@ def test_every_setting_is_in_the_readme_table() -> None:
 
 
 def test_every_route_is_in_the_readme() -> None:
-    handlers = [health, metrics, *V1_HANDLERS]
+    handlers = [health, metrics, *V1_HANDLERS, *ADMIN_HANDLERS]
     for handler in handlers:
         for path in handler.paths:
             shown = re.sub(r"\{(\w+):\w+\}", r"{\1}", path)

@@ -1,0 +1,340 @@
+"""Principals, API tokens and grants: each change is an event of the auth stream.
+
+Who may manage what: a platform admin, anything; an ``org_admin`` of an org, the
+principals of that org, their tokens and grants inside the org; anyone, their own
+tokens (issue and revoke). Everything else is 404 if the caller cannot see it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import msgspec
+from litestar import Request, delete, get, patch, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
+
+from app.auth import Caller, Forbidden, new_id, new_token
+from app.services import Services
+from app.writes import check_name
+from events.errors import InvalidInput, NotFound
+from events.model import (
+    GrantAdded,
+    GrantRemoved,
+    PrincipalChanged,
+    PrincipalCreated,
+    TokenIssued,
+    TokenRevoked,
+    now,
+)
+from projections.auth import ROLES, Grant, Principal
+
+KINDS = ("user", "service")
+
+
+class PrincipalIn(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    org: str | None = None
+    kind: str = "user"
+    attributes: dict[str, str] = {}
+    admin: bool = False
+
+
+class PrincipalPatch(msgspec.Struct, forbid_unknown_fields=True):
+    name: str | None = None
+    attributes: dict[str, str] | None = None
+    disabled: bool | None = None
+
+
+class PrincipalOut(msgspec.Struct):
+    id: str
+    name: str
+    kind: str
+    org: str | None
+    attributes: dict[str, str]
+    admin: bool
+    disabled: bool
+    created_at: datetime
+    created_by: str
+
+
+class TokenIn(msgspec.Struct, forbid_unknown_fields=True):
+    name: str = ""
+    expires_in_s: float | None = None
+
+
+class TokenOut(msgspec.Struct):
+    id: str
+    principal_id: str
+    name: str
+    expires_at: datetime | None
+    token: str | None = None
+
+
+class GrantIn(msgspec.Struct, forbid_unknown_fields=True):
+    principal_id: str
+    role: str
+    org: str
+    super: str | None = None
+    table: str | None = None
+
+
+class GrantOut(msgspec.Struct):
+    id: str
+    principal_id: str
+    role: str
+    org: str
+    super: str | None
+    table: str | None
+
+
+def _caller(request: Request[Any, Any, Any]) -> Caller:
+    caller: Caller = request.state.caller
+    return caller
+
+
+def _principal_out(p: Principal) -> PrincipalOut:
+    return PrincipalOut(
+        p.id, p.name, p.kind, p.org or None, p.attributes, p.admin, p.disabled,
+        p.created_at, p.created_by,
+    )  # fmt: skip
+
+
+def _grant_out(g: Grant) -> GrantOut:
+    return GrantOut(g.id, g.principal_id, g.role, g.org, g.super_ or None, g.table or None)
+
+
+def _manages(caller: Caller, principal: Principal) -> bool:
+    """Whether the caller may manage this principal (its org's admin, or a platform
+    admin)."""
+    if caller.admin:
+        return True
+    return bool(principal.org) and caller.can("grant", principal.org)
+
+
+async def _principal(services: Services, caller: Caller, principal_id: str) -> Principal:
+    state = await services.auth.state()
+    principal = state.principals.get(principal_id)
+    if principal is None or not (
+        _manages(caller, principal) or principal.id == caller.principal.id
+    ):
+        raise NotFound(f"principal {principal_id!r} does not exist", code="principal_not_found")
+    return principal
+
+
+def _base(request: Request[Any, Any, Any], org: str, **scope: str) -> dict[str, Any]:
+    from app.routes import request_id
+
+    return {
+        "org": org,
+        "super_": "",
+        "actor": _caller(request).actor,
+        "time": now(),
+        "request_id": request_id(request),
+        **scope,
+    }
+
+
+@post("/v1/principals", status_code=201)
+async def create_principal(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    data: JSONBody[PrincipalIn],
+) -> PrincipalOut:
+    """Create a user or service principal of an org (``org``), or, for a platform
+    admin only, another platform admin (``admin: true``, no org)."""
+    caller = _caller(request)
+    if data.kind not in KINDS:
+        raise InvalidInput(f"kind must be one of {', '.join(KINDS)}", code="invalid_kind")
+    if not data.name.strip() or len(data.name) > 200:
+        raise InvalidInput("name must be 1 to 200 characters", code="invalid_name")
+    if data.admin:
+        if data.org:
+            raise InvalidInput("a platform admin belongs to no org", code="invalid_principal")
+        if not caller.admin:
+            raise Forbidden("only a platform admin creates platform admins")
+    else:
+        if not data.org:
+            raise InvalidInput(
+                "a principal needs an org (or admin: true)", code="invalid_principal"
+            )
+        check_name("org", data.org)
+        caller.require("grant", data.org)
+    principal_id = new_id("p")
+    await services.auth.append(
+        PrincipalCreated(
+            principal_id=principal_id,
+            name=data.name,
+            kind=data.kind,
+            attributes=data.attributes,
+            admin=data.admin,
+            **_base(request, data.org or ""),
+        )
+    )
+    state = await services.auth.state()
+    return _principal_out(state.principals[principal_id])
+
+
+@get("/v1/principals")
+async def list_principals(
+    request: Request[Any, Any, Any], services: NamedDependency[Services]
+) -> list[PrincipalOut]:
+    """The principals the caller manages (and itself)."""
+    caller = _caller(request)
+    state = await services.auth.state()
+    shown = [
+        p for p in state.principals.values() if _manages(caller, p) or p.id == caller.principal.id
+    ]
+    return [_principal_out(p) for p in sorted(shown, key=lambda p: (p.org, p.name, p.id))]
+
+
+@patch("/v1/principals/{principal_id:str}")
+async def change_principal(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    principal_id: FromPath[str],
+    data: JSONBody[PrincipalPatch],
+) -> PrincipalOut:
+    """Rename, set attributes (used by row filters) or disable/enable a principal. A
+    disabled principal's tokens stop working at once."""
+    caller = _caller(request)
+    principal = await _principal(services, caller, principal_id)
+    if not _manages(caller, principal):
+        raise Forbidden("only an org admin changes a principal")
+    if principal.id == caller.principal.id and data.disabled:
+        raise InvalidInput("a principal cannot disable itself", code="invalid_principal")
+    await services.auth.append(
+        PrincipalChanged(
+            principal_id=principal.id,
+            name=data.name,
+            attributes=data.attributes,
+            disabled=data.disabled,
+            **_base(request, principal.org),
+        )
+    )
+    state = await services.auth.state()
+    return _principal_out(state.principals[principal.id])
+
+
+@post("/v1/principals/{principal_id:str}/tokens", status_code=201)
+async def issue_token(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    principal_id: FromPath[str],
+    data: JSONBody[TokenIn],
+) -> TokenOut:
+    """A new API token for the principal. The token is in this response only; the
+    service keeps its hash."""
+    caller = _caller(request)
+    principal = await _principal(services, caller, principal_id)
+    if data.expires_in_s is not None and data.expires_in_s <= 0:
+        raise InvalidInput("expires_in_s must be positive", code="invalid_expiry")
+    token_id = new_id("t")
+    token, token_hash = new_token(token_id)
+    expires = now() + timedelta(seconds=data.expires_in_s) if data.expires_in_s else None
+    await services.auth.append(
+        TokenIssued(
+            token_id=token_id,
+            principal_id=principal.id,
+            token_hash=token_hash,
+            name=data.name,
+            expires_at=expires,
+            **_base(request, principal.org),
+        )
+    )
+    return TokenOut(token_id, principal.id, data.name, expires, token)
+
+
+@delete("/v1/tokens/{token_id:str}", status_code=200)
+async def revoke_token(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], token_id: FromPath[str]
+) -> TokenOut:
+    """Revoke a token: it stops working on every API pod with the next request."""
+    caller = _caller(request)
+    state = await services.auth.state()
+    token = state.tokens.get(token_id)
+    if token is None:
+        raise NotFound(f"token {token_id!r} does not exist", code="token_not_found")
+    principal = await _principal(services, caller, token.principal_id)
+    if not token.revoked:
+        await services.auth.append(TokenRevoked(token_id=token_id, **_base(request, principal.org)))
+    return TokenOut(token.id, token.principal_id, token.name, token.expires_at)
+
+
+@post("/v1/grants", status_code=201)
+async def add_grant(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], data: JSONBody[GrantIn]
+) -> GrantOut:
+    """Give a principal a role on an org, a super or a table of its own org."""
+    caller = _caller(request)
+    if data.role not in ROLES:
+        raise InvalidInput(
+            f"role must be one of {', '.join(ROLES)}", code="invalid_role", role=data.role
+        )
+    if data.table and not data.super:
+        raise InvalidInput("a table scope needs its super", code="invalid_scope")
+    for kind, name in (("org", data.org), ("super", data.super), ("table", data.table)):
+        if name is not None:
+            check_name(kind, name)
+    caller.require("grant", data.org, data.super or "", data.table or "")
+    principal = await _principal(services, caller, data.principal_id)
+    if principal.admin or principal.org != data.org:
+        raise InvalidInput("a grant is for a principal of the same org", code="invalid_scope")
+    grant_id = new_id("g")
+    await services.auth.append(
+        GrantAdded(
+            grant_id=grant_id,
+            principal_id=principal.id,
+            role=data.role,
+            **_base(request, data.org, super_=data.super or "", table=data.table or ""),
+        )
+    )
+    state = await services.auth.state()
+    return _grant_out(state.grants[grant_id])
+
+
+@get("/v1/grants")
+async def list_grants(
+    request: Request[Any, Any, Any], services: NamedDependency[Services]
+) -> list[GrantOut]:
+    """The grants the caller manages, and its own."""
+    caller = _caller(request)
+    state = await services.auth.state()
+    shown = [
+        g
+        for g in state.grants.values()
+        if g.principal_id == caller.principal.id or caller.can("grant", g.org, g.super_, g.table)
+    ]
+    return [_grant_out(g) for g in sorted(shown, key=lambda g: (g.org, g.super_, g.table, g.id))]
+
+
+@delete("/v1/grants/{grant_id:str}", status_code=200)
+async def remove_grant(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], grant_id: FromPath[str]
+) -> GrantOut:
+    caller = _caller(request)
+    state = await services.auth.state()
+    grant = state.grants.get(grant_id)
+    if grant is None or not caller.sees(grant.org, grant.super_, grant.table):
+        raise NotFound(f"grant {grant_id!r} does not exist", code="grant_not_found")
+    caller.require("grant", grant.org, grant.super_, grant.table)
+    await services.auth.append(
+        GrantRemoved(
+            grant_id=grant_id,
+            **_base(request, grant.org, super_=grant.super_, table=grant.table),
+        )
+    )
+    return _grant_out(grant)
+
+
+ADMIN_HANDLERS = [
+    create_principal,
+    list_principals,
+    change_principal,
+    issue_token,
+    revoke_token,
+    add_grant,
+    list_grants,
+    remove_grant,
+]
