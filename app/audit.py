@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import heapq
 import re
+import time
+from datetime import datetime
+from typing import Any
+
+import msgspec
 
 from events.errors import InvalidInput
 from events.model import (
@@ -17,8 +22,9 @@ from events.model import (
     TableOverwritten,
     TableRestored,
     stream_id_tuple,
+    to_builtins,
 )
-from events.redis_log import RedisEventLog
+from events.redis_log import Keys, RedisEventLog, guarded
 
 _ID = re.compile(r"^\d+(-\d+)?(@[a-z0-9_]*)?$")
 PAGE = 1000
@@ -122,3 +128,97 @@ def history_fields(event: Event) -> tuple[int, int, list[str]]:
     if isinstance(event, SchemaEvolved):
         return 0, 0, list(event.added)
     return 0, 0, []
+
+
+# -- the read audit: one record per query ---------------------------------------------
+
+
+class ReadRecord(msgspec.Struct, frozen=True):
+    """A query: who ran it, on what, and what it returned."""
+
+    time: datetime
+    principal: str
+    token: str
+    org: str
+    super: str
+    sql: str
+    tables: list[str]
+    rows: int
+    duration_ms: float
+    error: str = ""
+    request_id: str = ""
+    kind: str = "query"
+    id: str = ""
+
+
+_read_decoder = msgspec.json.Decoder(ReadRecord)
+
+
+def reads_stream(keys: Keys) -> str:
+    return f"{keys.prefix}:{{audit}}:reads"
+
+
+async def record_read(client: Any, keys: Keys, record: ReadRecord, retention_s: float) -> None:
+    """Append a query record; records older than the retention are trimmed as new
+    ones arrive (XADD MINID)."""
+    oldest = int((time.time() - retention_s) * 1000)
+    fields: Any = {"e": msgspec.json.encode(record)}
+    await guarded(client.xadd(reads_stream(keys), fields, minid=f"{oldest}-0", approximate=True))
+
+
+async def audit_entries(
+    client: Any,
+    log: RedisEventLog,
+    keys: Keys,
+    org: str,
+    supers: list[str],
+    *,
+    since: datetime,
+    until: datetime,
+    principal: str | None,
+    table: str | None,
+    kind: str | None,
+    limit: int,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Queries and table events of an org between ``since`` and ``until``, oldest
+    first, filtered; and whether more lie past ``limit``."""
+    low, high = int(since.timestamp() * 1000), int(until.timestamp() * 1000)
+    out: list[tuple[str, dict[str, Any]]] = []
+    if kind in (None, "query"):
+        start = f"{low}-0"
+        while True:
+            entries: Any = await guarded(
+                client.xrange(reads_stream(keys), min=start, max=str(high), count=PAGE)
+            )
+            last = ""
+            for raw_id, fields in entries:
+                eid = last = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+                record = _read_decoder.decode(fields[b"e"] if b"e" in fields else fields["e"])
+                if record.org != org or (principal and record.principal != principal):
+                    continue
+                if table and table not in record.tables:
+                    continue
+                out.append((eid, msgspec.to_builtins(msgspec.structs.replace(record, id=eid))))
+            if len(entries) < PAGE or len(out) > limit:
+                break
+            start = f"({last}"
+    if kind != "query":
+        for sup in supers:
+            start = f"{low}-0"
+            while True:
+                events = await log.read_from(org, sup, start, count=PAGE)
+                for event in events:
+                    if stream_id_tuple(event.id)[0] > high:
+                        break
+                    if kind not in (None, "event") and type(event).__name__ != kind:
+                        continue
+                    if principal and event.actor.split("/")[0] != principal:
+                        continue
+                    if table and event.table != table:
+                        continue
+                    out.append((event.id, {"kind": "event", **to_builtins(event)}))
+                if len(events) < PAGE or stream_id_tuple(events[-1].id)[0] > high:
+                    break
+                start = f"({events[-1].id}"
+    out.sort(key=lambda item: stream_id_tuple(item[0]))
+    return [entry for _, entry in out[:limit]], len(out) > limit

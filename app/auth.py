@@ -21,6 +21,7 @@ import hmac
 import os
 import re
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +40,19 @@ TOKEN_PREFIX = "llt_"
 # llt_<token id>_<secret>; the secret (URL-safe base64) may itself contain "_".
 TOKEN_FORMAT = re.compile(r"^llt_(?P<id>t_[0-9a-f]{16})_(?P<secret>[A-Za-z0-9_-]+)$")
 PAGE = 5000
+
+
+class TooManyRequests(LedgerError):
+    """The principal is over its rate limit (429, with Retry-After)."""
+
+    code = "rate_limited"
+
+
+RATE_LUA = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], 2) end
+return n
+"""
 
 
 class Forbidden(LedgerError):
@@ -125,6 +139,21 @@ class AuthStore:
         self.keys = keys
         self.stream = f"{keys.prefix}:{{auth}}:events"
         self._state = AuthState()
+        self._rate = client.register_script(RATE_LUA)
+
+    async def limit(self, caller: Caller, per_second: int) -> None:
+        """At most ``per_second`` requests per principal per second, counted in Redis
+        (so across every API pod); TooManyRequests past it."""
+        if per_second <= 0:
+            return
+        second = int(time.time())
+        key = f"{self.keys.prefix}:{{rate:{caller.principal.id}}}:{second}"
+        count = int(await guarded(self._rate(keys=[key])))
+        if count > per_second:
+            raise TooManyRequests(
+                f"more than {per_second} requests per second; retry shortly",
+                limit_per_s=per_second,
+            )
 
     async def state(self) -> AuthState:
         state = self._state

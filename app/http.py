@@ -22,7 +22,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
-from app.auth import Forbidden, bootstrap_admin
+from app.auth import Forbidden, TooManyRequests, bootstrap_admin
 from app.iceberg_rest import ICEBERG_HANDLERS, iceberg_error_body
 from app.routes import DEPENDENCIES, ROUTES, require_token
 from app.schemas import ErrorBody, ErrorResponse
@@ -52,6 +52,7 @@ STATUS: dict[type[LedgerError], int] = {
     QueryRejected: 400,
     Unauthorized: 401,
     Forbidden: 403,
+    TooManyRequests: 429,
     NotFound: 404,
     QueryTimeout: 408,
     Gone: 410,
@@ -67,7 +68,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 def error_response(status: int, code: str, message: str, **details: Any) -> Response[Any]:
     body = ErrorResponse(ErrorBody(code=code, message=message, details=details))
-    headers = {"Retry-After": "1"} if status == 503 else None
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
     return Response(body, status_code=status, headers=headers)
 
 
@@ -124,6 +125,15 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return error_response(500, "internal_error", "internal error; see the server log")
 
 
+# On every response: no MIME sniffing, no framing, no referrer, nothing cached.
+SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-store",
+}
+
+
 class RequestIdMiddleware:
     """Gives each request an id (or keeps a sane incoming ``X-Request-ID``), returns it
     as a header, and logs one line per request when it completes."""
@@ -148,7 +158,14 @@ class RequestIdMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableScopeHeaders.from_message(message)["x-request-id"] = rid
+                headers = MutableScopeHeaders.from_message(message)
+                headers["x-request-id"] = rid
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+                if not scope["path"].startswith("/schema"):  # Swagger UI needs its scripts
+                    headers["content-security-policy"] = (
+                        "default-src 'none'; frame-ancestors 'none'"
+                    )
             await send(message)
 
         try:

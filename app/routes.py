@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import anyio
@@ -21,8 +22,16 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, PathParameter, QueryParameter
 
 from app.admin_routes import ADMIN_HANDLERS
-from app.audit import check_cursor, history_fields, scan_org, scan_super
-from app.auth import Caller
+from app.audit import (
+    ReadRecord,
+    audit_entries,
+    check_cursor,
+    history_fields,
+    record_read,
+    scan_org,
+    scan_super,
+)
+from app.auth import Caller, Forbidden
 from app.ingest import format_for_content_type, open_source
 from app.mutations import Outcome, Target
 from app.schemas import (
@@ -58,10 +67,11 @@ from app.services import Services
 from app.settings import MIRROR_FORMATS
 from app.writes import IngestRequest, check_name
 from events.errors import InvalidInput, LedgerError, NotFound, PayloadTooLarge
-from events.model import to_builtins
+from events.model import now, to_builtins
 from events.redis_log import guarded
 from projections.arrow import from_arrow, normalize_type, type_name
-from projections.catalog import SuperState
+from projections.catalog import SuperState, TableState
+from projections.query import Analysis, parse_time
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 SuperName = Annotated[str, PathParameter(name="super", description="the super table (catalog)")]
@@ -111,6 +121,7 @@ async def require_token(
         connection.headers.get("authorization", ""), services.settings.api_token
     )
     connection.state.caller = caller
+    await services.auth.limit(caller, services.settings.rate_limit_per_s)
     perm = handler.opt.get("perm")
     org = connection.path_params.get("org")
     if perm and org:
@@ -676,9 +687,41 @@ async def run_query(
     resolve = services.views(
         org, super_name, state, as_of_version=data.as_of_version, as_of_time=data.as_of_time
     )
-    result = await services.engine.run(
-        resolve, data.sql, limit=data.limit, timeout_s=data.timeout_s
-    )
+    touched: list[str] = []
+
+    async def recording(analysis: Analysis) -> dict[str, TableState]:
+        touched.extend(sorted({r.name for r in analysis.refs if r.name in state.tables}))
+        return await resolve(analysis)
+
+    caller = caller_of(request)
+    started = time.perf_counter()
+
+    async def audit(rows: int, error: str = "") -> None:
+        record = ReadRecord(
+            time=now(),
+            principal=caller.principal.id,
+            token=caller.token_id,
+            org=org,
+            super=super_name,
+            sql=data.sql[:10_000],
+            tables=touched,
+            rows=rows,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            error=error,
+            request_id=request_id(request),
+        )
+        await record_read(
+            services.redis, services.keys, record, services.settings.audit_retention_s
+        )
+
+    try:
+        result = await services.engine.run(
+            recording, data.sql, limit=data.limit, timeout_s=data.timeout_s
+        )
+    except LedgerError as exc:
+        await audit(0, exc.code)
+        raise
+    await audit(result.table.num_rows)
     table = result.table
     accept = request.headers.get("accept", "")
     headers = {
@@ -746,10 +789,60 @@ async def list_events(
     return EventPage([to_builtins(e) for e in shown], nxt)
 
 
+@get("/v1/audit")
+async def read_audit(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    org: Annotated[str, QueryParameter()],
+    principal: Annotated[str | None, QueryParameter()] = None,
+    table: Annotated[str | None, QueryParameter()] = None,
+    kind: Annotated[
+        str | None,
+        QueryParameter(description="query, event, or an event type such as RowsAppended"),
+    ] = None,
+    since: Annotated[str | None, QueryParameter(description="ISO-8601 time")] = None,
+    until: Annotated[str | None, QueryParameter(description="ISO-8601 time")] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    """The org's audit trail, oldest first: queries (principal, SQL, tables, rows,
+    duration) and table events (actor, request id). For org admins."""
+    caller = caller_of(request)
+    caller.require("grant", org)
+    registry = await services.reader.registry()
+    if org not in registry.orgs:
+        raise NotFound(f"org {org!r} does not exist", code="org_not_found")
+    low = parse_time(since) if since else datetime.fromtimestamp(0, UTC)
+    high = parse_time(until) if until else datetime.now(UTC) + timedelta(seconds=1)
+    entries, more = await audit_entries(
+        services.redis,
+        services.log,
+        services.keys,
+        org,
+        sorted(registry.orgs[org].supers),
+        since=low,
+        until=high,
+        principal=principal,
+        table=table,
+        kind=kind,
+        limit=limit,
+    )
+    return {"entries": entries, "more": more}
+
+
+@get("/v1/config")
+async def effective_config(
+    request: Request[Any, Any, Any], services: NamedDependency[Services]
+) -> dict[str, Any]:
+    """The effective settings, secrets redacted. For platform admins."""
+    if not caller_of(request).admin:
+        raise Forbidden("only a platform admin reads the configuration")
+    return services.settings.redacted()
+
+
 V1_HANDLERS = [ingest_rows, delete_rows, restore_table, compact_table, describe_version,
                list_orgs, list_supers, list_tables, describe_table, drop_table, set_mirrors,
                table_history,
-               run_query, list_events]  # fmt: skip
+               run_query, list_events, read_audit, effective_config]  # fmt: skip
 V1 = Router(path="/", route_handlers=[*V1_HANDLERS, *ADMIN_HANDLERS], guards=[require_token])
 ROUTES: list[Any] = [health, metrics, V1]
 DEPENDENCIES = {"services": Provide(provide_services, sync_to_thread=False)}

@@ -17,6 +17,10 @@ from events.redis_log import RedisTarget
 from mirrors import FORMATS
 
 PREFIX = "LEDGERLAKE_"
+SECRET_SETTINGS = frozenset({
+    "api_token", "redis_password", "redis_sentinel_password", "s3_secret_access_key",
+    "s3_session_token", "s3_access_key_id",
+})  # fmt: skip
 MIRROR_FORMATS = FORMATS
 
 SETTINGS_DOC: dict[str, str] = {
@@ -79,6 +83,9 @@ SETTINGS_DOC: dict[str, str] = {
     "compact_min_files": "Compaction merges small files once a table has at least this many.",
     "compact_interval_s": "Background compaction of every table by `worker` (and `serve`, "
     "which runs a worker) every this many seconds. 0: off (`ledgerlake compact` only).",
+    "rate_limit_per_s": "Requests per second each principal may make (per API deployment, "
+    "counted in Redis); more get 429 with `Retry-After`. 0: no limit.",
+    "audit_retention_s": "How long query audit records (`GET /v1/audit`) are kept.",
     "mirrors": "Mirror formats a new table gets, comma-separated: `delta`, `iceberg`, both "
     "(the default) or `none`. Per table: `PUT .../tables/{table}/mirrors`.",
     "mirror_checkpoint_interval": "A Delta mirror writes a checkpoint every this many commits.",
@@ -158,6 +165,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     compact_target_bytes: int = 256 * 1024 * 1024
     compact_min_files: int = 4
     compact_interval_s: float = 0.0
+    rate_limit_per_s: int = 1000
+    audit_retention_s: float = 30 * 86400.0
     mirrors: str = "delta,iceberg"
     mirror_checkpoint_interval: int = 10
     mirror_retention_s: float = 3600.0
@@ -215,6 +224,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.redis_appendfsync not in ("always", "everysec", "no"):
             raise SystemExit("LEDGERLAKE_REDIS_APPENDFSYNC must be always, everysec or no")
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting, with secrets (tokens, keys, passwords, credentials in URLs)
+        replaced by ``"***"`` (``None`` stays ``None``)."""
+        out: dict[str, Any] = {}
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name in SECRET_SETTINGS and value is not None:
+                value = "***"
+            elif isinstance(value, str) and "://" in value and "@" in value:
+                scheme, _, rest = value.partition("://")
+                value = f"{scheme}://***@{rest.rpartition('@')[2]}"
+            out[name] = str(value) if isinstance(value, Path) else value
+        return out
 
     @property
     def mirror_formats(self) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from app.settings import Settings
 from events.model import TokenIssued, now
 from events.redis_log import Keys, connect
 from tests.api.lake import assert_error, ok
-from tests.conftest import authed
+from tests.conftest import ADMIN_TOKEN, authed
 
 Client = TestClient[Any]
 
@@ -278,3 +278,69 @@ def test_bad_principal_and_grant_requests_change_nothing(admin: Client) -> None:
     )
     assert_error(no_super, 400, "invalid_scope")
     assert len(ok(admin.get("/v1/principals"))) == len(before) + 1
+
+
+def test_rate_limit_is_per_principal_and_answers_429(settings: Settings) -> None:
+    import msgspec
+
+    limited = msgspec.structs.replace(settings, rate_limit_per_s=3)
+    with as_token(limited, ADMIN_TOKEN) as c:
+        assert c.get("/v1/orgs").status_code == 200
+        # 3 per second: within 40 quick requests some second sees a 4th (each request
+        # takes milliseconds, so they span at most a couple of second boundaries).
+        responses = [c.get("/v1/orgs") for _ in range(40)]
+        assert {r.status_code for r in responses} == {200, 429}
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert c.get("/health").status_code == 200  # health is not limited
+
+
+def test_security_headers_and_redacted_config(admin: Client, settings: Settings) -> None:
+    r = admin.get("/v1/orgs")
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["x-frame-options"] == "DENY"
+    assert r.headers["cache-control"] == "no-store"
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    config = ok(admin.get("/v1/config"))
+    assert config["api_token"] == "***" and config["redis_prefix"] == settings.redis_prefix
+    for response in (admin.get("/v1/config"), admin.get("/health"), admin.get("/metrics")):
+        assert ADMIN_TOKEN not in response.text
+    pid = principal(admin, "acme", "x")
+    grant(admin, pid, "org_admin", "acme")
+    with as_token(settings, token_for(admin, pid)["token"]) as c:
+        assert_error(c.get("/v1/config"), 403, "forbidden")
+
+
+def test_queries_and_events_are_in_the_audit(admin: Client, settings: Settings) -> None:
+    seed(admin)
+    reader = principal(admin, "acme", "r")
+    grant(admin, reader, "reader", "acme")
+    boss = principal(admin, "acme", "boss")
+    grant(admin, boss, "org_admin", "acme")
+    issued = token_for(admin, reader)
+    with as_token(settings, issued["token"]) as c:
+        ok(
+            c.post(
+                "/v1/acme/sales/query", json={"sql": "select * from orders join secret using (id)"}
+            )
+        )
+        assert c.post("/v1/acme/sales/query", json={"sql": "select * from nope"}).status_code != 200
+        assert_error(c.get("/v1/audit", params={"org": "acme"}), 403, "forbidden")
+    with as_token(settings, token_for(admin, boss)["token"]) as c:
+        queries = ok(c.get("/v1/audit", params={"org": "acme", "kind": "query"}))["entries"]
+        assert [(q["principal"], q["token"], q["rows"], q["error"]) for q in queries] == [
+            (reader, issued["id"], 1, ""),
+            (reader, issued["id"], 0, queries[1]["error"]),
+        ]
+        assert queries[0]["tables"] == ["orders", "secret"] and queries[1]["error"]
+        assert queries[0]["duration_ms"] >= 0 and "join secret" in queries[0]["sql"]
+        by_table = ok(c.get("/v1/audit", params={"org": "acme", "table": "secret"}))["entries"]
+        assert {e["kind"] for e in by_table} == {"query", "event"}
+        events = ok(c.get("/v1/audit", params={"org": "acme", "kind": "RowsAppended"}))
+        assert {e["table"] for e in events["entries"]} == {"orders", "secret"}
+        mine = ok(c.get("/v1/audit", params={"org": "acme", "principal": boss}))["entries"]
+        assert mine == []
+        limited = ok(c.get("/v1/audit", params={"org": "acme", "limit": 1}))
+        assert len(limited["entries"]) == 1 and limited["more"] is True
+        assert_error(c.get("/v1/audit", params={"org": "other"}), 404, "org_not_found")
