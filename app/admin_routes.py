@@ -18,7 +18,7 @@ from litestar.params import FromPath, JSONBody
 from app.auth import Caller, Forbidden, new_id, new_token
 from app.services import Services
 from app.writes import check_name
-from events.errors import InvalidInput, NotFound
+from events.errors import AlreadyExists, InvalidInput, NotFound
 from events.model import (
     GrantAdded,
     GrantRemoved,
@@ -39,6 +39,7 @@ class PrincipalIn(msgspec.Struct, forbid_unknown_fields=True):
     kind: str = "user"
     attributes: dict[str, str] = {}
     admin: bool = False
+    external_id: str | None = None
 
 
 class PrincipalPatch(msgspec.Struct, forbid_unknown_fields=True):
@@ -57,6 +58,7 @@ class PrincipalOut(msgspec.Struct):
     disabled: bool
     created_at: datetime
     created_by: str
+    external_id: str | None = None
 
 
 class TokenIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -97,7 +99,7 @@ def _caller(request: Request[Any, Any, Any]) -> Caller:
 def _principal_out(p: Principal) -> PrincipalOut:
     return PrincipalOut(
         p.id, p.name, p.kind, p.org or None, p.attributes, p.admin, p.disabled,
-        p.created_at, p.created_by,
+        p.created_at, p.created_by, p.external_id,
     )  # fmt: skip
 
 
@@ -161,6 +163,13 @@ async def create_principal(
             )
         check_name("org", data.org)
         caller.require("grant", data.org)
+    if data.external_id is not None:
+        state = await services.auth.state()
+        if any(p.external_id == data.external_id for p in state.principals.values()):
+            raise AlreadyExists(
+                f"another principal has the external id {data.external_id!r}",
+                code="external_id_taken",
+            )
     principal_id = new_id("p")
     await services.auth.append(
         PrincipalCreated(
@@ -169,6 +178,7 @@ async def create_principal(
             kind=data.kind,
             attributes=data.attributes,
             admin=data.admin,
+            external_id=data.external_id,
             **_base(request, data.org or ""),
         )
     )

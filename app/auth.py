@@ -28,6 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
+import jwt
 import msgspec
 import redis.asyncio as aioredis
 
@@ -131,12 +133,92 @@ class Caller:
             raise Forbidden(f"{self.principal.id} may not {perm} {where}", permission=perm)
 
 
+# Claims naming the principal, in this order.
+IDENTITY_CLAIMS = ("sub", "client_id", "email", "username")
+
+
+@dataclass(frozen=True)
+class JwtConfig:
+    """How to verify JWTs from an identity provider; None of the key sources: off."""
+
+    hs256_secret: str | None = None
+    public_key: str | None = None
+    jwks_url: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    required_scopes: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hs256_secret or self.public_key or self.jwks_url)
+
+
+class JwtVerifier:
+    """Validates a JWT (signature, ``exp`` always, ``iss``/``aud`` when configured,
+    required scopes) and returns the identity it names."""
+
+    def __init__(self, config: JwtConfig) -> None:
+        self.config = config
+        self._jwks = (
+            jwt.PyJWKClient(config.jwks_url, cache_keys=True, lifespan=300, timeout=10)
+            if config.jwks_url
+            else None
+        )
+
+    def identity(self, token: str) -> tuple[str, dict[str, Any]]:
+        """(the identity, the claims); Unauthorized for anything invalid."""
+        try:
+            header = jwt.get_unverified_header(token)
+            alg = header.get("alg")
+            if alg == "HS256" and self.config.hs256_secret:
+                key: Any = self.config.hs256_secret
+            elif alg == "RS256" and self._jwks is not None and header.get("kid"):
+                key = self._jwks.get_signing_key_from_jwt(token).key
+            elif alg == "RS256" and self.config.public_key:
+                key = self.config.public_key
+            else:
+                raise Unauthorized(f"JWT algorithm {alg!r} is not accepted", code="invalid_jwt")
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                issuer=self.config.issuer,
+                audience=self.config.audience,
+                options={
+                    "require": ["exp"],
+                    "verify_aud": self.config.audience is not None,
+                    "verify_iss": self.config.issuer is not None,
+                },
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("the JWT has expired", code="token_expired") from None
+        except (jwt.PyJWTError, ValueError) as exc:
+            raise Unauthorized(f"invalid JWT: {exc}", code="invalid_jwt") from None
+        scopes = claims.get("scope", claims.get("scp", ""))
+        granted = set(scopes.split() if isinstance(scopes, str) else scopes or [])
+        missing = [s for s in self.config.required_scopes if s not in granted]
+        if missing:
+            raise Unauthorized(
+                f"the JWT lacks the scope(s) {', '.join(missing)}", code="insufficient_scope"
+            )
+        for claim in IDENTITY_CLAIMS:
+            value = claims.get(claim)
+            if isinstance(value, str) and value:
+                return value, claims
+        raise Unauthorized(
+            "the JWT names no principal (sub, client_id, email, username)", code="invalid_jwt"
+        )
+
+
 class AuthStore:
     """The auth stream and its fold, brought up to date on every read."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+    def __init__(
+        self, client: aioredis.Redis, keys: Keys, jwt_config: JwtConfig | None = None
+    ) -> None:
         self.client = client
         self.keys = keys
+        self.jwt = JwtVerifier(jwt_config) if jwt_config and jwt_config.enabled else None
         self.stream = f"{keys.prefix}:{{auth}}:events"
         self._state = AuthState()
         self._rate = client.register_script(RATE_LUA)
@@ -208,6 +290,22 @@ class AuthStore:
                     raise Unauthorized("this principal is disabled", code="principal_disabled")
                 grants = tuple(g for g in state.grants.values() if g.principal_id == principal.id)
                 return Caller(principal, token.id, grants)
+        if self.jwt is not None and credential.count(".") == 2:
+            # PyJWKClient fetches over HTTP (blocking): off the event loop.
+            identity, _claims = await anyio.to_thread.run_sync(self.jwt.identity, credential)
+            state = await self.state()
+            for principal in state.principals.values():
+                if principal.external_id == identity:
+                    if principal.disabled:
+                        raise Unauthorized("this principal is disabled", code="principal_disabled")
+                    grants = tuple(
+                        g for g in state.grants.values() if g.principal_id == principal.id
+                    )
+                    return Caller(principal, "jwt", grants)
+            raise Unauthorized(
+                "no principal has this identity (create one with external_id)",
+                code="unknown_principal",
+            )
         raise Unauthorized("invalid bearer token", code="unauthorized")
 
 

@@ -29,6 +29,7 @@ from app.schemas import ErrorBody, ErrorResponse
 from app.services import Services
 from app.settings import Settings
 from events.errors import (
+    AlreadyExists,
     ConflictError,
     Gone,
     IdempotencyMismatch,
@@ -57,6 +58,7 @@ STATUS: dict[type[LedgerError], int] = {
     QueryTimeout: 408,
     Gone: 410,
     ConflictError: 409,
+    AlreadyExists: 409,
     PayloadTooLarge: 413,
     TypeMismatch: 422,
     IdempotencyMismatch: 422,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import anyio
 import redis.asyncio as aioredis
 
-from app.auth import AuthStore
+from app.auth import AuthStore, JwtConfig
 from app.mutations import Mutator, Target
 from app.schemas import MirrorInfo
 from app.settings import MIRROR_FORMATS, Settings
@@ -107,7 +107,7 @@ class Services:
             inline_flush_files=settings.inline_flush_files,
         )
         writer.on_inline = mutator.after_inline_write
-        auth = AuthStore(client, keys)
+        auth = AuthStore(client, keys, jwt_config(settings))
         return cls(
             settings, client, keys, log, store, reader, storage, writer, engine, mutator, auth
         )
@@ -363,6 +363,18 @@ class Services:
             return 0.0
         ms = int((first.decode() if isinstance(first, bytes) else first).split("-")[0])
         return max(0.0, time.time() - ms / 1000)
+
+
+def jwt_config(settings: Settings) -> JwtConfig:
+    public_key = settings.jwt_public_key_file.read_text() if settings.jwt_public_key_file else None
+    return JwtConfig(
+        hs256_secret=settings.jwt_hs256_secret,
+        public_key=public_key,
+        jwks_url=settings.jwt_jwks_url,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        required_scopes=tuple(settings.jwt_required_scopes.replace(",", " ").split()),
+    )
 
 
 def open_storage(settings: Settings) -> Storage:

@@ -18,8 +18,8 @@ from mirrors import FORMATS
 
 PREFIX = "LEDGERLAKE_"
 SECRET_SETTINGS = frozenset({
-    "api_token", "redis_password", "redis_sentinel_password", "s3_secret_access_key",
-    "s3_session_token", "s3_access_key_id",
+    "api_token", "jwt_hs256_secret", "redis_password", "redis_sentinel_password",
+    "s3_secret_access_key", "s3_session_token", "s3_access_key_id",
 })  # fmt: skip
 MIRROR_FORMATS = FORMATS
 
@@ -83,6 +83,13 @@ SETTINGS_DOC: dict[str, str] = {
     "compact_min_files": "Compaction merges small files once a table has at least this many.",
     "compact_interval_s": "Background compaction of every table by `worker` (and `serve`, "
     "which runs a worker) every this many seconds. 0: off (`ledgerlake compact` only).",
+    "jwt_hs256_secret": "Accept JWTs signed with HS256 and this shared secret.",
+    "jwt_public_key_file": "Accept JWTs signed with RS256 by this PEM public key.",
+    "jwt_jwks_url": "Accept RS256 JWTs whose key (by `kid`) is in this JWKS; keys are cached "
+    "for five minutes and fetched again for an unknown `kid`.",
+    "jwt_issuer": "Required `iss` of a JWT (checked when set).",
+    "jwt_audience": "Required `aud` of a JWT (checked when set).",
+    "jwt_required_scopes": "Scopes a JWT must carry (space-separated, in `scope` or `scp`).",
     "rate_limit_per_s": "Requests per second each principal may make (per API deployment, "
     "counted in Redis); more get 429 with `Retry-After`. 0: no limit.",
     "audit_retention_s": "How long query audit records (`GET /v1/audit`) are kept.",
@@ -165,6 +172,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     compact_target_bytes: int = 256 * 1024 * 1024
     compact_min_files: int = 4
     compact_interval_s: float = 0.0
+    jwt_hs256_secret: str | None = None
+    jwt_public_key_file: Path | None = None
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_required_scopes: str = ""
     rate_limit_per_s: int = 1000
     audit_retention_s: float = 30 * 86400.0
     mirrors: str = "delta,iceberg"

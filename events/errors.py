@@ -52,6 +52,12 @@ class ConflictError(LedgerError):
         self.current_version = current_version
 
 
+class AlreadyExists(LedgerError):
+    """Something that must be unique is taken (409)."""
+
+    code = "already_exists"
+
+
 class IdempotencyMismatch(LedgerError):
     """An Idempotency-Key was reused with a different request."""
 

@@ -219,6 +219,8 @@ class PrincipalCreated(EventBase, frozen=True, tag="PrincipalCreated"):
     kind: str
     attributes: dict[str, str] = {}
     admin: bool = False
+    # The identity an external JWT names (its sub, client_id, email or username).
+    external_id: str | None = None
 
 
 class PrincipalChanged(EventBase, frozen=True, tag="PrincipalChanged"):

@@ -40,6 +40,7 @@ class Principal(msgspec.Struct, frozen=True):
     attributes: dict[str, str] = {}
     admin: bool = False
     disabled: bool = False
+    external_id: str | None = None
 
 
 class Token(msgspec.Struct, frozen=True):
@@ -93,6 +94,7 @@ def apply_auth(state: AuthState, event: Event) -> AuthState:
             created_by=event.actor,
             attributes=event.attributes,
             admin=event.admin,
+            external_id=event.external_id,
         )
         principals = {**principals, event.principal_id: principal}
     elif isinstance(event, PrincipalChanged) and event.principal_id in principals:
