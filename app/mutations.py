@@ -45,6 +45,8 @@ from events.model import (
     EventBase,
     Field,
     MirrorsChanged,
+    PoliciesSet,
+    Policy,
     RowsDeleted,
     RowsUpserted,
     SchemaEvolved,
@@ -618,6 +620,26 @@ class Mutator:
 
             def events(at: int) -> list[EventBase]:
                 return [MirrorsChanged(version=at + 1, formats=formats, **base)]
+
+            return Change(events, result)
+
+        return await self._commit(target, prepare)
+
+    async def set_policies(self, target: Target, policies: tuple[Policy, ...]) -> Outcome:
+        """Replace the table's row filters and column masks (validated against its
+        schema); a no-op if unchanged."""
+        from app.policies import check_policies
+
+        async def prepare(table: TableState | None) -> Change | None:
+            assert table is not None
+            check_policies(policies, table.columns)
+            result = {"policies": [msgspec.to_builtins(p) for p in policies]}
+            if table.policies == policies:
+                return Change(lambda _: [], result)
+            base = target.base()
+
+            def events(at: int) -> list[EventBase]:
+                return [PoliciesSet(version=at + 1, policies=policies, **base)]
 
             return Change(events, result)
 

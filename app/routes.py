@@ -34,6 +34,7 @@ from app.audit import (
 from app.auth import Caller, Forbidden
 from app.ingest import format_for_content_type, open_source
 from app.mutations import Outcome, Target
+from app.policies import restrict
 from app.schemas import (
     CompactResponse,
     DeleteRequest,
@@ -48,6 +49,8 @@ from app.schemas import (
     MirrorsResponse,
     OrgList,
     OrgOut,
+    PoliciesRequest,
+    PoliciesResponse,
     QueryColumn,
     QueryRequest,
     QueryResponse,
@@ -67,11 +70,11 @@ from app.services import Services
 from app.settings import MIRROR_FORMATS
 from app.writes import IngestRequest, check_name
 from events.errors import InvalidInput, LedgerError, NotFound, PayloadTooLarge
-from events.model import now, to_builtins
+from events.model import Policy, now, to_builtins
 from events.redis_log import guarded
 from projections.arrow import from_arrow, normalize_type, type_name
-from projections.catalog import SuperState, TableState
-from projections.query import Analysis, parse_time
+from projections.catalog import SuperState
+from projections.query import Analysis, Restricted, ViewSource, parse_time
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 SuperName = Annotated[str, PathParameter(name="super", description="the super table (catalog)")]
@@ -81,10 +84,13 @@ SuperName = Annotated[str, PathParameter(name="super", description="the super ta
 def _errors(*codes: int) -> dict[int, ResponseSpec]:
     described = {
         400: "bad input or a refused query", 401: "missing or wrong bearer token",
-        404: "unknown org, super or table", 408: "the query ran past its timeout",
+        403: "visible but not allowed to the caller",
+        404: "unknown (or not granted) org, super or table",
+        408: "the query ran past its timeout",
         409: "If-Match is stale, or the table kept changing (details.current_version)",
         410: "that table version has expired", 413: "body larger than the limit",
         415: "unsupported Content-Type", 422: "type mismatch, or a reused Idempotency-Key",
+        429: "over the caller's rate limit; see Retry-After",
         503: "Redis or storage unreachable; retry",
     }  # fmt: skip
     return {c: ResponseSpec(ErrorResponse, description=described[c]) for c in codes}
@@ -595,6 +601,38 @@ async def set_mirrors(
     return Response(body, headers={"ETag": f'"{outcome.version}"'})
 
 
+@put(
+    "/v1/{org:str}/{super:str}/tables/{table:str}/policies",
+    status_code=200,
+    responses=_errors(400, 401, 403, 404, 409, 503),
+    opt={"perm": "grant"},
+)
+async def set_policies(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: SuperName,
+    table: FromPath[str],
+    data: JSONBody[PoliciesRequest],
+    if_match: IfMatch = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response[PoliciesResponse]:
+    """Replace the table's row-level security and column masking: per role, a
+    ``row_filter`` (restricted SQL; ``:principal.<attr>`` is the querying principal's
+    attribute), ``hidden`` columns and ``masks`` (``null`` or ``hash``). Recorded as a
+    ``PoliciesSet`` event. Needs ``org_admin``."""
+    policies = tuple(
+        Policy(p.role, p.row_filter, tuple(p.hidden), dict(p.masks)) for p in data.policies
+    )
+    fingerprint = _fingerprint(request.url.path, data)
+    target = _target(request, org, super_name, table, if_match, idempotency_key, fingerprint)
+    outcome = await services.mutator.set_policies(target, policies)
+    body = PoliciesResponse(
+        table, outcome.version, outcome.result["policies"], outcome.event_id, outcome.replayed
+    )
+    return Response(body, headers={"ETag": f'"{outcome.version}"'})
+
+
 @get("/v1/{org:str}/{super:str}/tables/{table:str}/history", opt={"perm": "read"})
 async def table_history(
     services: NamedDependency[Services],
@@ -689,11 +727,20 @@ async def run_query(
     )
     touched: list[str] = []
 
-    async def recording(analysis: Analysis) -> dict[str, TableState]:
-        touched.extend(sorted({r.name for r in analysis.refs if r.name in state.tables}))
-        return await resolve(analysis)
-
     caller = caller_of(request)
+
+    async def recording(analysis: Analysis) -> dict[str, ViewSource]:
+        """The views, each through the caller's policies; the tables are audited."""
+        touched.extend(sorted({r.name for r in analysis.refs if r.name in state.tables}))
+        names = {r.view: r.name for r in analysis.refs}
+        views = await resolve(analysis)
+        out: dict[str, ViewSource] = {}
+        for view, source in views.items():
+            current = state.tables[names[view]]
+            table = source.table if isinstance(source, Restricted) else source
+            out[view] = restrict(caller, org, super_name, current, table)
+        return out
+
     started = time.perf_counter()
 
     async def audit(rows: int, error: str = "") -> None:
@@ -841,6 +888,7 @@ async def effective_config(
 
 V1_HANDLERS = [ingest_rows, delete_rows, restore_table, compact_table, describe_version,
                list_orgs, list_supers, list_tables, describe_table, drop_table, set_mirrors,
+               set_policies,
                table_history,
                run_query, list_events, read_audit, effective_config]  # fmt: skip
 V1 = Router(path="/", route_handlers=[*V1_HANDLERS, *ADMIN_HANDLERS], guards=[require_token])

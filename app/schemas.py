@@ -71,6 +71,25 @@ class DropResponse(msgspec.Struct):
     replayed: bool
 
 
+class PolicyIn(msgspec.Struct, forbid_unknown_fields=True):
+    role: str
+    row_filter: str | None = None
+    hidden: list[str] = []
+    masks: dict[str, str] = {}
+
+
+class PoliciesRequest(msgspec.Struct, forbid_unknown_fields=True):
+    policies: list[PolicyIn]
+
+
+class PoliciesResponse(msgspec.Struct):
+    table: str
+    version: int
+    policies: list[dict[str, Any]]
+    event_id: str | None
+    replayed: bool
+
+
 class MirrorsRequest(msgspec.Struct, forbid_unknown_fields=True):
     formats: list[str]
 

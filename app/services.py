@@ -26,7 +26,14 @@ from mirrors.runner import MirrorRunner
 from mirrors.status import MirrorStatuses
 from mirrors.status import group as mirror_group
 from projections.catalog import SuperState, TableState
-from projections.query import Analysis, QueryEngine, QueryLimits, Resolver, parse_time
+from projections.query import (
+    Analysis,
+    QueryEngine,
+    QueryLimits,
+    Resolver,
+    ViewSource,
+    parse_time,
+)
 from projections.reader import CatalogReader
 from projections.runner import CatalogProjector
 from projections.store import CATALOG, SnapshotStore
@@ -166,7 +173,7 @@ class Services:
             )
         at_time = parse_time(as_of_time) if as_of_time is not None else None
 
-        async def resolve(analysis: Analysis) -> dict[str, TableState]:
+        async def resolve(analysis: Analysis) -> dict[str, ViewSource]:
             plain = {
                 r.name
                 for r in analysis.refs
@@ -178,7 +185,7 @@ class Services:
                     "use t AT (VERSION => n) per table, or as_of_time",
                     code="invalid_time_travel",
                 )
-            views: dict[str, TableState] = {}
+            views: dict[str, ViewSource] = {}
             for ref in analysis.refs:
                 if ref.name not in state.tables:
                     continue  # a CTE's name, or a missing table DuckDB will report

@@ -196,6 +196,24 @@ class MirrorsChanged(EventBase, frozen=True, tag="MirrorsChanged"):
     formats: tuple[str, ...]
 
 
+class Policy(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What principals with ``role`` on a table see of it: rows where ``row_filter``
+    holds (a restricted SQL boolean expression; ``:principal.<attr>`` is the querying
+    principal's attribute), without ``hidden`` columns, with ``masks`` applied
+    (``null``: the value is NULL; ``hash``: the SHA-256 of its text)."""
+
+    role: str
+    row_filter: str | None = None
+    hidden: tuple[str, ...] = ()
+    masks: dict[str, str] = {}
+
+
+class PoliciesSet(EventBase, frozen=True, tag="PoliciesSet"):
+    """The table's row-level security and column masking policies were replaced."""
+
+    policies: tuple[Policy, ...]
+
+
 class TableDropped(EventBase, frozen=True, tag="TableDropped"):
     """The table was dropped. Its name is free again (a later ``TableCreated`` starts a
     new table whose versions continue the name's: they never repeat), its files become
@@ -281,6 +299,7 @@ Event: TypeAlias = (
     | TableRestored
     | VersionsExpired
     | MirrorsChanged
+    | PoliciesSet
     | TableDropped
     | PrincipalCreated
     | PrincipalChanged
@@ -301,6 +320,7 @@ TABLE_EVENTS = (
     TableRestored,
     VersionsExpired,
     MirrorsChanged,
+    PoliciesSet,
     TableDropped,
 )
 

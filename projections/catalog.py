@@ -26,6 +26,8 @@ from events.model import (
     FilesReplaced,
     MirrorsChanged,
     OrgCreated,
+    PoliciesSet,
+    Policy,
     RowsAppended,
     SchemaEvolved,
     SuperCreated,
@@ -59,6 +61,8 @@ class TableState(msgspec.Struct, frozen=True):
     created_version: int = 0
     # Mirror formats that publish the table; None: the LEDGERLAKE_MIRRORS default.
     mirrors: tuple[str, ...] | None = None
+    # Row filters and column masks, per role (PoliciesSet).
+    policies: tuple[Policy, ...] = ()
 
     @property
     def row_count(self) -> int:
@@ -239,6 +243,11 @@ def _(event: TableRestored, table: TableState | None) -> TableState:
 def _(event: VersionsExpired, table: TableState | None) -> TableState:
     current = _require(table, event)
     return _touch(current, event, retained_from=max(current.retained_from, event.before))
+
+
+@_apply_table.register
+def _(event: PoliciesSet, table: TableState | None) -> TableState:
+    return _touch(_require(table, event), event, policies=event.policies)
 
 
 @_apply_table.register

@@ -117,7 +117,18 @@ class Analysis:
         return {r.name for r in self.refs}
 
 
-Resolver = Callable[[Analysis], Awaitable[dict[str, TableState]]]
+@dataclass(frozen=True)
+class Restricted:
+    """A table seen through a policy: ``select`` (the visible, masked columns) of the
+    rows where ``where`` holds. Both are SQL built and validated by the caller."""
+
+    table: TableState
+    select: str
+    where: str
+
+
+ViewSource = TableState | Restricted
+Resolver = Callable[[Analysis], Awaitable[dict[str, ViewSource]]]
 """Maps each view name of an analysed query to the table version it shows."""
 
 
@@ -230,8 +241,8 @@ def parse_time(text: str) -> datetime:
 def current_views(state: SuperState) -> Resolver:
     """A resolver showing the current version of every table (no time travel)."""
 
-    async def resolve(analysis: Analysis) -> dict[str, TableState]:
-        views = {}
+    async def resolve(analysis: Analysis) -> dict[str, ViewSource]:
+        views: dict[str, ViewSource] = {}
         for ref in analysis.refs:
             if ref.version is not None or ref.time is not None:
                 raise InvalidInput("time travel is not available here", code="invalid_time_travel")
@@ -394,7 +405,7 @@ class QueryEngine:
             raise
         return con
 
-    def _connect(self, views: dict[str, TableState], temp_dir: Path) -> duckdb.DuckDBPyConnection:
+    def _connect(self, views: dict[str, ViewSource], temp_dir: Path) -> duckdb.DuckDBPyConnection:
         try:
             con = self._base_connection(temp_dir)
         except duckdb.Error as exc:
@@ -404,16 +415,23 @@ class QueryEngine:
             ) from exc
         try:
             # Only the tables the query names become views (and readable files).
+            tables = {v: s.table if isinstance(s, Restricted) else s for v, s in views.items()}
             paths = [
                 self.resolve_path(f.path)
-                for t in views.values()
+                for t in tables.values()
                 for f in t.files
                 if not f.is_inline
             ]
             con.execute("SET allowed_paths = $1", [paths])
             con.execute("SET enable_external_access = false")
-            for view, table in views.items():
+            for view, table in tables.items():
                 body = version_sql(con, table.columns, table.files, self.resolve_path)
+                source = views[view]
+                if isinstance(source, Restricted):
+                    # The policy is part of the view itself: no SQL can reach around it.
+                    body = (
+                        f"SELECT {source.select} FROM ({body}) AS __ll_source WHERE {source.where}"
+                    )
                 con.execute(f"CREATE VIEW {quote_ident(view)} AS {body}")
             con.execute("SET lock_configuration = true")
         except duckdb.Error as exc:
@@ -426,7 +444,7 @@ class QueryEngine:
         return con
 
     def _run_slot(
-        self, views: dict[str, TableState], sql: str, limit: int, timeout: float
+        self, views: dict[str, ViewSource], sql: str, limit: int, timeout: float
     ) -> QueryResult:
         if not self._running.acquire(timeout=timeout):
             raise Unavailable(
@@ -440,7 +458,7 @@ class QueryEngine:
             self._running.release()
 
     def _run_sync(
-        self, views: dict[str, TableState], sql: str, limit: int, timeout: float
+        self, views: dict[str, ViewSource], sql: str, limit: int, timeout: float
     ) -> QueryResult:
         started = time.perf_counter()
         temp_dir = self.temp_root / uuid.uuid4().hex

@@ -1,0 +1,101 @@
+"""Row-level security and column masking: a table's policies, compiled per caller into
+the view its queries read (``projections.query.Restricted``).
+
+A caller with no role but policy-bound ones on a table reads it through them. Several
+such roles: the rows any of their filters allows, and a column hidden or masked only if
+every one of them hides or masks it. Platform admins, org admins of the table and any
+role without a policy on the table read it all. ``:principal.<attr>`` in a filter is
+the caller's attribute as a SQL literal (NULL if it has none: no rows match).
+"""
+
+from __future__ import annotations
+
+import re
+
+from app.auth import Caller
+from events.errors import InvalidInput
+from events.model import Field, Policy
+from projections.arrow import duckdb_type, quote_ident
+from projections.auth import ROLES
+from projections.catalog import TableState
+from projections.predicate import check_predicate
+from projections.query import Restricted, ViewSource
+
+MASKS = ("null", "hash")
+_PLACEHOLDER = re.compile(r":principal\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _literal(value: str | None) -> str:
+    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+
+
+def bind(text: str, attributes: dict[str, str]) -> str:
+    """``text`` with every ``:principal.<attr>`` replaced by a literal."""
+    return _PLACEHOLDER.sub(lambda m: _literal(attributes.get(m.group(1))), text)
+
+
+def check_policies(policies: tuple[Policy, ...], columns: tuple[Field, ...]) -> None:
+    """InvalidInput unless every policy names a known role and existing columns, its
+    masks are known and its filter is a valid restricted expression."""
+    names = {f.name for f in columns}
+    seen: set[str] = set()
+    for policy in policies:
+        if policy.role not in ROLES:
+            raise InvalidInput(
+                f"unknown role {policy.role!r} (known: {', '.join(ROLES)})", code="invalid_policy"
+            )
+        if policy.role in seen:
+            raise InvalidInput(f"two policies for role {policy.role!r}", code="invalid_policy")
+        seen.add(policy.role)
+        for column in (*policy.hidden, *policy.masks):
+            if column not in names:
+                raise InvalidInput(f"the table has no column {column!r}", code="invalid_policy")
+        bad = sorted(set(policy.masks.values()) - set(MASKS))
+        if bad:
+            raise InvalidInput(
+                f"unknown mask(s) {', '.join(bad)} (known: {', '.join(MASKS)})",
+                code="invalid_policy",
+            )
+        if len(set(policy.hidden)) >= len(columns):
+            raise InvalidInput("a policy must leave a column visible", code="invalid_policy")
+        if policy.row_filter is not None:
+            # Checked with a sample value for every placeholder.
+            check_predicate(_PLACEHOLDER.sub("'x'", policy.row_filter), columns)
+
+
+def restrict(
+    caller: Caller, org: str, super_: str, current: TableState, version: TableState
+) -> ViewSource:
+    """``version`` of the table as the caller may see it, under the table's *current*
+    policies (a policy also covers the table's past versions)."""
+    if caller.admin or caller.can("grant", org, super_, current.name) or not current.policies:
+        return version
+    roles = {g.role for g in caller.grants if g.covers(org, super_, current.name)}
+    by_role = {p.role: p for p in current.policies}
+    if not roles or any(role not in by_role for role in roles):
+        return version
+    applied = [by_role[role] for role in sorted(roles)]
+    filters: list[str] = []
+    for policy in applied:
+        if policy.row_filter is None:
+            filters = []
+            break
+        bound = bind(policy.row_filter, caller.principal.attributes)
+        filters.append(f"({check_predicate(bound, version.columns)})")
+    hidden = set.intersection(*(set(p.hidden) for p in applied))
+    select = []
+    for field in version.columns:
+        if field.name in hidden:
+            continue
+        masks = {p.masks.get(field.name) for p in applied}
+        name = quote_ident(field.name)
+        if masks == {"null"}:
+            select.append(f"CAST(NULL AS {duckdb_type(field.type)}) AS {name}")
+        elif None not in masks:  # hashed (or hashed by one, nulled by another)
+            select.append(f"sha256(CAST({name} AS VARCHAR)) AS {name}")
+        else:
+            select.append(name)
+    if not select:
+        select = ["NULL AS __ll_no_visible_column"]
+    where = " OR ".join(filters) if filters else "TRUE"
+    return Restricted(version, ", ".join(select), where)
