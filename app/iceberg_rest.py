@@ -24,6 +24,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 
 from app.auth import Caller
+from app.policies import restrict
 from app.services import Services
 from events.errors import InvalidInput, LedgerError, NotFound
 from mirrors.access import access_for
@@ -84,6 +85,8 @@ async def _published(services: Services, org: str, sup: str, caller: Caller) -> 
             continue
         if not caller.can("read", org, sup, name):
             continue
+        if restrict(caller, org, sup, table, table) is not table:
+            continue  # row filters or masks apply: the raw files would bypass them
         if status.metadata_location:
             out[name] = status.metadata_location
     return out
@@ -190,7 +193,9 @@ async def load_table(
             code="table_not_found",
         ) from None
     body: dict[str, Any] = {"metadata-location": location, "metadata": json.loads(raw)}
-    body["config"] = access.client_config() if services.settings.iceberg_rest_credentials else {}
+    # The service's storage keys reach every org's files: only platform admins get them.
+    vend = services.settings.iceberg_rest_credentials and request.state.caller.admin
+    body["config"] = access.client_config() if vend else {}
     return body
 
 
