@@ -8,12 +8,12 @@ tokens (issue and revoke). Everything else is 404 if the caller cannot see it.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, delete, get, patch, post
+from litestar import Request, delete, get, patch, post, put
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from app.auth import Caller, Forbidden, new_id, new_token
 from app.services import Services
@@ -24,6 +24,7 @@ from events.model import (
     GrantRemoved,
     PrincipalChanged,
     PrincipalCreated,
+    RoleDefined,
     TokenIssued,
     TokenRevoked,
     now,
@@ -278,9 +279,10 @@ async def add_grant(
 ) -> GrantOut:
     """Give a principal a role on an org, a super or a table of its own org."""
     caller = _caller(request)
-    if data.role not in ROLES:
+    known = [*ROLES, *sorted((await services.auth.state()).roles.get(data.org, {}))]
+    if data.role not in known:
         raise InvalidInput(
-            f"role must be one of {', '.join(ROLES)}", code="invalid_role", role=data.role
+            f"role must be one of {', '.join(known)}", code="invalid_role", role=data.role
         )
     if data.table and not data.super:
         raise InvalidInput("a table scope needs its super", code="invalid_scope")
@@ -338,7 +340,61 @@ async def remove_grant(
     return _grant_out(grant)
 
 
+class RoleIn(msgspec.Struct, forbid_unknown_fields=True):
+    org: str
+    permissions: list[str]
+
+
+PERMISSIONS = ("read", "write", "grant")
+
+
+@put("/v1/roles/{name:str}")
+async def define_role(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    name: FromPath[str],
+    data: JSONBody[RoleIn],
+) -> dict[str, Any]:
+    """Define (or change) a custom role of an org: a name for a set of permissions
+    (``read``, ``write``, ``grant``); ``[]`` retires it. For org admins."""
+    caller = _caller(request)
+    check_name("org", data.org)
+    caller.require("grant", data.org)
+    check_name("role", name)
+    if name in ROLES:
+        raise InvalidInput(f"{name!r} is a built-in role", code="invalid_role")
+    unknown = sorted(set(data.permissions) - set(PERMISSIONS))
+    if unknown:
+        raise InvalidInput(
+            f"unknown permission(s) {', '.join(unknown)} (known: {', '.join(PERMISSIONS)})",
+            code="invalid_role",
+        )
+    permissions = tuple(p for p in PERMISSIONS if p in data.permissions)
+    await services.auth.append(
+        RoleDefined(name=name, permissions=permissions, **_base(request, data.org))
+    )
+    return {"org": data.org, "name": name, "permissions": list(permissions)}
+
+
+@get("/v1/roles")
+async def list_roles(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    org: Annotated[str, QueryParameter()],
+) -> list[dict[str, Any]]:
+    """The built-in roles and the org's custom roles, with their permissions."""
+    _caller(request).require_visible(org)
+    state = await services.auth.state()
+    roles = {**{r: p for r, p in ROLES.items()}, **state.roles.get(org, {})}
+    return [
+        {"name": r, "permissions": [p for p in PERMISSIONS if p in roles[r]], "builtin": r in ROLES}
+        for r in roles
+    ]
+
+
 ADMIN_HANDLERS = [
+    define_role,
+    list_roles,
     create_principal,
     list_principals,
     change_principal,

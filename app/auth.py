@@ -23,7 +23,7 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,7 @@ class Caller:
     principal: Principal
     token_id: str
     grants: tuple[Grant, ...]
+    roles: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict)
 
     @property
     def actor(self) -> str:
@@ -98,9 +99,12 @@ class Caller:
         if self.admin:
             return True
         return any(
-            perm in ROLES.get(g.role, frozenset()) and g.covers(org, super_, table)
-            for g in self.grants
+            perm in self.permissions(g) and g.covers(org, super_, table) for g in self.grants
         )
+
+    def permissions(self, grant: Grant) -> frozenset[str]:
+        """What a grant's role allows (built-in, or a custom role of its org)."""
+        return ROLES.get(grant.role) or self.roles.get(grant.org, {}).get(grant.role, frozenset())
 
     def sees(self, org: str, super_: str = "", table: str = "") -> bool:
         """Whether the object exists for this principal (any grant on it, above it or,
@@ -289,7 +293,7 @@ class AuthStore:
                 if principal is None or principal.disabled:
                     raise Unauthorized("this principal is disabled", code="principal_disabled")
                 grants = tuple(g for g in state.grants.values() if g.principal_id == principal.id)
-                return Caller(principal, token.id, grants)
+                return Caller(principal, token.id, grants, state.roles)
         if self.jwt is not None and credential.count(".") == 2:
             # PyJWKClient fetches over HTTP (blocking): off the event loop.
             identity, _claims = await anyio.to_thread.run_sync(self.jwt.identity, credential)
@@ -301,7 +305,7 @@ class AuthStore:
                     grants = tuple(
                         g for g in state.grants.values() if g.principal_id == principal.id
                     )
-                    return Caller(principal, "jwt", grants)
+                    return Caller(principal, "jwt", grants, state.roles)
             raise Unauthorized(
                 "no principal has this identity (create one with external_id)",
                 code="unknown_principal",

@@ -625,14 +625,16 @@ class Mutator:
 
         return await self._commit(target, prepare)
 
-    async def set_policies(self, target: Target, policies: tuple[Policy, ...]) -> Outcome:
+    async def set_policies(
+        self, target: Target, policies: tuple[Policy, ...], custom_roles: tuple[str, ...] = ()
+    ) -> Outcome:
         """Replace the table's row filters and column masks (validated against its
         schema); a no-op if unchanged."""
         from app.policies import check_policies
 
         async def prepare(table: TableState | None) -> Change | None:
             assert table is not None
-            check_policies(policies, table.columns)
+            check_policies(policies, table.columns, custom_roles)
             result = {"policies": [msgspec.to_builtins(p) for p in policies]}
             if table.policies == policies:
                 return Change(lambda _: [], result)

@@ -34,15 +34,18 @@ def bind(text: str, attributes: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: _literal(attributes.get(m.group(1))), text)
 
 
-def check_policies(policies: tuple[Policy, ...], columns: tuple[Field, ...]) -> None:
+def check_policies(
+    policies: tuple[Policy, ...], columns: tuple[Field, ...], custom: tuple[str, ...] = ()
+) -> None:
     """InvalidInput unless every policy names a known role and existing columns, its
     masks are known and its filter is a valid restricted expression."""
     names = {f.name for f in columns}
     seen: set[str] = set()
     for policy in policies:
-        if policy.role not in ROLES:
+        if policy.role not in ROLES and policy.role not in custom:
+            known = ", ".join([*ROLES, *custom])
             raise InvalidInput(
-                f"unknown role {policy.role!r} (known: {', '.join(ROLES)})", code="invalid_policy"
+                f"unknown role {policy.role!r} (known: {known})", code="invalid_policy"
             )
         if policy.role in seen:
             raise InvalidInput(f"two policies for role {policy.role!r}", code="invalid_policy")

@@ -626,7 +626,8 @@ async def set_policies(
     )
     fingerprint = _fingerprint(request.url.path, data)
     target = _target(request, org, super_name, table, if_match, idempotency_key, fingerprint)
-    outcome = await services.mutator.set_policies(target, policies)
+    custom = tuple((await services.auth.state()).roles.get(org, {}))
+    outcome = await services.mutator.set_policies(target, policies, custom)
     body = PoliciesResponse(
         table, outcome.version, outcome.result["policies"], outcome.event_id, outcome.replayed
     )

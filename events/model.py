@@ -276,6 +276,14 @@ class GrantRemoved(EventBase, frozen=True, tag="GrantRemoved"):
     grant_id: str
 
 
+class RoleDefined(EventBase, frozen=True, tag="RoleDefined"):
+    """A custom role of ``org``: a name for a set of permissions (``read``, ``write``,
+    ``grant``). Defining it again changes it; an empty set retires it."""
+
+    name: str
+    permissions: tuple[str, ...]
+
+
 AUTH_EVENTS = (
     PrincipalCreated,
     PrincipalChanged,
@@ -283,6 +291,7 @@ AUTH_EVENTS = (
     TokenRevoked,
     GrantAdded,
     GrantRemoved,
+    RoleDefined,
 )
 
 
@@ -307,6 +316,7 @@ Event: TypeAlias = (
     | TokenRevoked
     | GrantAdded
     | GrantRemoved
+    | RoleDefined
 )
 
 TABLE_EVENTS = (

@@ -17,6 +17,7 @@ from events.model import (
     GrantRemoved,
     PrincipalChanged,
     PrincipalCreated,
+    RoleDefined,
     TokenIssued,
     TokenRevoked,
 )
@@ -79,11 +80,17 @@ class AuthState(msgspec.Struct, frozen=True):
     principals: dict[str, Principal] = {}
     tokens: dict[str, Token] = {}
     grants: dict[str, Grant] = {}
+    # Custom roles: org -> role name -> permissions.
+    roles: dict[str, dict[str, frozenset[str]]] = {}
     position: str = "0-0"
+
+    def permissions(self, org: str, role: str) -> frozenset[str]:
+        """What ``role`` allows in ``org`` (a built-in role, or one of the org's)."""
+        return ROLES.get(role) or self.roles.get(org, {}).get(role, frozenset())
 
 
 def apply_auth(state: AuthState, event: Event) -> AuthState:
-    principals, tokens, grants = state.principals, state.tokens, state.grants
+    principals, tokens, grants, roles = state.principals, state.tokens, state.grants, state.roles
     if isinstance(event, PrincipalCreated):
         principal = Principal(
             id=event.principal_id,
@@ -131,4 +138,9 @@ def apply_auth(state: AuthState, event: Event) -> AuthState:
         grants = {**grants, event.grant_id: grant}
     elif isinstance(event, GrantRemoved):
         grants = {k: v for k, v in grants.items() if k != event.grant_id}
-    return AuthState(principals, tokens, grants, position=event.id or state.position)
+    elif isinstance(event, RoleDefined):
+        org_roles = {**roles.get(event.org, {}), event.name: frozenset(event.permissions)}
+        if not event.permissions:
+            del org_roles[event.name]
+        roles = {**roles, event.org: org_roles}
+    return AuthState(principals, tokens, grants, roles, position=event.id or state.position)

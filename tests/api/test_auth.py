@@ -344,3 +344,35 @@ def test_queries_and_events_are_in_the_audit(admin: Client, settings: Settings) 
         limited = ok(c.get("/v1/audit", params={"org": "acme", "limit": 1}))
         assert len(limited["entries"]) == 1 and limited["more"] is True
         assert_error(c.get("/v1/audit", params={"org": "other"}), 404, "org_not_found")
+
+
+def test_custom_roles(admin: Client, settings: Settings) -> None:
+    seed(admin)
+    assert ok(admin.put("/v1/roles/loader", json={"org": "acme", "permissions": ["write"]}))[
+        "permissions"
+    ] == ["write"]
+    assert_error(
+        admin.put("/v1/roles/reader", json={"org": "acme", "permissions": []}), 400, "invalid_role"
+    )
+    assert_error(
+        admin.put("/v1/roles/x", json={"org": "acme", "permissions": ["fly"]}), 400, "invalid_role"
+    )
+    roles = {
+        r["name"]: r["permissions"] for r in ok(admin.get("/v1/roles", params={"org": "acme"}))
+    }
+    assert roles["loader"] == ["write"] and roles["reader"] == ["read"]
+    pid = principal(admin, "acme", "etl")
+    grant(admin, pid, "loader", "acme", super="sales")
+    # The role only exists in acme.
+    other = admin.post("/v1/grants", json={"principal_id": pid, "role": "loader", "org": "other"})
+    assert other.status_code == 400
+    with as_token(settings, token_for(admin, pid)["token"]) as c:
+        ok(c.post("/v1/acme/sales/tables/orders/rows", json=[{"id": 5, "region": "eu"}]))
+        assert_error(c.get("/v1/acme/sales/tables/orders"), 403, "forbidden")  # write only
+        # Redefining the role changes what every grant of it allows, at once.
+        ok(admin.put("/v1/roles/loader", json={"org": "acme", "permissions": ["read", "write"]}))
+        assert ok(c.get("/v1/acme/sales/tables/orders"))["row_count"] == 2
+        ok(admin.put("/v1/roles/loader", json={"org": "acme", "permissions": []}))  # retired
+        assert_error(
+            c.post("/v1/acme/sales/tables/orders/rows", json=[{"id": 6}]), 403, "forbidden"
+        )
