@@ -89,10 +89,14 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     from app.http import create_app
 
-    if not is_loopback(settings.host) and not settings.api_token:
+    jwt_configured = (
+        settings.jwt_hs256_secret or settings.jwt_public_key_file or settings.jwt_jwks_url
+    )
+    if not is_loopback(settings.host) and not settings.api_token and not jwt_configured:
         raise SystemExit(
             f"refusing to bind {settings.host}: it is not a loopback address and no "
-            "authentication is configured (set LEDGERLAKE_API_TOKEN)"
+            "authentication is configured (set LEDGERLAKE_API_TOKEN, or a JWT provider "
+            "with LEDGERLAKE_JWT_*)"
         )
     with redis_for(settings) as url:
         app = create_app(settings, url, bootstrap=is_loopback(settings.host))

@@ -49,7 +49,8 @@ SETTINGS_DOC: dict[str, str] = {
     "s3_create_bucket": "Create the bucket at start if it is missing.",
     "s3_part_size": "Uploads above this size use multipart, in parts of this size (bytes).",
     "s3_max_attempts": "Attempts per S3 request (with backoff) before a 503.",
-    "host": "Address `serve` binds to. Non-loopback requires `api_token`; on loopback "
+    "host": "Address `serve` binds to. Non-loopback requires `api_token` or a JWT provider; "
+    "on loopback "
     "without it, the first start creates an admin token (`<data-dir>/admin-token`).",
     "port": "Port `serve` listens on.",
     "api_token": "A static platform-admin bearer token (besides the principals' API "
