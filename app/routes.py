@@ -525,6 +525,7 @@ async def list_tables(
     opt={"perm": "read"},
 )
 async def describe_table(
+    request: Request[Any, Any, Any],
     services: NamedDependency[Services],
     org: FromPath[str],
     super_name: SuperName,
@@ -532,10 +533,12 @@ async def describe_table(
 ) -> Response[TableDetail]:
     found = await services.reader.require_table(org, super_name, table)
     mirrors = await services.table_mirrors(org, super_name, found)
+    detail = table_detail(org, super_name, found, mirrors)
+    if restrict(caller_of(request), org, super_name, found, found) is not found:
+        # Row filters or masks apply to the caller: no min/max of what they hide.
+        detail = msgspec.structs.replace(detail, stats={})
     # The version is the entity tag: send it back as If-Match to write conditionally.
-    return Response(
-        table_detail(org, super_name, found, mirrors), headers={"ETag": f'"{found.version}"'}
-    )
+    return Response(detail, headers={"ETag": f'"{found.version}"'})
 
 
 @delete(

@@ -126,3 +126,9 @@ def test_policies_are_validated_and_recorded(world: Any) -> None:
     assert q(reader, "select count(*) from people") == [[3]]
     history = ok(admin.get(f"{URL}/history"))["entries"]
     assert [e["event_type"] for e in history].count("PoliciesSet") == 2
+
+
+def test_a_policy_bound_reader_gets_no_column_stats(world: Any) -> None:
+    admin, reader, _ = world
+    assert ok(admin.get(URL))["stats"]["ssn"]["max"] == "333"
+    assert ok(reader.get(URL))["stats"] == {}
