@@ -265,9 +265,14 @@ async def revoke_token(
     caller = _caller(request)
     state = await services.auth.state()
     token = state.tokens.get(token_id)
-    if token is None:
+    owner = state.principals.get(token.principal_id) if token is not None else None
+    if (
+        token is None
+        or owner is None
+        or not (_manages(caller, owner) or owner.id == caller.principal.id)
+    ):  # one answer for a missing token and someone else's
         raise NotFound(f"token {token_id!r} does not exist", code="token_not_found")
-    principal = await _principal(services, caller, token.principal_id)
+    principal = owner
     if not token.revoked:
         await services.auth.append(TokenRevoked(token_id=token_id, **_base(request, principal.org)))
     return TokenOut(token.id, token.principal_id, token.name, token.expires_at)

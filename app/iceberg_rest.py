@@ -38,6 +38,12 @@ ENDPOINTS = [
     "GET /v1/{prefix}/namespaces/{namespace}/tables/{table}",
     "HEAD /v1/{prefix}/namespaces/{namespace}/tables/{table}",
 ]
+_BY_STATUS = {
+    401: "NotAuthorizedException",
+    403: "ForbiddenException",
+    429: "SlowDownException",
+    503: "ServiceUnavailableException",
+}
 _TYPES = {
     "table_not_found": "NoSuchTableException",
     "namespace_not_found": "NoSuchNamespaceException",
@@ -219,7 +225,7 @@ async def report_metrics(namespace: FromPath[str], table: FromPath[str]) -> None
 
 def iceberg_error_body(exc: LedgerError, status: int) -> dict[str, Any]:
     """The error shape of the Iceberg REST spec."""
-    kind = _TYPES.get(exc.code)
+    kind = _TYPES.get(exc.code) or _BY_STATUS.get(status)
     if kind is None:
         kind = "BadRequestException" if isinstance(exc, InvalidInput) else type(exc).__name__
     return {"error": {"message": exc.message, "type": kind, "code": status}}

@@ -149,6 +149,23 @@ def visible(caller: Caller, state: SuperState) -> SuperState:
     return msgspec.structs.replace(state, tables=tables)
 
 
+# Event fields that carry row values (file statistics, deleted keys, filters).
+REDACTED_EVENT_FIELDS = frozenset({"files", "keys", "where", "removed_files"})
+
+
+def readable(caller: Caller, state: SuperState) -> SuperState:
+    """``state`` with only the tables the caller may read (what a query can name; a
+    custom role may see a table without reading it)."""
+    if caller.admin:
+        return state
+    tables = {
+        name: t
+        for name, t in state.tables.items()
+        if caller.can("read", state.org, state.name, name)
+    }
+    return msgspec.structs.replace(state, tables=tables)
+
+
 def caller_of(request: Request[Any, Any, Any]) -> Caller:
     caller: Caller = request.state.caller
     return caller
@@ -725,7 +742,7 @@ async def run_query(
     ``Accept: text/csv`` or ``application/vnd.apache.arrow.stream`` change the format."""
     # Only the tables the caller may read exist for the query: any other name is an
     # unknown table to the engine, whatever form of SQL names it.
-    state = visible(caller_of(request), await services.reader.require_super(org, super_name))
+    state = readable(caller_of(request), await services.reader.require_super(org, super_name))
     resolve = services.views(
         org, super_name, state, as_of_version=data.as_of_version, as_of_time=data.as_of_time
     )
@@ -819,7 +836,7 @@ async def list_events(
     """The audit log, straight from the streams, oldest first: the events of what the
     caller can read."""
     caller = caller_of(request)
-    caller.require("read", org) if super_name is None else caller.require_visible(org)
+    caller.require_visible(org)
     if super_name is not None:
         caller.require_visible(org, super_name, table or "")
     registry = await services.reader.registry()
@@ -837,7 +854,19 @@ async def list_events(
             services.log, org, super_name, after=cursor, limit=limit, table=table
         )
     shown = [e for e in events if caller.can("read", org, e.super_, e.table)]
-    return EventPage([to_builtins(e) for e in shown], nxt)
+    out = []
+    for event in shown:
+        data = to_builtins(event)
+        if event.table and not caller.admin:
+            current = (await services.reader.super_state(org, event.super_)).tables.get(event.table)
+            if (
+                current is not None
+                and restrict(caller, org, event.super_, current, current) is not current
+            ):
+                # Row filters or masks apply: no per-file min/max, deleted keys or filters.
+                data = {k: v for k, v in data.items() if k not in REDACTED_EVENT_FIELDS}
+        out.append(data)
+    return EventPage(out, nxt)
 
 
 @get("/v1/audit")
