@@ -679,7 +679,8 @@ def events_case(w: World, who: str, target: str) -> Cell:
 
     # Regression (was a bug): an org-wide listing (no `super`) was 403 for a caller
     # without read on the whole org (a table reader, a super writer, a custom role),
-    # instead of the org's events it may read: the route requires `read` on the org, while every other list (orgs,
+    # instead of the org's events it may read: the route required `read` on the org,
+    # while every other list (orgs,
     # supers, tables, principals, grants, the super-wide events) filters by what the
     # caller may see, as the design says ("lists, the events API and the Iceberg REST
     # catalog filter by the same rule").
