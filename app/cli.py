@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import signal
 import sys
 import time
@@ -72,6 +73,15 @@ class Progress:
 
     def finish(self, done: int) -> None:
         self._print(done, end="\n")
+
+
+def _api_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api",
+        help="send it to a running Ledgerlake at this URL (e.g. http://host:8000) "
+        "instead of working on Redis and storage directly",
+    )
+    p.add_argument("--token", help="bearer token for --api (default: LEDGERLAKE_TOKEN)")
 
 
 def _split(value: str, parts: int, what: str) -> list[str]:
@@ -157,8 +167,50 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         return anyio.run(main, url)
 
 
+def _api_call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
+    """A request to a running Ledgerlake (``--api``) with ``--token`` (or
+    LEDGERLAKE_TOKEN): the server's authentication and authorization apply, exactly as
+    for any HTTP client. Exits 1 with the server's error on a refusal."""
+    import httpx
+
+    token = args.token or os.environ.get("LEDGERLAKE_TOKEN")
+    if not token:
+        raise SystemExit("--api needs --token (or LEDGERLAKE_TOKEN)")
+    headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
+    try:
+        response = httpx.request(
+            method, args.api.rstrip("/") + path, headers=headers, timeout=300, **kwargs
+        )
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"cannot reach {args.api}: {exc}") from exc
+    if response.status_code >= 400:
+        try:
+            error = response.json()["error"]
+            message = f"{response.status_code} {error['code']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            message = f"{response.status_code}: {response.text[:500]}"
+        raise SystemExit(message)
+    return response
+
+
 def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     org, sup = _split(args.super, 2, "--super")
+    if args.api:
+        import pyarrow as pa
+
+        body = {"sql": args.sql, "limit": args.limit, "timeout_s": args.timeout,
+                "as_of_version": args.as_of_version, "as_of_time": args.as_of_time}  # fmt: skip
+        response = _api_call(
+            args,
+            "POST",
+            f"/v1/{org}/{sup}/query",
+            json={k: v for k, v in body.items() if v is not None},
+            headers={"Accept": "application/vnd.apache.arrow.stream"},
+        )
+        _print_table(pa.ipc.open_stream(response.content).read_all(), args.format)
+        if response.headers.get("x-ledgerlake-truncated") == "true":
+            print("(truncated)", file=sys.stderr)
+        return 0
 
     async def main(url: str) -> int:
         async with Services.open(settings, url) as services:
@@ -212,6 +264,21 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
         raise SystemExit("--mode upsert needs --key col[,col...]")
     if args.mode != "upsert" and (args.key or args.newer_than):
         raise SystemExit("--key and --newer-than apply to --mode upsert only")
+    if args.api:
+        from app.ingest import CONTENT_TYPES
+
+        media = next(m for m, f in CONTENT_TYPES.items() if f == fmt)
+        params = {"mode": args.mode, "key": args.key, "newer_than": args.newer_than}
+        response = _api_call(
+            args,
+            "POST",
+            f"/v1/{org}/{sup}/tables/{table}/rows",
+            params={k: v for k, v in params.items() if v},
+            content=path.read_bytes(),
+            headers={"Content-Type": media},
+        )
+        print(json.dumps(response.json()))
+        return 0
 
     async def main(url: str) -> int:
         async with Services.open(settings, url) as services:
@@ -398,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--as-of-version", type=int, help="query that version of the one table")
     p.add_argument("--as-of-time", help="query every table as of this ISO 8601 instant")
+    _api_options(p)
     p = command("ingest", cmd_ingest, "Load a file into a table.")
     p.add_argument("file")
     p.add_argument("--table", required=True, help="org/super/table")
@@ -405,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="upsert: key columns, comma-separated")
     p.add_argument("--newer-than", help="upsert: apply a row only if this column is greater")
     p.add_argument("--format", choices=["json", "ndjson", "csv", "parquet", "arrow"])
+    _api_options(p)
     p = command("compact", cmd_compact, "Merge small files and inlined rows of tables.")
     p.add_argument("target", nargs="?", help="org, org/super or org/super/table (default: all)")
     p = command("expire", cmd_expire, "Expire old table versions (time travel and restore).")

@@ -270,3 +270,39 @@ def test_cli_upsert_compact_and_time_travel(procs: Procs, tmp_path: Path, redis_
     assert csv_rows(old.stdout) == [{"id": "1", "v": "a"}, {"id": "2", "v": "b"}]
     done = procs.cli("compact", "nobody", env=env)
     assert done.returncode != 0 and "no table matches" in done.stderr
+
+
+def test_cli_over_the_api_is_subject_to_the_same_checks(
+    procs: Procs, start_server: Any, tmp_path: Path
+) -> None:
+    """``--api``/``--token``: the CLI is an HTTP client, and the server decides."""
+    data_dir = tmp_path / "data"
+    server = start_server(data_dir, cli_env())  # bootstraps an admin token
+    env = cli_env()
+    with server.client() as admin:
+        org, sup, table = TABLE.split("/")
+        rows_url = f"/v1/{org}/{sup}/tables/{table}/rows"
+        assert admin.post(rows_url, json=[{"id": 1, "v": "a"}]).status_code == 200
+        pid = admin.post("/v1/principals", json={"name": "r", "org": org}).json()["id"]
+        grant = {"principal_id": pid, "role": "reader", "org": org}
+        assert admin.post("/v1/grants", json=grant).status_code == 201
+        token = admin.post(f"/v1/principals/{pid}/tokens", json={}).json()["token"]
+    api = ["--api", server.url, "--token", token]
+    done = procs.cli(
+        "query", "select count(*) as n from " + table, "--super", f"{org}/{sup}",
+        "--format", "json", *api, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip()) == {"n": 1}
+    body = tmp_path / "rows.json"
+    body.write_text(json.dumps([{"id": 2, "v": "b"}]))
+    refused = procs.cli("ingest", body, "--table", TABLE, *api, env=env)
+    assert refused.returncode != 0 and "403 forbidden" in refused.stderr, refused.stderr
+    hidden = procs.cli("query", "select 1", "--super", f"other/{sup}", *api, env=env)
+    assert hidden.returncode != 0 and "404 org_not_found" in hidden.stderr, hidden.stderr
+    no_token = procs.cli(
+        "query", "select 1", "--super", f"{org}/{sup}", "--api", server.url, env=env
+    )
+    assert no_token.returncode != 0 and "--token" in no_token.stderr
+    with server.client() as admin:
+        assert admin.get(f"/v1/{org}/{sup}/tables/{table}").json()["row_count"] == 1
