@@ -241,9 +241,21 @@ async def issue_token(
     principal = await _principal(services, caller, principal_id)
     if data.expires_in_s is not None and data.expires_in_s <= 0:
         raise InvalidInput("expires_in_s must be positive", code="invalid_expiry")
+    expires = now() + timedelta(seconds=data.expires_in_s) if data.expires_in_s else None
+    if not _manages(caller, principal):
+        # A principal's own token: never outliving the credential that asks for it (so
+        # a short-lived token cannot mint a permanent one); not from a JWT login.
+        state = await services.auth.state()
+        own = state.tokens.get(caller.token_id)
+        if own is None:
+            raise Forbidden("only an API token issues its principal's own tokens")
+        if own.expires_at is not None and (expires is None or expires > own.expires_at):
+            raise Forbidden(
+                "a token may not outlive the token that issues it "
+                f"(expires_in_s at most until {own.expires_at.isoformat()})"
+            )
     token_id = new_id("t")
     token, token_hash = new_token(token_id)
-    expires = now() + timedelta(seconds=data.expires_in_s) if data.expires_in_s else None
     await services.auth.append(
         TokenIssued(
             token_id=token_id,

@@ -73,7 +73,12 @@ def restrict(
     policies (a policy also covers the table's past versions)."""
     if caller.admin or caller.can("grant", org, super_, current.name) or not current.policies:
         return version
-    roles = {g.role for g in caller.grants if g.covers(org, super_, current.name)}
+    # Only the roles that read count: a write-only or retired role lifts no policy.
+    roles = {
+        g.role
+        for g in caller.grants
+        if g.covers(org, super_, current.name) and "read" in caller.permissions(g)
+    }
     by_role = {p.role: p for p in current.policies}
     if not roles or any(role not in by_role for role in roles):
         return version

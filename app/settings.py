@@ -89,7 +89,7 @@ SETTINGS_DOC: dict[str, str] = {
     "jwt_jwks_url": "Accept RS256 JWTs whose key (by `kid`) is in this JWKS; keys are cached "
     "for five minutes and fetched again for an unknown `kid`.",
     "jwt_issuer": "Required `iss` of a JWT (checked when set).",
-    "jwt_audience": "Required `aud` of a JWT (checked when set).",
+    "jwt_audience": "Required `aud` of a JWT; required with any JWT provider.",
     "jwt_required_scopes": "Scopes a JWT must carry (space-separated, in `scope` or `scp`).",
     "rate_limit_per_s": "Requests per second each principal may make (per API deployment, "
     "counted in Redis); more get 429 with `Retry-After`. 0: no limit.",
@@ -230,6 +230,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if any(c in where for c in "*?[]{}"):
             # DuckDB reads file lists as glob patterns: such a path would match others.
             raise SystemExit(f"the data location must not contain any of *?[]{{}}: {where}")
+        jwt_keys = self.jwt_hs256_secret or self.jwt_public_key_file or self.jwt_jwks_url
+        if jwt_keys and not self.jwt_audience:
+            # Without an audience, a token the same provider issued for any other
+            # application would be accepted.
+            raise SystemExit("a JWT provider needs LEDGERLAKE_JWT_AUDIENCE")
         unknown = set(self.mirror_formats) - set(MIRROR_FORMATS)
         if unknown:
             raise SystemExit(

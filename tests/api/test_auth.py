@@ -376,3 +376,19 @@ def test_custom_roles(admin: Client, settings: Settings) -> None:
         assert_error(
             c.post("/v1/acme/sales/tables/orders/rows", json=[{"id": 6}]), 403, "forbidden"
         )
+
+
+def test_a_token_cannot_mint_a_longer_lived_one(admin: Client, settings: Settings) -> None:
+    """Regression (security review): a principal issuing its own token could turn a
+    short-lived credential into a permanent one."""
+    pid = principal(admin, "acme", "short")
+    grant(admin, pid, "reader", "acme")
+    short = token_for(admin, pid, expires_in_s=60)
+    with as_token(settings, short["token"]) as c:
+        url = f"/v1/principals/{pid}/tokens"
+        assert_error(c.post(url, json={"name": "forever"}), 403, "forbidden")
+        assert_error(c.post(url, json={"expires_in_s": 3600}), 403, "forbidden")
+        assert c.post(url, json={"expires_in_s": 30}).status_code == 201
+    forever = token_for(admin, pid)  # an admin may issue any token
+    with as_token(settings, forever["token"]) as c:
+        assert c.post(f"/v1/principals/{pid}/tokens", json={}).status_code == 201

@@ -133,17 +133,17 @@ def test_hs256_tokens_and_every_way_to_get_them_wrong(settings: Settings) -> Non
 
 
 def test_identity_claims_in_order(settings: Settings) -> None:
-    s = msgspec.structs.replace(settings, jwt_hs256_secret=SECRET)
+    s = msgspec.structs.replace(settings, jwt_hs256_secret=SECRET, jwt_audience=AUD)
     setup_principal(s, external_id="svc-42")
     token = jwt.encode(
-        {"client_id": "svc-42", "email": "x@y", "exp": int(time.time()) + 60},
+        {"client_id": "svc-42", "email": "x@y", "aud": AUD, "exp": int(time.time()) + 60},
         SECRET,
         algorithm="HS256",
     )
     with client_with(s, token) as c:
         assert c.get("/v1/orgs").status_code == 200
     shadowed = jwt.encode(
-        {"sub": "someone", "client_id": "svc-42", "exp": int(time.time()) + 60},
+        {"sub": "someone", "client_id": "svc-42", "aud": AUD, "exp": int(time.time()) + 60},
         SECRET,
         algorithm="HS256",
     )
@@ -155,7 +155,7 @@ def test_rs256_with_a_static_public_key(settings: Settings, tmp_path: Path) -> N
     key, other = rsa_key(), rsa_key()
     pem = tmp_path / "idp.pem"
     pem.write_bytes(public_pem(key))
-    s = msgspec.structs.replace(settings, jwt_public_key_file=pem)
+    s = msgspec.structs.replace(settings, jwt_public_key_file=pem, jwt_audience=AUD)
     setup_principal(s)
     with client_with(s, jwt.encode(claims(), key, algorithm="RS256")) as c:
         assert c.get("/v1/orgs").status_code == 200
@@ -234,3 +234,9 @@ def test_jwts_are_refused_when_no_provider_is_configured(settings: Settings) -> 
     setup_principal(settings)
     with client_with(settings, jwt.encode(claims(), SECRET, algorithm="HS256")) as c:
         assert_error(c.get("/v1/orgs"), 401, "unauthorized")
+
+
+def test_a_jwt_provider_without_an_audience_is_refused(settings: Settings) -> None:
+    for keys in ({"jwt_hs256_secret": SECRET}, {"jwt_jwks_url": "http://127.0.0.1:1/jwks"}):
+        with pytest.raises(SystemExit, match="AUDIENCE"):
+            msgspec.structs.replace(settings, **keys).validate()

@@ -132,3 +132,28 @@ def test_a_policy_bound_reader_gets_no_column_stats(world: Any) -> None:
     admin, reader, _ = world
     assert ok(admin.get(URL))["stats"]["ssn"]["max"] == "333"
     assert ok(reader.get(URL))["stats"] == {}
+
+
+def test_a_role_that_cannot_read_lifts_no_policy(world: Any) -> None:
+    """Regression (security review): a grant of a write-only (or retired) custom role
+    on the table used to count as "a role without a policy" and lift the filter."""
+    admin, reader, pid = world
+    ok(admin.put("/v1/roles/ingest", json={"org": "acme", "permissions": ["write"]}))
+    scope = {
+        "principal_id": pid,
+        "role": "ingest",
+        "org": "acme",
+        "super": "sales",
+        "table": "people",
+    }
+    assert admin.post("/v1/grants", json=scope).status_code == 201
+    assert q(reader, "select id from people order by id") == [[1], [2]]
+    assert "ssn" not in [
+        c["name"]
+        for c in ok(reader.post("/v1/acme/sales/query", json={"sql": "select * from people"}))[
+            "columns"
+        ]
+    ]
+    ok(admin.put("/v1/roles/ingest", json={"org": "acme", "permissions": []}))  # retired
+    assert q(reader, "select id from people order by id") == [[1], [2]]
+    assert ok(reader.get(URL))["stats"] == {}
