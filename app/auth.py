@@ -30,7 +30,6 @@ from typing import Any
 
 import anyio
 import jwt
-import msgspec
 import redis.asyncio as aioredis
 
 from events.errors import LedgerError, NotFound, Unauthorized
@@ -346,7 +345,3 @@ def _write_secret(path: Path, secret: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(secret + "\n")
     os.chmod(path, 0o600)
-
-
-def to_builtins(value: Any) -> Any:
-    return msgspec.to_builtins(value)

@@ -24,7 +24,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 
 from app.auth import Caller
-from app.policies import restrict
+from app.policies import binds
 from app.services import Services
 from events.errors import InvalidInput, LedgerError, NotFound
 from mirrors.access import access_for
@@ -91,7 +91,7 @@ async def _published(services: Services, org: str, sup: str, caller: Caller) -> 
             continue
         if not caller.can("read", org, sup, name):
             continue
-        if restrict(caller, org, sup, table, table) is not table:
+        if binds(caller, org, sup, table):
             continue  # row filters or masks apply: the raw files would bypass them
         if status.metadata_location:
             out[name] = status.metadata_location

@@ -66,6 +66,11 @@ def check_policies(
             check_predicate(_PLACEHOLDER.sub("'x'", policy.row_filter), columns)
 
 
+def binds(caller: Caller, org: str, super_: str, table: TableState) -> bool:
+    """Whether the table's policies apply to the caller (row filters or masks)."""
+    return restrict(caller, org, super_, table, table) is not table
+
+
 def restrict(
     caller: Caller, org: str, super_: str, current: TableState, version: TableState
 ) -> ViewSource:

@@ -34,7 +34,7 @@ from app.audit import (
 from app.auth import Caller, Forbidden
 from app.ingest import format_for_content_type, open_source
 from app.mutations import Outcome, Target
-from app.policies import restrict
+from app.policies import binds, restrict
 from app.schemas import (
     CompactResponse,
     DeleteRequest,
@@ -551,7 +551,7 @@ async def describe_table(
     found = await services.reader.require_table(org, super_name, table)
     mirrors = await services.table_mirrors(org, super_name, found)
     detail = table_detail(org, super_name, found, mirrors)
-    if restrict(caller_of(request), org, super_name, found, found) is not found:
+    if binds(caller_of(request), org, super_name, found):
         # Row filters or masks apply to the caller: no min/max of what they hide.
         detail = msgspec.structs.replace(detail, stats={})
     # The version is the entity tag: send it back as If-Match to write conditionally.
@@ -854,17 +854,18 @@ async def list_events(
             services.log, org, super_name, after=cursor, limit=limit, table=table
         )
     shown = [e for e in events if caller.can("read", org, e.super_, e.table)]
+    # Tables whose policies bind the caller, per super (one catalog read per super).
+    bound: dict[str, set[str]] = {}
+    if not caller.admin:
+        for sup in {e.super_ for e in shown if e.table}:
+            tables = (await services.reader.super_state(org, sup)).tables.values()
+            bound[sup] = {t.name for t in tables if binds(caller, org, sup, t)}
     out = []
     for event in shown:
         data = to_builtins(event)
-        if event.table and not caller.admin:
-            current = (await services.reader.super_state(org, event.super_)).tables.get(event.table)
-            if (
-                current is not None
-                and restrict(caller, org, event.super_, current, current) is not current
-            ):
-                # Row filters or masks apply: no per-file min/max, deleted keys or filters.
-                data = {k: v for k, v in data.items() if k not in REDACTED_EVENT_FIELDS}
+        if event.table in bound.get(event.super_, ()):
+            # Row filters or masks apply: no per-file min/max, deleted keys or filters.
+            data = {k: v for k, v in data.items() if k not in REDACTED_EVENT_FIELDS}
         out.append(data)
     return EventPage(out, nxt)
 

@@ -288,7 +288,6 @@ class Services:
     async def projection_lag(self, projection: str = CATALOG) -> dict[str, float | int]:
         """Events the projection (``catalog``, or a mirror's group) has not yet
         committed, and the age of the oldest one."""
-        script = self.redis.register_script(LAG_LUA)
         registry = await self.reader.registry()
         units = []
         if projection == CATALOG:
@@ -303,13 +302,22 @@ class Services:
                 )
         events, oldest_ms = 0, None
         for stream, ckpt in units:
-            count, first = await guarded(script(keys=[stream, ckpt], args=[LAG_CAP]))
-            events += int(count)
-            if count:
-                ms = int((first.decode() if isinstance(first, bytes) else first).split("-")[0])
-                oldest_ms = ms if oldest_ms is None else min(oldest_ms, ms)
+            count, first_ms = await self._stream_lag(stream, ckpt, LAG_CAP)
+            events += count
+            if first_ms is not None:
+                oldest_ms = first_ms if oldest_ms is None else min(oldest_ms, first_ms)
         seconds = 0.0 if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
         return {"lag_events": events, "lag_seconds": round(seconds, 3)}
+
+    async def _stream_lag(self, stream: str, checkpoint: str, cap: int) -> tuple[int, int | None]:
+        """Entries of ``stream`` after ``checkpoint`` (up to ``cap``), and the time (ms)
+        of the oldest one."""
+        script = self.redis.register_script(LAG_LUA)
+        count, first = await guarded(script(keys=[stream, checkpoint], args=[cap]))
+        if not count:
+            return 0, None
+        text = first.decode() if isinstance(first, bytes) else first
+        return int(count), int(text.split("-")[0])
 
     async def all_lags(self) -> dict[str, dict[str, float | int]]:
         """The lag of the catalog projection and of each mirror runner."""
@@ -363,13 +371,9 @@ class Services:
         return out
 
     async def _unit_lag(self, org: str, super_: str, projection: str) -> float:
-        script = self.redis.register_script(LAG_LUA)
-        keys = [self.keys.stream(org, super_), self.keys.checkpoint(org, super_, projection)]
-        count, first = await guarded(script(keys=keys, args=[1]))
-        if not count:
-            return 0.0
-        ms = int((first.decode() if isinstance(first, bytes) else first).split("-")[0])
-        return max(0.0, time.time() - ms / 1000)
+        stream, ckpt = self.keys.stream(org, super_), self.keys.checkpoint(org, super_, projection)
+        _count, first_ms = await self._stream_lag(stream, ckpt, 1)
+        return 0.0 if first_ms is None else max(0.0, time.time() - first_ms / 1000)
 
 
 def jwt_config(settings: Settings) -> JwtConfig:
