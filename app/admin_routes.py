@@ -92,6 +92,14 @@ class GrantOut(msgspec.Struct):
     table: str | None
 
 
+class WhoAmI(msgspec.Struct):
+    """The caller: its principal, the token it used and its grants."""
+
+    principal: PrincipalOut
+    token_id: str | None
+    grants: list[GrantOut]
+
+
 def _caller(request: Request[Any, Any, Any]) -> Caller:
     caller: Caller = request.state.caller
     return caller
@@ -409,7 +417,20 @@ async def list_roles(
     ]
 
 
+@get("/v1/whoami")
+async def whoami(request: Request[Any, Any, Any]) -> WhoAmI:
+    """Who this credential is: the principal (with its attributes, which row filters
+    may use), the token id (none for a JWT or the static token) and its grants."""
+    caller = _caller(request)
+    return WhoAmI(
+        _principal_out(caller.principal),
+        caller.token_id or None,
+        [_grant_out(g) for g in caller.grants],
+    )
+
+
 ADMIN_HANDLERS = [
+    whoami,
     define_role,
     list_roles,
     create_principal,

@@ -193,6 +193,32 @@ def _api_call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -
     return response
 
 
+def cmd_mcp(settings: Settings, args: argparse.Namespace) -> int:
+    """The MCP server as a client of a running Ledgerlake: over stdio with one token
+    (``LEDGERLAKE_TOKEN``), or over streamable HTTP, where each MCP client brings its own
+    bearer token. Either way the API decides what each call may do."""
+    from app.mcp_server import run_stdio, standalone_app
+
+    url = (args.url or os.environ.get("LEDGERLAKE_URL") or "http://127.0.0.1:8000").rstrip("/")
+    if args.transport == "stdio":
+        token = args.token or os.environ.get("LEDGERLAKE_TOKEN")
+        if not token:
+            raise SystemExit(
+                "ledgerlake mcp needs LEDGERLAKE_TOKEN: an API token (POST "
+                "/v1/principals/{id}/tokens) or a JWT, whose grants the tools will have"
+            )
+        run_stdio(settings, url, token)
+        return 0
+    import uvicorn
+
+    host, port = args.host or "127.0.0.1", args.port or 8765
+    print(f"MCP endpoint: http://{host}:{port}/mcp (Ledgerlake API: {url})", file=sys.stderr)
+    uvicorn.run(
+        standalone_app(settings, url), host=host, port=port, log_config=None, access_log=False
+    )
+    return 0
+
+
 def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     org, sup = _split(args.super, 2, "--super")
     if args.api:
@@ -474,6 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--newer-than", help="upsert: apply a row only if this column is greater")
     p.add_argument("--format", choices=["json", "ndjson", "csv", "parquet", "arrow"])
     _api_options(p)
+    p = command("mcp", cmd_mcp, "Serve the MCP tools (stdio, or HTTP) over a running Ledgerlake.")
+    p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    p.add_argument(
+        "--url", help="the Ledgerlake API (LEDGERLAKE_URL, default http://127.0.0.1:8000)"
+    )
+    p.add_argument("--token", help="stdio: the API token or JWT to use (LEDGERLAKE_TOKEN)")
+    p.add_argument("--host", help="http: bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="http: port (default 8765)")
     p = command("compact", cmd_compact, "Merge small files and inlined rows of tables.")
     p.add_argument("target", nargs="?", help="org, org/super or org/super/table (default: all)")
     p = command("expire", cmd_expire, "Expire old table versions (time travel and restore).")

@@ -11,10 +11,11 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import anyio
-from litestar import Litestar, Request, Response, Router
+import httpx
+from litestar import Litestar, Request, Response, Router, asgi, get
 from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
@@ -24,6 +25,16 @@ from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from app.auth import Forbidden, TooManyRequests, bootstrap_admin
 from app.iceberg_rest import ICEBERG_HANDLERS, iceberg_error_body
+from app.mcp_server import (
+    METADATA_PATHS,
+    Backend,
+    BearerGate,
+    McpConfig,
+    base_url,
+    build_server,
+    protected_resource_metadata,
+    streamable_app,
+)
 from app.routes import DEPENDENCIES, ROUTES, require_token
 from app.schemas import ErrorBody, ErrorResponse
 from app.services import Services
@@ -219,6 +230,24 @@ def create_app(
     ``LEDGERLAKE_API_TOKEN`` gets an admin token, printed once and written to
     ``<data-dir>/admin-token``."""
 
+    # MCP (streamable HTTP, stateless) at /mcp: its tools call this very app in process
+    # with the caller's token, so the API's checks apply to each of their requests.
+    mcp_backend = Backend(McpConfig.from_settings(settings))
+    mcp_server = build_server(mcp_backend)
+    # (Starlette's ASGI types, which Litestar's typed dicts do not match nominally.)
+    mcp_app: Any = BearerGate(streamable_app(mcp_server, "/"), mcp_backend, settings.public_url)
+
+    @asgi("/mcp", is_mount=True, copy_scope=True)
+    async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        await mcp_app(scope, receive, send)
+
+    @get(list(METADATA_PATHS), include_in_schema=False)
+    async def mcp_metadata(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """RFC 9728 metadata of the MCP endpoint (how clients find the authorization
+        server)."""
+        base = base_url(cast(Any, request.scope), settings.public_url)
+        return protected_resource_metadata(base, settings)
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         services = Services.build(settings, redis_url)
@@ -229,7 +258,14 @@ def create_app(
             if token is not None:
                 _announce_admin_token(settings, token)
         try:
-            async with anyio.create_task_group() as tg:
+            async with (
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=cast(Any, app)),
+                    base_url="http://ledgerlake.internal",
+                ) as mcp_backend.client,
+                mcp_server.session_manager.run(),
+                anyio.create_task_group() as tg,
+            ):
                 if run_projector:
                     # Cancelled, not stopped, on shutdown: a commit is atomic, so
                     # cancelling anywhere is safe and does not wait out a blocking read.
@@ -243,8 +279,8 @@ def create_app(
         finally:
             await services.close()
 
-    return Litestar(
-        route_handlers=[*ROUTES, ICEBERG],
+    app = Litestar(
+        route_handlers=[*ROUTES, ICEBERG, mcp_endpoint, mcp_metadata],
         dependencies=DEPENDENCIES,
         lifespan=[lifespan],
         middleware=[RequestIdMiddleware],
@@ -274,3 +310,5 @@ def create_app(
         debug=False,
         logging_config=None,
     )
+    app.state.mcp = mcp_backend  # (its limiter's counts are visible to tests)
+    return app

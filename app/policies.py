@@ -71,13 +71,12 @@ def binds(caller: Caller, org: str, super_: str, table: TableState) -> bool:
     return restrict(caller, org, super_, table, table) is not table
 
 
-def restrict(
-    caller: Caller, org: str, super_: str, current: TableState, version: TableState
-) -> ViewSource:
-    """``version`` of the table as the caller may see it, under the table's *current*
-    policies (a policy also covers the table's past versions)."""
+def applied_policies(
+    caller: Caller, org: str, super_: str, current: TableState
+) -> list[Policy]:
+    """The table's policies that bind the caller (none: it reads everything)."""
     if caller.admin or caller.can("grant", org, super_, current.name) or not current.policies:
-        return version
+        return []
     # Only the roles that read count: a write-only or retired role lifts no policy.
     roles = {
         g.role
@@ -86,8 +85,24 @@ def restrict(
     }
     by_role = {p.role: p for p in current.policies}
     if not roles or any(role not in by_role for role in roles):
+        return []
+    return [by_role[role] for role in sorted(roles)]
+
+
+def hidden_columns(caller: Caller, org: str, super_: str, current: TableState) -> set[str]:
+    """The columns the caller's policies hide (all of them must hide a column)."""
+    applied = applied_policies(caller, org, super_, current)
+    return set.intersection(*(set(p.hidden) for p in applied)) if applied else set()
+
+
+def restrict(
+    caller: Caller, org: str, super_: str, current: TableState, version: TableState
+) -> ViewSource:
+    """``version`` of the table as the caller may see it, under the table's *current*
+    policies (a policy also covers the table's past versions)."""
+    applied = applied_policies(caller, org, super_, current)
+    if not applied:
         return version
-    applied = [by_role[role] for role in sorted(roles)]
     filters: list[str] = []
     for policy in applied:
         if policy.row_filter is None:

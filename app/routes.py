@@ -34,7 +34,7 @@ from app.audit import (
 from app.auth import Caller, Forbidden
 from app.ingest import format_for_content_type, open_source
 from app.mutations import Outcome, Target
-from app.policies import binds, restrict
+from app.policies import binds, hidden_columns, restrict
 from app.schemas import (
     CompactResponse,
     DeleteRequest,
@@ -52,11 +52,14 @@ from app.schemas import (
     PoliciesRequest,
     PoliciesResponse,
     QueryColumn,
+    QueryPlanOut,
     QueryRequest,
     QueryResponse,
     RestoreRequest,
     RestoreResponse,
+    ServiceInfo,
     SuperList,
+    SuperMeta,
     SuperOut,
     TableDetail,
     TableList,
@@ -67,14 +70,14 @@ from app.schemas import (
     version_detail,
 )
 from app.services import Services
-from app.settings import MIRROR_FORMATS
+from app.settings import MIRROR_FORMATS, package_version
 from app.writes import IngestRequest, check_name
 from events.errors import InvalidInput, LedgerError, NotFound, PayloadTooLarge
 from events.model import Policy, now, to_builtins
 from events.redis_log import guarded
 from projections.arrow import from_arrow, normalize_type, type_name
 from projections.catalog import SuperState
-from projections.query import Analysis, Restricted, ViewSource, parse_time
+from projections.query import Analysis, Resolver, Restricted, ViewSource, parse_time
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 SuperName = Annotated[str, PathParameter(name="super", description="the super table (catalog)")]
@@ -523,6 +526,63 @@ async def list_supers(
     return SuperList(org, supers)
 
 
+@get("/v1/{org:str}/{super:str}/meta", opt={"perm": "see"})
+async def super_meta(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: SuperName,
+) -> SuperMeta:
+    """The super at a glance: when and by whom it was created, and the tables the
+    caller can see with their totals."""
+    registry = await services.reader.registry()
+    info = registry.orgs.get(org)
+    sup = info.supers.get(super_name) if info is not None else None
+    if sup is None:
+        raise NotFound(f"super {org}/{super_name} does not exist", code="super_not_found")
+    state = visible(caller_of(request), await services.reader.require_super(org, super_name))
+    tables = [table_summary(t) for t in sorted(state.tables.values(), key=lambda t: t.name)]
+    return SuperMeta(
+        org=org,
+        name=super_name,
+        created_at=sup.created_at,
+        created_by=sup.created_by,
+        table_count=len(tables),
+        row_count=sum(t.row_count for t in tables),
+        file_count=sum(t.file_count for t in tables),
+        size_bytes=sum(t.size_bytes for t in tables),
+        updated_at=max((t.updated_at for t in tables), default=None),
+        tables=tables,
+    )
+
+
+@get("/v1/info")
+async def service_info(services: NamedDependency[Services]) -> ServiceInfo:
+    """The service's version and the limits a client (or an LLM through MCP) works
+    within: query rows and timeouts, the largest ingest body, the mirror formats."""
+    s = services.settings
+    return ServiceInfo(
+        name="ledgerlake",
+        version=package_version(),
+        query={
+            "default_limit": s.query_default_limit,
+            "max_limit": s.query_max_limit,
+            "default_timeout_s": s.query_timeout_s,
+            "max_timeout_s": s.query_max_timeout_s,
+            "max_result_bytes": s.query_max_result_bytes,
+            "max_sql_chars": s.query_max_sql_chars,
+        },
+        ingest={"max_body_bytes": s.max_body_bytes},
+        mirrors=list(s.mirror_formats),
+        mcp={
+            "path": "/mcp",
+            "token_budget": s.mcp_token_budget,
+            "timeout_s": s.mcp_timeout_s,
+            "max_concurrent_per_principal": s.mcp_max_concurrent_per_principal,
+        },
+    )
+
+
 @get("/v1/{org:str}/{super:str}/tables", opt={"perm": "see"})
 async def list_tables(
     request: Request[Any, Any, Any],
@@ -551,9 +611,13 @@ async def describe_table(
     found = await services.reader.require_table(org, super_name, table)
     mirrors = await services.table_mirrors(org, super_name, found)
     detail = table_detail(org, super_name, found, mirrors)
-    if binds(caller_of(request), org, super_name, found):
-        # Row filters or masks apply to the caller: no min/max of what they hide.
-        detail = msgspec.structs.replace(detail, stats={})
+    caller = caller_of(request)
+    if binds(caller, org, super_name, found):
+        # Row filters or masks apply to the caller: no min/max of what they hide, and
+        # no hidden column (its name would only lead to a query that cannot name it).
+        hidden = hidden_columns(caller, org, super_name, found)
+        columns = [c for c in detail.columns if c.name not in hidden]
+        detail = msgspec.structs.replace(detail, stats={}, columns=columns)
     # The version is the entity tag: send it back as If-Match to write conditionally.
     return Response(detail, headers={"ETag": f'"{found.version}"'})
 
@@ -724,6 +788,56 @@ def _result_columns(table: pa.Table) -> list[QueryColumn]:
     return out
 
 
+async def _query_views(
+    caller: Caller, services: Services, org: str, super_name: str, data: QueryRequest
+) -> tuple[Resolver, list[str]]:
+    """The resolver a query of ``caller`` runs with, and the list it fills with the
+    tables the query reads (for the audit). Only the tables the caller may read exist
+    for the query: any other name is an unknown table to the engine, whatever form of
+    SQL names it. Each view goes through the caller's policies."""
+    state = readable(caller, await services.reader.require_super(org, super_name))
+    resolve = services.views(
+        org, super_name, state, as_of_version=data.as_of_version, as_of_time=data.as_of_time
+    )
+    touched: list[str] = []
+
+    async def recording(analysis: Analysis) -> dict[str, ViewSource]:
+        touched.extend(sorted({r.name for r in analysis.refs if r.name in state.tables}))
+        names = {r.view: r.name for r in analysis.refs}
+        views = await resolve(analysis)
+        out: dict[str, ViewSource] = {}
+        for view, source in views.items():
+            current = state.tables[names[view]]
+            table = source.table if isinstance(source, Restricted) else source
+            out[view] = restrict(caller, org, super_name, current, table)
+        return out
+
+    return recording, touched
+
+
+@post(
+    "/v1/{org:str}/{super:str}/query/validate",
+    status_code=200,
+    responses=_errors(400, 401, 404, 410, 503),
+    opt={"perm": "see"},
+)
+async def validate_query(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    org: FromPath[str],
+    super_name: SuperName,
+    data: JSONBody[QueryRequest],
+) -> QueryPlanOut:
+    """Check, bind and plan a query exactly as ``/query`` would (same rules, same
+    tables, same policies), without running it: the columns it would return, the
+    tables it reads and DuckDB's physical plan. An invalid query is the same 400
+    that ``/query`` gives."""
+    recording, _ = await _query_views(caller_of(request), services, org, super_name, data)
+    plan = await services.engine.plan(recording, data.sql, timeout_s=data.timeout_s)
+    columns = _result_columns(plan.schema.empty_table())
+    return QueryPlanOut(True, columns, sorted(plan.tables), plan.plan)
+
+
 @post(
     "/v1/{org:str}/{super:str}/query",
     status_code=200,
@@ -740,28 +854,8 @@ async def run_query(
     """Run one read-only SELECT over the super's tables (referenced by name).
 
     ``Accept: text/csv`` or ``application/vnd.apache.arrow.stream`` change the format."""
-    # Only the tables the caller may read exist for the query: any other name is an
-    # unknown table to the engine, whatever form of SQL names it.
-    state = readable(caller_of(request), await services.reader.require_super(org, super_name))
-    resolve = services.views(
-        org, super_name, state, as_of_version=data.as_of_version, as_of_time=data.as_of_time
-    )
-    touched: list[str] = []
-
     caller = caller_of(request)
-
-    async def recording(analysis: Analysis) -> dict[str, ViewSource]:
-        """The views, each through the caller's policies; the tables are audited."""
-        touched.extend(sorted({r.name for r in analysis.refs if r.name in state.tables}))
-        names = {r.view: r.name for r in analysis.refs}
-        views = await resolve(analysis)
-        out: dict[str, ViewSource] = {}
-        for view, source in views.items():
-            current = state.tables[names[view]]
-            table = source.table if isinstance(source, Restricted) else source
-            out[view] = restrict(caller, org, super_name, current, table)
-        return out
-
+    recording, touched = await _query_views(caller, services, org, super_name, data)
     started = time.perf_counter()
 
     async def audit(rows: int, error: str = "") -> None:
@@ -784,7 +878,7 @@ async def run_query(
 
     try:
         result = await services.engine.run(
-            recording, data.sql, limit=data.limit, timeout_s=data.timeout_s
+            recording, data.sql, limit=data.limit, timeout_s=data.timeout_s, offset=data.offset
         )
     except LedgerError as exc:
         await audit(0, exc.code)
@@ -924,7 +1018,8 @@ V1_HANDLERS = [ingest_rows, delete_rows, restore_table, compact_table, describe_
                list_orgs, list_supers, list_tables, describe_table, drop_table, set_mirrors,
                set_policies,
                table_history,
-               run_query, list_events, read_audit, effective_config]  # fmt: skip
+               run_query, validate_query, super_meta, service_info,
+               list_events, read_audit, effective_config]  # fmt: skip
 V1 = Router(path="/", route_handlers=[*V1_HANDLERS, *ADMIN_HANDLERS], guards=[require_token])
 ROUTES: list[Any] = [health, metrics, V1]
 DEPENDENCIES = {"services": Provide(provide_services, sync_to_thread=False)}

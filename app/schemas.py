@@ -246,6 +246,44 @@ class QueryRequest(msgspec.Struct, forbid_unknown_fields=True):
     timeout_s: float | None = None
     as_of_version: int | None = None
     as_of_time: str | None = None
+    # Rows to skip first (paging: the same query and snapshot with a growing offset).
+    offset: int = 0
+
+
+class QueryPlanOut(msgspec.Struct):
+    """A query checked, bound and planned without running: the columns it would
+    return, the tables it reads and DuckDB's physical plan."""
+
+    valid: bool
+    columns: list[QueryColumn]
+    tables: list[str]
+    plan: str
+
+
+class SuperMeta(msgspec.Struct):
+    """A super at a glance: its tables (those the caller can see) and their totals."""
+
+    org: str
+    name: str
+    created_at: datetime
+    created_by: str
+    table_count: int
+    row_count: int
+    file_count: int
+    size_bytes: int
+    updated_at: datetime | None
+    tables: list[TableSummary]
+
+
+class ServiceInfo(msgspec.Struct):
+    """What a client may rely on: the version, the query limits and the formats."""
+
+    name: str
+    version: str
+    query: dict[str, Any]
+    ingest: dict[str, Any]
+    mirrors: list[str]
+    mcp: dict[str, Any]
 
 
 class QueryColumn(msgspec.Struct):

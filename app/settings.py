@@ -6,6 +6,7 @@ shows (a test checks that the two agree).
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -102,12 +103,30 @@ SETTINGS_DOC: dict[str, str] = {
     "iceberg_rest_credentials": "The Iceberg REST catalog sends the storage endpoint and "
     "credentials with each loaded table, so clients need none of their own. `false`: "
     "clients bring their own.",
+    "public_url": "The service's external base URL (e.g. `https://lake.example.com`), used "
+    "for the MCP resource in OAuth metadata. Default: taken from each request's Host.",
+    "mcp_authorization_servers": "OAuth authorization servers MCP clients are sent to "
+    "(comma-separated issuer URLs, RFC 9728 metadata). Default: `jwt_issuer`, if set.",
+    "mcp_token_budget": "Largest MCP tool result, in estimated tokens (JSON characters / 4); "
+    "longer results are cut and say how to get the rest.",
+    "mcp_timeout_s": "Longest an MCP tool call may take, in seconds.",
+    "mcp_max_concurrent": "MCP tool calls running at once per process; more are refused "
+    "with a tool error.",
+    "mcp_max_concurrent_per_principal": "MCP tool calls one principal may run at once per process.",
     "row_group_rows": "Parquet row group size, in rows.",
     "zstd_level": "Parquet zstd compression level.",
     "log_format": "`text` or `json` (one JSON object per line).",
     "log_level": "Python logging level.",
     "projection_batch": "Events folded per projection commit.",
 }
+
+
+def package_version() -> str:
+    """The installed Ledgerlake version."""
+    try:
+        return importlib.metadata.version("ledgerlake")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
 
 
 _AWS_FALLBACKS = {
@@ -185,6 +204,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     mirror_checkpoint_interval: int = 10
     mirror_retention_s: float = 3600.0
     iceberg_rest_credentials: bool = True
+    public_url: str | None = None
+    mcp_authorization_servers: str = ""
+    mcp_token_budget: int = 25_000
+    mcp_timeout_s: float = 60.0
+    mcp_max_concurrent: int = 32
+    mcp_max_concurrent_per_principal: int = 4
     row_group_rows: int = 131_072
     zstd_level: int = 3
     log_format: str = "text"
@@ -240,6 +265,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise SystemExit(
                 f"LEDGERLAKE_MIRRORS: unknown format(s) {', '.join(sorted(unknown))} "
                 f"(known: {', '.join(MIRROR_FORMATS)})"
+            )
+        if self.mcp_token_budget < 1000:
+            raise SystemExit("LEDGERLAKE_MCP_TOKEN_BUDGET must be at least 1000")
+        if (
+            self.mcp_timeout_s <= 0
+            or min(self.mcp_max_concurrent, self.mcp_max_concurrent_per_principal) < 1
+        ):
+            raise SystemExit(
+                "LEDGERLAKE_MCP_TIMEOUT_S and the LEDGERLAKE_MCP_MAX_CONCURRENT* settings "
+                "must be positive"
+            )
+        if self.mcp_timeout_s > self.query_max_timeout_s:
+            raise SystemExit(
+                "LEDGERLAKE_MCP_TIMEOUT_S must not exceed LEDGERLAKE_QUERY_MAX_TIMEOUT_S "
+                "(an MCP query gets the call's time as its timeout)"
             )
         if self.redis_appendfsync not in ("always", "everysec", "no"):
             raise SystemExit("LEDGERLAKE_REDIS_APPENDFSYNC must be always, everysec or no")

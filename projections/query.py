@@ -50,6 +50,8 @@ class QueryLimits:
     memory_limit: str = "2GB"
     max_temp_bytes: str = "8GB"
     max_sql_chars: int = 100_000
+    # How many leading rows a query may skip (``offset``, for paging through results).
+    max_offset: int = 10_000_000
     concurrency: int = 4
     # How long past its timeout a query that does not react to the interrupt is waited
     # for before the client gets its 408 anyway (the engine thread is then abandoned).
@@ -61,6 +63,16 @@ class QueryResult:
     table: pa.Table
     truncated: bool
     elapsed_ms: float
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """A query bound and planned, not run: its result schema (no rows), the tables it
+    reads and DuckDB's physical plan."""
+
+    schema: pa.Schema
+    tables: frozenset[str]
+    plan: str
 
 
 _DISABLED_OPTIONS = {
@@ -345,10 +357,38 @@ class QueryEngine:
         *,
         limit: int | None = None,
         timeout_s: float | None = None,
+        offset: int = 0,
     ) -> QueryResult:
         """Run ``sql`` over the tables of a super's state, or over the table versions a
-        resolver picks for the query's table references."""
+        resolver picks for the query's table references: at most ``limit`` rows after
+        the first ``offset``."""
+        result = await self._execute(source, sql, limit, timeout_s, offset, plan_only=False)
+        assert isinstance(result, QueryResult)
+        return result
+
+    async def plan(
+        self, source: SuperState | Resolver, sql: str, *, timeout_s: float | None = None
+    ) -> QueryPlan:
+        """Check, bind and plan ``sql`` exactly as ``run`` would, without running it."""
+        result = await self._execute(source, sql, None, timeout_s, 0, plan_only=True)
+        assert isinstance(result, QueryPlan)
+        return result
+
+    async def _execute(
+        self,
+        source: SuperState | Resolver,
+        sql: str,
+        limit: int | None,
+        timeout_s: float | None,
+        offset: int,
+        *,
+        plan_only: bool,
+    ) -> QueryResult | QueryPlan:
         rows, timeout = self.clamp(limit, timeout_s)
+        if offset < 0 or offset > self.limits.max_offset:
+            raise InvalidInput(
+                f"offset must be between 0 and {self.limits.max_offset}", code="invalid_offset"
+            )
         resolve = current_views(source) if isinstance(source, SuperState) else source
         # Parsing runs in a thread, off the event loop: a huge statement must not stall it.
         analysis = await anyio.to_thread.run_sync(
@@ -361,9 +401,11 @@ class QueryEngine:
             return await anyio.to_thread.run_sync(
                 self._run_slot,
                 views,
-                analysis.sql,
+                analysis,
                 rows,
                 timeout,
+                offset,
+                plan_only,
                 limiter=self._threads,
                 abandon_on_cancel=True,
             )
@@ -444,8 +486,14 @@ class QueryEngine:
         return con
 
     def _run_slot(
-        self, views: dict[str, ViewSource], sql: str, limit: int, timeout: float
-    ) -> QueryResult:
+        self,
+        views: dict[str, ViewSource],
+        analysis: Analysis,
+        limit: int,
+        timeout: float,
+        offset: int,
+        plan_only: bool,
+    ) -> QueryResult | QueryPlan:
         if not self._running.acquire(timeout=timeout):
             raise Unavailable(
                 f"all {self.limits.concurrency} query slots stayed busy for {timeout:g}s; "
@@ -453,23 +501,41 @@ class QueryEngine:
                 code="query_busy",
             )
         try:
-            return self._run_sync(views, sql, limit, timeout)
+            return self._run_sync(views, analysis, limit, timeout, offset, plan_only)
         finally:
             self._running.release()
 
     def _run_sync(
-        self, views: dict[str, ViewSource], sql: str, limit: int, timeout: float
-    ) -> QueryResult:
+        self,
+        views: dict[str, ViewSource],
+        analysis: Analysis,
+        limit: int,
+        timeout: float,
+        offset: int,
+        plan_only: bool,
+    ) -> QueryResult | QueryPlan:
         started = time.perf_counter()
         temp_dir = self.temp_root / uuid.uuid4().hex
         con = self._connect(views, temp_dir)
         timer = threading.Timer(timeout, con.interrupt)
         timer.start()
+        sql = analysis.sql
         try:
+            if plan_only:
+                # A relation is bound (names, types, functions checked) but not run.
+                relation = con.sql(sql)
+                schema = relation.limit(0).to_arrow_table().schema
+                return QueryPlan(schema, frozenset(analysis.tables), relation.explain())
             reader = con.execute(sql).to_arrow_reader(min(limit + 1, 65536))
             batches: list[pa.RecordBatch] = []
             count, size, truncated = 0, 0, False
             for batch in reader:
+                if offset:  # skipped rows of the same plan: pages keep the engine's order
+                    skip = min(offset, batch.num_rows)
+                    offset -= skip
+                    batch = batch.slice(skip)
+                    if not batch.num_rows:
+                        continue
                 if count + batch.num_rows > limit:
                     batch = batch.slice(0, limit - count)
                     truncated = True

@@ -10,7 +10,6 @@ their own: they read the files with what the catalog vends with a loaded table.
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ import duckdb
 import httpx
 import msgspec
 import pytest
-import uvicorn
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError, UnauthorizedError
 
@@ -28,7 +26,7 @@ from app.http import create_app
 from app.services import Services
 from app.settings import Settings
 from projections.query import install_extensions
-from tests.conftest import free_port
+from tests.threaded_server import ThreadedServer
 
 ORG, SUP, TBL = "acme", "sales", "orders"
 TOKEN = "iceberg-test-token"
@@ -61,43 +59,16 @@ Row = tuple[Any, ...]
 # -- the server -------------------------------------------------------------------------
 
 
-class Server:
-    """The app under uvicorn on 127.0.0.1 and a free port, in a background thread."""
+class Server(ThreadedServer):
+    """The app (no projector: ``sync`` runs the projections) under uvicorn."""
 
     def __init__(self, settings: Settings) -> None:
         assert settings.redis_url
         self.settings = settings
-        self.port = free_port()
-        app = create_app(settings, settings.redis_url, run_projector=False)
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        super().__init__(
+            create_app(settings, settings.redis_url, run_projector=False), settings.api_token
         )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.base = f"http://127.0.0.1:{self.port}"
         self.uri = f"{self.base}/iceberg"
-        headers = {"authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
-        self.http = httpx.Client(base_url=self.base, headers=headers, timeout=30)
-
-    def start(self) -> None:
-        self.thread.start()
-        for _ in range(1500):
-            if not self.thread.is_alive():
-                break
-            try:
-                if self.http.get("/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            self.thread.join(timeout=0.02)  # readiness poll: wait a little, or notice a crash
-        self.stop()
-        raise RuntimeError("uvicorn did not start")
-
-    def stop(self) -> None:
-        self.http.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive(), "uvicorn did not stop"
 
     def sync(self) -> int:
         """Run the catalog projection and every mirror runner until caught up."""

@@ -37,6 +37,10 @@ def test_aws_variables_work_and_ledgerlake_s3_settings_override_them() -> None:
         {"LEDGERLAKE_PORT": "eighty"},
         {"LEDGERLAKE_REDIS_SENTINELS": "host-without-port"},
         {"LEDGERLAKE_REDIS_CLUSTER": "true"},
+        {"LEDGERLAKE_MCP_TOKEN_BUDGET": "10"},
+        {"LEDGERLAKE_MCP_TIMEOUT_S": "0"},
+        {"LEDGERLAKE_MCP_TIMEOUT_S": "900"},  # above the query's own maximum
+        {"LEDGERLAKE_MCP_MAX_CONCURRENT_PER_PRINCIPAL": "0"},
     ],
 )
 def test_bad_settings_stop_the_start_with_a_message(env: dict[str, str]) -> None:
