@@ -222,13 +222,20 @@ def encode_cursor(state: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(state).encode()).decode()
 
 
-def decode_cursor(cursor: str) -> dict[str, Any]:
+def decode_cursor(cursor: str, fields: dict[str, type] | None = None) -> dict[str, Any]:
+    """The state of a cursor, which must have ``fields`` with their types (a cursor of
+    another tool, or an edited one, is refused)."""
+    refused = ToolError("this cursor is not one this tool returned; use its next_cursor as is")
     try:
         state = json.loads(base64.urlsafe_b64decode(cursor.encode()))
     except (ValueError, binascii.Error):
-        raise ToolError("this cursor is not one a Ledgerlake tool returned") from None
+        raise refused from None
     if not isinstance(state, dict):
-        raise ToolError("this cursor is not one a Ledgerlake tool returned")
+        raise refused
+    for name, kind in (fields or {}).items():
+        value = state.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) or value == "":
+            raise refused
     return state
 
 
@@ -369,7 +376,7 @@ def build_server(backend: Backend) -> MCPServer:
         super: Super,
         cursor: Annotated[str | None, Field(description="next_cursor of a previous page")] = None,
     ) -> Reply:
-        offset = int(decode_cursor(cursor).get("offset", 0)) if cursor else 0
+        offset = decode_cursor(cursor, {"offset": int})["offset"] if cursor else 0
         async with backend.call(ctx) as api:
             listed = await api.get(path(org, super, "tables"))
         tables = listed["tables"]
@@ -617,8 +624,11 @@ def build_server(backend: Backend) -> MCPServer:
         ] = None,
         limit: Annotated[
             int | None,
-            Field(ge=1, description="Most rows per call (server default 1000); a cursor "
-                  "continues with the same page size"),
+            Field(
+                ge=1,
+                description="Most rows per call (server default 1000); a cursor "
+                "continues with the same page size",
+            ),
         ] = None,
         timeout_s: Annotated[
             float | None, Field(gt=0, description="Query timeout in seconds")
@@ -632,13 +642,13 @@ def build_server(backend: Backend) -> MCPServer:
         cursor: Annotated[str | None, Field(description="next_cursor of a previous result")] = None,
     ) -> Reply:
         if cursor:
-            state = decode_cursor(cursor)
+            state = decode_cursor(cursor, {"org": str, "super": str, "sql": str, "offset": int})
             if state.get("org") != org or state.get("super") != super:
                 raise ToolError("this cursor belongs to another org or super")
             if sql is not None and sql != state.get("sql"):
                 raise ToolError("pass either sql or cursor (a cursor carries its query)")
             sql, as_of_version, as_of_time = state["sql"], state.get("v"), state.get("t")
-            offset, limit = int(state["offset"]), limit or state.get("limit")
+            offset, limit = state["offset"], limit or state.get("limit")
         elif not sql:
             raise ToolError("give sql (one SELECT) or a cursor")
         else:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import httpx2
 import msgspec
@@ -24,9 +25,17 @@ import pytest
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.server.mcpserver.exceptions import ToolError
 
 from app.http import create_app
-from app.mcp_server import PRM_PATH, Backend, estimate_tokens, standalone_app
+from app.mcp_server import (
+    PRM_PATH,
+    Backend,
+    McpConfig,
+    encode_cursor,
+    estimate_tokens,
+    standalone_app,
+)
 from app.settings import Settings, package_version
 from tests.conftest import ADMIN_TOKEN
 from tests.threaded_server import ThreadedServer
@@ -388,8 +397,10 @@ async def test_errors_are_tool_errors_with_a_message(world: World) -> None:
         bad_sql = await fails(s, "query_sql", org="acme", super="sales", sql="select from")
         assert "sql" in bad_sql.lower()
         assert "give sql" in await fails(s, "query_sql", org="acme", super="sales")
+        for cursor in ("not-a-cursor", encode_cursor({"offset": 3}), encode_cursor([1])):
+            assert "cursor" in await fails(s, "query_sql", org="acme", super="sales", cursor=cursor)
         assert "cursor" in await fails(
-            s, "query_sql", org="acme", super="sales", cursor="not-a-cursor"
+            s, "list_tables", org="acme", super="sales", cursor=encode_cursor({"offset": "x"})
         )
         assert await fails(s, "sample_rows", org="acme", super="sales", table="orders", n=0)
         assert await fails(s, "list_supers")  # a required argument missing
@@ -630,6 +641,33 @@ async def test_a_call_past_its_time_is_stopped_with_a_clear_error(
             assert "timeout of 1s" in text  # the call's 1.5 s less the margin for the reply
             assert (await call(s, "query_sql", org="acme", super="sales",
                                sql="select count(*) from big"))["rows"] == [[3000]]  # fmt: skip
+
+
+async def test_the_call_deadline_stops_a_call_whose_api_does_not_answer() -> None:
+    """The backstop for calls other than queries: an API that accepts the connection
+    and never answers (a real socket) ends in a timeout tool error, and frees the slot."""
+
+    class Ctx:
+        headers = {"authorization": "Bearer some-token"}
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        held: list[Any] = []
+
+        async def accept(stream: Any) -> None:
+            held.append(stream)  # read nothing, answer nothing
+            await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, accept)
+            backend = Backend(McpConfig(timeout_s=0.3))
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                backend.client = client
+                with pytest.raises(ToolError, match=r"longer than 0.3s"):
+                    async with backend.call(Ctx()) as api:  # type: ignore[arg-type]
+                        await api.get("/v1/whoami")
+            assert backend.limiter.running == 0
+            tg.cancel_scope.cancel()
 
 
 async def test_concurrent_calls_all_get_their_own_answer(world: World) -> None:
