@@ -71,9 +71,7 @@ def binds(caller: Caller, org: str, super_: str, table: TableState) -> bool:
     return restrict(caller, org, super_, table, table) is not table
 
 
-def applied_policies(
-    caller: Caller, org: str, super_: str, current: TableState
-) -> list[Policy]:
+def applied_policies(caller: Caller, org: str, super_: str, current: TableState) -> list[Policy]:
     """The table's policies that bind the caller (none: it reads everything)."""
     if caller.admin or caller.can("grant", org, super_, current.name) or not current.policies:
         return []
