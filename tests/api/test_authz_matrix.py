@@ -619,6 +619,67 @@ def query_case(w: World, who: str, t: str) -> Cell:
     )  # fmt: skip
 
 
+@case("POST /v1/{org:str}/{super:str}/query/validate", TABLE_TARGETS)
+def validate_case(w: World, who: str, t: str) -> Cell:
+    """As a query: planned over the caller's readable tables only."""
+    org, sup, table = t.split("/")
+    spec = WHO[who]
+    refusal = require(spec, None, org, sup)
+    if refusal is None and not can(spec, "read", org, sup, table):
+        refusal = (400, "sql_error")
+
+    def ok(r: httpx.Response, _: Any) -> None:
+        body = r.json()
+        assert body["valid"] and body["tables"] == [table], r.text
+        assert body["columns"] == [{"name": "n", "type": "int64"}], r.text
+
+    return Cell(
+        "POST", f"/v1/{org}/{sup}/query/validate", refusal_or(spec, refusal, (200, None)),
+        json={"sql": f"select count(*) as n from {table}"}, on_success=ok, read_only=True,
+    )  # fmt: skip
+
+
+@case("GET /v1/whoami", ["-"])
+def whoami_case(w: World, who: str, _: str) -> Cell:
+    spec = WHO[who]
+
+    def ok(r: httpx.Response, _: Any) -> None:
+        body = r.json()
+        assert body["principal"]["admin"] == spec.admin, r.text
+        if spec.org:
+            assert body["principal"]["org"] == spec.org, r.text
+        grants = {(g["role"], g["org"], g["super"] or "", g["table"] or "") for g in body["grants"]}
+        assert grants == set(spec.grants), (grants, spec.grants)
+
+    return Cell("GET", "/v1/whoami", refusal_or(spec, None, (200, None)), on_success=ok,
+                read_only=True)  # fmt: skip
+
+
+@case("GET /v1/info", ["-"])
+def info_case(w: World, who: str, _: str) -> Cell:
+    def ok(r: httpx.Response, _: Any) -> None:
+        assert r.json()["name"] == "ledgerlake" and "api_token" not in r.text, r.text
+
+    return Cell("GET", "/v1/info", refusal_or(WHO[who], None, (200, None)), on_success=ok,
+                read_only=True)  # fmt: skip
+
+
+@case("GET /v1/{org:str}/{super:str}/meta", SUPER_TARGETS)
+def meta_case(w: World, who: str, target: str) -> Cell:
+    spec = WHO[who]
+    org, sup = target.split("/")
+
+    def ok(r: httpx.Response, _: Any) -> None:
+        body = r.json()
+        want = [t for t in TABLES if sees(spec, org, sup, t)]
+        assert [t["name"] for t in body["tables"]] == want, r.text
+        assert body["table_count"] == len(want), r.text
+        assert body["row_count"] == sum(t["row_count"] for t in body["tables"]), r.text
+
+    expect = refusal_or(spec, require(spec, None, org, sup), (200, None))
+    return Cell("GET", f"/v1/{org}/{sup}/meta", expect, on_success=ok, read_only=True)
+
+
 @case("GET /v1/orgs", ["-"])
 def orgs_case(w: World, who: str, _: str) -> Cell:
     spec = WHO[who]
