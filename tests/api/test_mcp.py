@@ -789,3 +789,40 @@ def test_prm_lists_the_configured_authorization_servers(redis_url: str, tmp_path
         in unauthorised.headers["www-authenticate"]
     )
     assert msgspec.json.decode(unauthorised.content)["error"]["code"] == "unauthorized"
+
+
+async def test_a_jwt_from_the_identity_provider_works_over_mcp(
+    redis_url: str, tmp_path: Path
+) -> None:
+    import time
+
+    import jwt
+
+    secret, issuer, audience = "mcp-jwt-secret-0123456789abcdef0123", "https://idp.example", "ll"
+    settings = make_settings(
+        redis_url, tmp_path / "data", jwt_hs256_secret=secret, jwt_issuer=issuer,
+        jwt_audience=audience,
+    )  # fmt: skip
+    async with serving(settings) as server:
+        ok(server.http.post("/v1/acme/sales/tables/t/rows", json=[{"a": 1}, {"a": 2}]))
+        pid = ok(server.http.post("/v1/principals", json={
+            "name": "alice", "org": "acme", "external_id": "alice@idp"}))["id"]  # fmt: skip
+        ok(server.http.post("/v1/grants", json={"principal_id": pid, "org": "acme",
+                                                 "role": "reader"}))  # fmt: skip
+
+        def token(**extra: Any) -> str:
+            claims = {"sub": "alice@idp", "iss": issuer, "aud": audience,
+                      "exp": int(time.time()) + 300, **extra}  # fmt: skip
+            return jwt.encode(claims, secret, algorithm="HS256")
+
+        async with session(server.base + "/mcp", token()) as s:
+            assert (await call(s, "whoami"))["principal"]["id"] == pid
+            got = await call(s, "query_sql", org="acme", super="sales", sql="select sum(a) from t")
+            assert got["rows"] == [[3]]
+        # The metadata names the identity provider as the authorization server.
+        doc = ok(server.http.get(PRM_PATH))
+        assert doc["authorization_servers"] == [issuer]
+        expired = token(exp=int(time.time()) - 10)
+        r = server.http.post("/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                             headers={"authorization": f"Bearer {expired}"})  # fmt: skip
+        assert r.status_code == 401 and 'error="invalid_token"' in r.headers["www-authenticate"]
