@@ -218,6 +218,11 @@ def describe_error(exc: ApiError) -> str:
 
 
 # Cursors are opaque to the model: base64 of a small JSON object.
+MAX_CURSOR_CHARS = 200_000
+# Characters kept free for a truncation note (the longest note is about 450).
+NOTE_RESERVE = 600
+
+
 def encode_cursor(state: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(state).encode()).decode()
 
@@ -226,9 +231,11 @@ def decode_cursor(cursor: str, fields: dict[str, type] | None = None) -> dict[st
     """The state of a cursor, which must have ``fields`` with their types (a cursor of
     another tool, or an edited one, is refused)."""
     refused = ToolError("this cursor is not one this tool returned; use its next_cursor as is")
+    if len(cursor) > MAX_CURSOR_CHARS:
+        raise refused
     try:
         state = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         raise refused from None
     if not isinstance(state, dict):
         raise refused
@@ -291,6 +298,11 @@ def build_server(backend: Backend) -> MCPServer:
         result: dict[str, Any] = await api.post(path(org, sup, "query"), body)
         return result
 
+    async def fetch(ctx: Context, url: str) -> CallToolResult:
+        """A tool that is one GET of the API, as it answers."""
+        async with backend.call(ctx) as api:
+            return reply(await api.get(url))
+
     async def view_columns(
         api: LedgerlakeApi, org: str, sup: str, table: str, as_of_version: int | None = None
     ) -> list[dict[str, str]]:
@@ -341,18 +353,14 @@ def build_server(backend: Backend) -> MCPServer:
         annotations=READ_ONLY,
     )
     async def whoami(ctx: Context) -> Reply:
-        async with backend.call(ctx) as api:
-            result: dict[str, Any] = await api.get("/v1/whoami")
-            return reply(result)
+        return await fetch(ctx, "/v1/whoami")
 
     @mcp.tool(
         description="The orgs (tenants) you can see, with their number of supers.",
         annotations=READ_ONLY,
     )
     async def list_orgs(ctx: Context) -> Reply:
-        async with backend.call(ctx) as api:
-            result: dict[str, Any] = await api.get("/v1/orgs")
-            return reply(result)
+        return await fetch(ctx, "/v1/orgs")
 
     @mcp.tool(
         description="The supers (schemas of tables) of an org that you can see, with "
@@ -360,9 +368,7 @@ def build_server(backend: Backend) -> MCPServer:
         annotations=READ_ONLY,
     )
     async def list_supers(ctx: Context, org: Org) -> Reply:
-        async with backend.call(ctx) as api:
-            result: dict[str, Any] = await api.get(path(org, "supers"))
-            return reply(result)
+        return await fetch(ctx, path(org, "supers"))
 
     @mcp.tool(
         description="The tables of a super that you can see: name, version, row count, "
@@ -751,10 +757,12 @@ def _choose(available: list[dict[str, str]], wanted: list[str] | None) -> list[d
 
 def _paged(page: dict[str, Any], key: str, budget: int, offset: int) -> dict[str, Any]:
     """``page`` with as many items of ``page[key]`` as fit the budget; when cut, a note
-    and ``next_cursor`` (an offset into the full list)."""
-    keep = fit({**page, "truncated": True, "note": "x" * 200, "next_cursor": "x" * 40}, key,
-               budget)  # fmt: skip
+    and ``next_cursor`` (an offset into the full list). At least one item is shown, so
+    that following the cursors always ends."""
     items = page[key]
+    cursor = encode_cursor({"offset": offset + len(items)})  # the longest one
+    reserve = {"truncated": True, "note": "x" * NOTE_RESERVE, "next_cursor": cursor}
+    keep = max(1, fit({**page, **reserve}, key, budget))
     if keep >= len(items):
         return {**page, "truncated": False}
     return {
@@ -792,8 +800,12 @@ def _rows_page(
     rows = result["rows"]
     page = {"columns": result["columns"], "rows": rows, "row_count": len(rows),
             "truncated": False, "elapsed_ms": result.get("elapsed_ms")}  # fmt: skip
-    keep = fit({**page, "truncated": True, "note": "x" * 400, "next_cursor": "x" * 400},
-               "rows", budget)  # fmt: skip
+    # Room for the note and the cursor (which carries the SQL): the longest they can be.
+    cursor = ""
+    if cursor_state is not None:
+        cursor = encode_cursor({**cursor_state, "offset": cursor_state["offset"] + len(rows)})
+    reserve = {"truncated": True, "note": "x" * NOTE_RESERVE, "next_cursor": cursor}
+    keep = fit({**page, **reserve}, "rows", budget)
     cut_by_budget = keep < len(rows)
     if not cut_by_budget and not result["truncated"]:
         return page

@@ -307,6 +307,18 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One query for an engine thread: its views, checked SQL and limits."""
+
+    views: dict[str, ViewSource]
+    analysis: Analysis
+    limit: int
+    timeout: float
+    offset: int
+    plan_only: bool
+
+
 class QueryEngine:
     """Runs checked SQL against a super's snapshot."""
 
@@ -398,14 +410,10 @@ class QueryEngine:
         views = await resolve(analysis)
         # Up to `timeout` waiting for a slot, `timeout` running, then the grace period.
         with anyio.move_on_after(2 * timeout + self.limits.grace_s):
+            job = _Job(views, analysis, rows, timeout, offset, plan_only)
             return await anyio.to_thread.run_sync(
                 self._run_slot,
-                views,
-                analysis,
-                rows,
-                timeout,
-                offset,
-                plan_only,
+                job,
                 limiter=self._threads,
                 abandon_on_cancel=True,
             )
@@ -485,35 +493,22 @@ class QueryEngine:
             ) from exc
         return con
 
-    def _run_slot(
-        self,
-        views: dict[str, ViewSource],
-        analysis: Analysis,
-        limit: int,
-        timeout: float,
-        offset: int,
-        plan_only: bool,
-    ) -> QueryResult | QueryPlan:
-        if not self._running.acquire(timeout=timeout):
+    def _run_slot(self, job: _Job) -> QueryResult | QueryPlan:
+        if not self._running.acquire(timeout=job.timeout):
             raise Unavailable(
-                f"all {self.limits.concurrency} query slots stayed busy for {timeout:g}s; "
+                f"all {self.limits.concurrency} query slots stayed busy for {job.timeout:g}s; "
                 "try again later",
                 code="query_busy",
             )
         try:
-            return self._run_sync(views, analysis, limit, timeout, offset, plan_only)
+            return self._run_sync(job)
         finally:
             self._running.release()
 
-    def _run_sync(
-        self,
-        views: dict[str, ViewSource],
-        analysis: Analysis,
-        limit: int,
-        timeout: float,
-        offset: int,
-        plan_only: bool,
-    ) -> QueryResult | QueryPlan:
+    def _run_sync(self, job: _Job) -> QueryResult | QueryPlan:
+        views, analysis, limit, timeout, offset = (
+            job.views, job.analysis, job.limit, job.timeout, job.offset
+        )  # fmt: skip
         started = time.perf_counter()
         temp_dir = self.temp_root / uuid.uuid4().hex
         con = self._connect(views, temp_dir)
@@ -521,7 +516,7 @@ class QueryEngine:
         timer.start()
         sql = analysis.sql
         try:
-            if plan_only:
+            if job.plan_only:
                 # A relation is bound (names, types, functions checked) but not run.
                 relation = con.sql(sql)
                 schema = relation.limit(0).to_arrow_table().schema
