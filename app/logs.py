@@ -42,3 +42,7 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # A line per HTTP call of the MCP tools (httpx) and per stateless MCP request (the SDK)
+    # repeats the access log; their warnings still show.
+    for noisy in ("httpx", "mcp"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
