@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -81,7 +82,8 @@ class McpConfig:
 def estimate_tokens(value: Any) -> int:
     """A result's size in tokens, estimated as its compact JSON length / 4 (what most
     tokenizers average on JSON of mixed names and numbers)."""
-    return math.ceil(len(json.dumps(value, default=str, separators=(",", ":"))) / 4)
+    text = json.dumps(value, default=str, separators=(",", ":"), ensure_ascii=False)
+    return math.ceil(len(text) / 4)
 
 
 def fit(payload: dict[str, Any], key: str, budget: int) -> int:
@@ -98,6 +100,51 @@ def fit(payload: dict[str, Any], key: str, budget: int) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def _cut_strings(value: Any, longest: int) -> Any:
+    if isinstance(value, str) and len(value) > longest:
+        return value[:longest] + "…[cut]"
+    if isinstance(value, dict):
+        return {k: _cut_strings(v, longest) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cut_strings(v, longest) for v in value]
+    return value
+
+
+def _longest_string(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return max((_longest_string(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return max((_longest_string(v) for v in value), default=0)
+    return 0
+
+
+def within_budget(result: dict[str, Any], budget: int) -> dict[str, Any]:
+    """The last guard of every answer: one over the budget (a tool's own paging left it
+    too large, e.g. long text values) gets its long strings cut, as little as needed;
+    if that is not enough, a tool error saying how to narrow the call."""
+    if estimate_tokens(result) <= budget:
+        return result
+    lo, hi = 0, _longest_string(result)
+    while lo < hi:  # the longest strings may be and still fit
+        mid = (lo + hi + 1) // 2
+        if estimate_tokens(_cut_strings(result, mid)) <= budget - 60:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo < 20:
+        raise ToolError(
+            f"this answer is about {estimate_tokens(result):,} tokens, more than the response "
+            f"budget of {budget:,}; narrow the call: fewer columns, a filter, a LIMIT, or "
+            "one table at a time"
+        )
+    cut: dict[str, Any] = _cut_strings(result, lo)
+    note = f"values longer than {lo} characters were cut to fit the response budget"
+    cut["note"] = f"{cut['note']} {note}" if isinstance(cut.get("note"), str) else note
+    return cut
 
 
 class CallLimiter:
@@ -277,12 +324,16 @@ def _is_numeric(type_name: str) -> bool:
 Org = Annotated[str, Field(description="Org (tenant) name, from list_orgs")]
 Super = Annotated[str, Field(description="Super (schema of tables) name, from list_supers")]
 Table = Annotated[str, Field(description="Table name, from list_tables")]
+Cursor = Annotated[str | None, Field(description="next_cursor of a previous page, as is")]
 
 
 def build_server(backend: Backend) -> MCPServer:
     """The MCP server with every Ledgerlake tool, resource and prompt."""
     mcp = MCPServer(name="ledgerlake", version=package_version(), instructions=INSTRUCTIONS)
     budget = backend.config.token_budget
+
+    def answer(result: dict[str, Any]) -> CallToolResult:
+        return reply(within_budget(result, budget))
 
     async def run_query(
         api: LedgerlakeApi, org: str, sup: str, body: dict[str, Any]
@@ -301,7 +352,7 @@ def build_server(backend: Backend) -> MCPServer:
     async def fetch(ctx: Context, url: str) -> CallToolResult:
         """A tool that is one GET of the API, as it answers."""
         async with backend.call(ctx) as api:
-            return reply(await api.get(url))
+            return answer(await api.get(url))
 
     async def view_columns(
         api: LedgerlakeApi, org: str, sup: str, table: str, as_of_version: int | None = None
@@ -326,8 +377,8 @@ def build_server(backend: Backend) -> MCPServer:
             except ApiError as exc:  # 503 is a health answer, not a failure
                 if exc.status != 503:
                     raise
-                return reply({"status": "unavailable", "detail": exc.message})
-            return reply(result)
+                return answer({"status": "unavailable", "detail": exc.message})
+            return answer(result)
 
     @mcp.tool(
         description="The Ledgerlake service's version and the limits you work within: "
@@ -345,7 +396,7 @@ def build_server(backend: Backend) -> MCPServer:
             "timeout_s": backend.config.timeout_s,
             "max_concurrent_per_principal": backend.config.max_concurrent_per_principal,
         }
-        return reply(service)
+        return answer(service)
 
     @mcp.tool(
         description="Who you are to Ledgerlake: your principal (name, org, attributes), "
@@ -380,14 +431,15 @@ def build_server(backend: Backend) -> MCPServer:
         ctx: Context,
         org: Org,
         super: Super,
-        cursor: Annotated[str | None, Field(description="next_cursor of a previous page")] = None,
+        cursor: Cursor = None,
     ) -> Reply:
-        offset = decode_cursor(cursor, {"offset": int})["offset"] if cursor else 0
+        scope = [org, super]
+        offset = _page_offset(cursor, scope)
         async with backend.call(ctx) as api:
             listed = await api.get(path(org, super, "tables"))
         tables = listed["tables"]
         page = {"org": org, "super": super, "total": len(tables), "tables": tables[offset:]}
-        return reply(_paged(page, "tables", budget, offset))
+        return answer(_paged(page, "tables", budget, offset, scope))
 
     @mcp.tool(
         description="A table's schema (column names, types, nullability), row count, "
@@ -405,7 +457,7 @@ def build_server(backend: Backend) -> MCPServer:
                 "per-column stats were left out to fit the response budget; "
                 "use get_table_stats for chosen columns"
             )
-        return reply(detail)
+        return answer(detail)
 
     @mcp.tool(
         description="Per-column statistics of a table computed now over the rows you "
@@ -444,7 +496,7 @@ def build_server(backend: Backend) -> MCPServer:
             nulls, low, high, distinct = row[1 + 4 * i : 5 + 4 * i]
             stats[c["name"]] = {"type": c["type"], "null_count": nulls, "min": low,
                                 "max": high, "distinct_estimate": distinct}  # fmt: skip
-        return reply({"org": org, "super": super, "table": table, "row_count": row[0],
+        return answer({"org": org, "super": super, "table": table, "row_count": row[0],
                       "columns": stats})  # fmt: skip
 
     @mcp.tool(
@@ -452,10 +504,13 @@ def build_server(backend: Backend) -> MCPServer:
         "can see) with row counts and sizes, and the totals.",
         annotations=READ_ONLY,
     )
-    async def get_super_meta(ctx: Context, org: Org, super: Super) -> Reply:
+    async def get_super_meta(ctx: Context, org: Org, super: Super, cursor: Cursor = None) -> Reply:
+        scope = [org, super]
+        offset = _page_offset(cursor, scope)
         async with backend.call(ctx) as api:
             meta = await api.get(path(org, super, "meta"))
-        return reply(_paged(meta, "tables", budget, 0))
+        meta["tables"] = meta["tables"][offset:]
+        return answer(_paged(meta, "tables", budget, offset, scope))
 
     @mcp.tool(
         description="A table's version history, oldest first: per version the event "
@@ -468,7 +523,7 @@ def build_server(backend: Backend) -> MCPServer:
         org: Org,
         super: Super,
         table: Table,
-        after: Annotated[int | None, Field(description="Only versions after this one")] = None,
+        after: Annotated[str | None, Field(description="next_after of a previous page")] = None,
         limit: Annotated[int, Field(ge=1, le=1000, description="Most versions to return")] = 100,
     ) -> Reply:
         async with backend.call(ctx) as api:
@@ -480,7 +535,7 @@ def build_server(backend: Backend) -> MCPServer:
                 limit,
                 budget,
             )
-        return reply(page)
+        return answer(page)
 
     @mcp.tool(
         description="A few rows of a table, to see what its values look like: a random "
@@ -510,7 +565,7 @@ def build_server(backend: Backend) -> MCPServer:
             sample = f" USING SAMPLE reservoir({n} ROWS) REPEATABLE (42)" if random else ""
             sql = f"SELECT {select} FROM {quote(table)}{sample} LIMIT {n}"
             result = await run_query(api, org, super, {"sql": sql, "limit": n})
-        return reply(_rows_page(result, budget, cursor_state=None))
+        return answer(_rows_page(result, budget, cursor_state=None))
 
     @mcp.tool(
         description="A profile of one column: row and null counts, approximate distinct "
@@ -557,7 +612,7 @@ def build_server(backend: Backend) -> MCPServer:
                     lambda sql: run_query(api, org, super, {"sql": sql, "limit": bins}),
                     q, t, float(low), float(high), bins,
                 )  # fmt: skip
-        return reply(profile)
+        return answer(profile)
 
     @mcp.tool(
         description="Find columns by name across every table you can read (optionally "
@@ -573,14 +628,17 @@ def build_server(backend: Backend) -> MCPServer:
         type: Annotated[
             str | None, Field(description="Only columns whose type starts with this")
         ] = None,
+        cursor: Cursor = None,
     ) -> Reply:
         if super and not org:
             raise ToolError("super needs org")
+        scope = [pattern, org, super, type]
+        offset = _page_offset(cursor, scope)
         glob = pattern.lower() if any(ch in pattern for ch in "*?[") else f"*{pattern.lower()}*"
         async with backend.call(ctx) as api:
             matches = await _search(api, glob, org, super, type)
-        page = {"pattern": pattern, "total": len(matches), "matches": matches}
-        return reply(_paged(page, "matches", budget, 0))
+        page = {"pattern": pattern, "total": len(matches), "matches": matches[offset:]}
+        return answer(_paged(page, "matches", budget, offset, scope))
 
     @mcp.tool(
         description="Check a SQL query without running it: parsed, checked against the "
@@ -607,10 +665,10 @@ def build_server(backend: Backend) -> MCPServer:
             except ApiError as exc:
                 if exc.status != 400:
                     raise
-                return reply({"valid": False, "error": {"code": exc.code, "message": exc.message}})
+                return answer({"valid": False, "error": {"code": exc.code, "message": exc.message}})
         if estimate_tokens(plan) > budget:
             plan["plan"] = plan["plan"][: budget * 2] + "\n... (plan cut to fit the budget)"
-        return reply(plan)
+        return answer(plan)
 
     @mcp.tool(
         description="Run one read-only SELECT (DuckDB dialect) over the tables of a super, "
@@ -666,7 +724,7 @@ def build_server(backend: Backend) -> MCPServer:
             })  # fmt: skip
         state = {"org": org, "super": super, "sql": sql, "v": as_of_version, "t": as_of_time,
                  "offset": offset, "limit": limit}  # fmt: skip
-        return reply(_rows_page(result, budget, cursor_state=state))
+        return answer(_rows_page(result, budget, cursor_state=state))
 
     @mcp.tool(
         description="The audit trail: the events (writes, schema changes, deletes, grants "
@@ -691,7 +749,7 @@ def build_server(backend: Backend) -> MCPServer:
                 limit,
                 budget,
             )
-        return reply(page)
+        return answer(page)
 
     @mcp.resource(
         "schema://{org}/{super}/{table}",
@@ -755,12 +813,15 @@ def _choose(available: list[dict[str, str]], wanted: list[str] | None) -> list[d
     return [by_name[w] for w in wanted]
 
 
-def _paged(page: dict[str, Any], key: str, budget: int, offset: int) -> dict[str, Any]:
+def _paged(
+    page: dict[str, Any], key: str, budget: int, offset: int, scope: list[Any] | None = None
+) -> dict[str, Any]:
     """``page`` with as many items of ``page[key]`` as fit the budget; when cut, a note
-    and ``next_cursor`` (an offset into the full list). At least one item is shown, so
-    that following the cursors always ends."""
+    and ``next_cursor`` (an offset into the full list, and the ``scope`` of the call it
+    belongs to). At least one item is shown, so that following the cursors ends."""
     items = page[key]
-    cursor = encode_cursor({"offset": offset + len(items)})  # the longest one
+    state = {"offset": offset + len(items), "scope": scope or []}
+    cursor = encode_cursor(state)  # the longest one
     reserve = {"truncated": True, "note": "x" * NOTE_RESERVE, "next_cursor": cursor}
     keep = max(1, fit({**page, **reserve}, key, budget))
     if keep >= len(items):
@@ -771,8 +832,20 @@ def _paged(page: dict[str, Any], key: str, budget: int, offset: int) -> dict[str
         "truncated": True,
         "note": f"showing {keep} of {len(items)} {key} to fit the response budget of "
         f"{budget} tokens; call again with cursor=next_cursor for the rest",
-        "next_cursor": encode_cursor({"offset": offset + keep}),
+        "next_cursor": encode_cursor({**state, "offset": offset + keep}),
     }
+
+
+def _page_offset(cursor: str | None, scope: list[Any]) -> int:
+    """Where a list continues: the offset of ``cursor``, which must be one of a call
+    with the same arguments (``scope``)."""
+    if not cursor:
+        return 0
+    state = decode_cursor(cursor, {"offset": int, "scope": list})
+    if state["scope"] != scope:
+        raise ToolError("this cursor belongs to a call with other arguments")
+    offset: int = state["offset"]
+    return offset
 
 
 async def _shrinking(
@@ -816,7 +889,8 @@ def _rows_page(
         if keep == 0:
             why += " (a single row is larger than the budget)"
     else:
-        why = f"the query has more than {len(rows)} rows (its limit)"
+        why = (f"the query has more rows than the {len(rows)} returned (its limit, or the "
+               "server's cap on a result's size)")  # fmt: skip
     hint = ("Narrow it instead: aggregate, add a LIMIT or WHERE, or select fewer "
             "(or shorter: substr) columns.")  # fmt: skip
     if cursor_state is not None and keep > 0:
@@ -863,16 +937,18 @@ async def _search(
             listed = await api.get(path(o, s, "tables"))
             tables += [(o, s, t["name"]) for t in listed["tables"]]
     found: dict[tuple[str, str, str], list[dict[str, str]]] = {}
-    limiter = anyio.CapacityLimiter(8)
+    limiter = anyio.CapacityLimiter(4)
+
+    failed: list[ApiError] = []
 
     async def one(o: str, s: str, t: str) -> None:
         async with limiter:
             try:
                 detail = await api.get(path(o, s, "tables", t))
             except ApiError as exc:
-                if exc.status in (403, 404):  # visible but not readable, or just dropped
-                    return
-                raise
+                if exc.status not in (403, 404):  # (visible but not readable, or dropped)
+                    failed.append(exc)
+                return
         found[(o, s, t)] = [
             {"org": o, "super": s, "table": t, "column": c["name"], "type": c["type"]}
             for c in detail["columns"]
@@ -883,21 +959,28 @@ async def _search(
     async with anyio.create_task_group() as tg:
         for key in tables:
             tg.start_soon(one, *key)
+    if failed:
+        raise failed[0]
     return [m for key in sorted(found) for m in found[key]]
 
 
 # ---- HTTP: the bearer gate and the RFC 9728 metadata ---------------------------------
 
 
+_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+
+
 def base_url(scope: Scope, public_url: str | None) -> str:
-    """The service's external base URL: the setting, else the request's scheme and
-    Host."""
+    """The service's external base URL: ``LEDGERLAKE_PUBLIC_URL``, else the request's
+    scheme and Host (forwarded headers are not trusted: behind a proxy, set the
+    setting), a Host that is not a plain host name counting as ``localhost``."""
     if public_url:
         return public_url.rstrip("/")
     headers = dict(scope.get("headers") or [])
-    host = headers.get(b"x-forwarded-host") or headers.get(b"host") or b"localhost"
-    scheme = headers.get(b"x-forwarded-proto", scope.get("scheme", "http").encode())
-    return f"{scheme.decode('latin-1')}://{host.decode('latin-1')}"
+    host = headers.get(b"host", b"").decode("latin-1")
+    if not _HOST.match(host):
+        host = "localhost"
+    return f"{scope.get('scheme', 'http')}://{host}"
 
 
 def protected_resource_metadata(base: str, settings: Settings) -> dict[str, Any]:
@@ -938,8 +1021,12 @@ class BearerGate:
                                                   "message": "POST JSON-RPC to this endpoint"}},
                             [(b"allow", b"POST, DELETE")])  # fmt: skip
             return
-        headers = dict(scope.get("headers") or [])
-        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        values = [v for k, v in scope.get("headers") or [] if k == b"authorization"]
+        if len(values) > 1:  # the gate and the tools must see the same one
+            await self._refuse(scope, send, 400, "invalid_request",
+                               "send one Authorization header", invalid=False)  # fmt: skip
+            return
+        authorization = values[0].decode("latin-1") if values else ""
         if not authorization.lower().startswith("bearer ") or not authorization[7:].strip():
             await self._refuse(scope, send, 401, "unauthorized",
                                "send Authorization: Bearer <token>", invalid=False)  # fmt: skip

@@ -153,7 +153,7 @@ def visible(caller: Caller, state: SuperState) -> SuperState:
 
 
 # Event fields that carry row values (file statistics, deleted keys, filters).
-REDACTED_EVENT_FIELDS = frozenset({"files", "keys", "where", "removed_files"})
+REDACTED_EVENT_FIELDS = frozenset({"files", "keys", "where", "removed_files", "policies"})
 
 
 def readable(caller: Caller, state: SuperState) -> SuperState:
@@ -720,6 +720,7 @@ async def set_policies(
 
 @get("/v1/{org:str}/{super:str}/tables/{table:str}/history", opt={"perm": "read"})
 async def table_history(
+    request: Request[Any, Any, Any],
     services: NamedDependency[Services],
     org: FromPath[str],
     super_name: SuperName,
@@ -728,7 +729,8 @@ async def table_history(
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
 ) -> History:
     """One entry per version, oldest first, paged with ``after`` = ``next_after``."""
-    await services.reader.require_table(org, super_name, table)
+    current = await services.reader.require_table(org, super_name, table)
+    hidden = hidden_columns(caller_of(request), org, super_name, current)
     events, cursor = await scan_super(
         services.log, org, super_name, after=check_cursor(after), limit=limit, table=table
     )
@@ -745,7 +747,7 @@ async def table_history(
                 request_id=e.request_id,
                 rows_added=added,
                 rows_removed=removed,
-                columns_added=columns,
+                columns_added=[c for c in columns if c not in hidden],
             )
         )
     return History(table, entries, cursor)
@@ -790,16 +792,18 @@ def _result_columns(table: pa.Table) -> list[QueryColumn]:
 
 async def _query_views(
     caller: Caller, services: Services, org: str, super_name: str, data: QueryRequest
-) -> tuple[Resolver, list[str]]:
-    """The resolver a query of ``caller`` runs with, and the list it fills with the
-    tables the query reads (for the audit). Only the tables the caller may read exist
-    for the query: any other name is an unknown table to the engine, whatever form of
-    SQL names it. Each view goes through the caller's policies."""
+) -> tuple[Resolver, list[str], set[str]]:
+    """The resolver a query of ``caller`` runs with, the list it fills with the tables
+    the query reads (for the audit) and the set it fills with those a policy restricts.
+    Only the tables the caller may read exist for the query: any other name is an
+    unknown table to the engine, whatever form of SQL names it. Each view goes through
+    the caller's policies."""
     state = readable(caller, await services.reader.require_super(org, super_name))
     resolve = services.views(
         org, super_name, state, as_of_version=data.as_of_version, as_of_time=data.as_of_time
     )
     touched: list[str] = []
+    restricted: set[str] = set()
 
     async def recording(analysis: Analysis) -> dict[str, ViewSource]:
         touched.extend(sorted({r.name for r in analysis.refs if r.name in state.tables}))
@@ -810,9 +814,11 @@ async def _query_views(
             current = state.tables[names[view]]
             table = source.table if isinstance(source, Restricted) else source
             out[view] = restrict(caller, org, super_name, current, table)
+            if isinstance(out[view], Restricted):
+                restricted.add(names[view])
         return out
 
-    return recording, touched
+    return recording, touched, restricted
 
 
 @post(
@@ -832,10 +838,16 @@ async def validate_query(
     tables, same policies), without running it: the columns it would return, the
     tables it reads and DuckDB's physical plan. An invalid query is the same 400
     that ``/query`` gives."""
-    recording, _ = await _query_views(caller_of(request), services, org, super_name, data)
+    caller = caller_of(request)
+    recording, _, restricted = await _query_views(caller, services, org, super_name, data)
     plan = await services.engine.plan(recording, data.sql, timeout_s=data.timeout_s)
     columns = _result_columns(plan.schema.empty_table())
-    return QueryPlanOut(True, columns, sorted(plan.tables), plan.plan)
+    text = plan.plan
+    if restricted:
+        # The optimizer prunes with the files' min/max, taken over rows the policy
+        # hides (a filter outside them plans as an empty result): no plan, then.
+        text = f"(not shown: row policies apply to {', '.join(sorted(restricted))})"
+    return QueryPlanOut(True, columns, sorted(plan.tables), text)
 
 
 @post(
@@ -855,7 +867,7 @@ async def run_query(
 
     ``Accept: text/csv`` or ``application/vnd.apache.arrow.stream`` change the format."""
     caller = caller_of(request)
-    recording, touched = await _query_views(caller, services, org, super_name, data)
+    recording, touched, _ = await _query_views(caller, services, org, super_name, data)
     started = time.perf_counter()
 
     async def audit(rows: int, error: str = "") -> None:
@@ -882,6 +894,12 @@ async def run_query(
         )
     except LedgerError as exc:
         await audit(0, exc.code)
+        raise
+    except BaseException:
+        # The client went away (or an MCP call's deadline passed) mid-query: still
+        # recorded, past the cancellation.
+        with anyio.CancelScope(shield=True):
+            await audit(0, "cancelled")
         raise
     await audit(result.table.num_rows)
     table = result.table
@@ -949,17 +967,30 @@ async def list_events(
         )
     shown = [e for e in events if caller.can("read", org, e.super_, e.table)]
     # Tables whose policies bind the caller, per super (one catalog read per super).
-    bound: dict[str, set[str]] = {}
+    # (and the columns they hide)
+    bound: dict[str, dict[str, set[str]]] = {}
     if not caller.admin:
         for sup in {e.super_ for e in shown if e.table}:
             tables = (await services.reader.super_state(org, sup)).tables.values()
-            bound[sup] = {t.name for t in tables if binds(caller, org, sup, t)}
+            bound[sup] = {
+                t.name: hidden_columns(caller, org, sup, t)
+                for t in tables
+                if binds(caller, org, sup, t)
+            }
     out = []
     for event in shown:
         data = to_builtins(event)
-        if event.table in bound.get(event.super_, ()):
-            # Row filters or masks apply: no per-file min/max, deleted keys or filters.
+        hidden = bound.get(event.super_, {}).get(event.table)
+        if hidden is not None:
+            # Row filters or masks apply: no per-file min/max, deleted keys, filters or
+            # policies, and no column the policies hide.
             data = {k: v for k, v in data.items() if k not in REDACTED_EVENT_FIELDS}
+            for key in ("columns", "added", "promoted"):
+                if key in data:
+                    data[key] = [
+                        c for c in data[key]
+                        if (c["name"] if isinstance(c, dict) else c) not in hidden
+                    ]  # fmt: skip
         out.append(data)
     return EventPage(out, nxt)
 

@@ -408,8 +408,8 @@ class QueryEngine:
             limiter=self._threads,
         )
         views = await resolve(analysis)
-        # Up to `timeout` waiting for a slot, `timeout` running, then the grace period.
-        with anyio.move_on_after(2 * timeout + self.limits.grace_s):
+        # `timeout` waiting for a slot and running, then the grace period.
+        with anyio.move_on_after(timeout + self.limits.grace_s):
             job = _Job(views, analysis, rows, timeout, offset, plan_only)
             return await anyio.to_thread.run_sync(
                 self._run_slot,
@@ -494,6 +494,8 @@ class QueryEngine:
         return con
 
     def _run_slot(self, job: _Job) -> QueryResult | QueryPlan:
+        # One deadline for both: the time spent waiting for a slot is not run again.
+        started = time.monotonic()
         if not self._running.acquire(timeout=job.timeout):
             raise Unavailable(
                 f"all {self.limits.concurrency} query slots stayed busy for {job.timeout:g}s; "
@@ -501,18 +503,21 @@ class QueryEngine:
                 code="query_busy",
             )
         try:
-            return self._run_sync(job)
+            left = max(job.timeout - (time.monotonic() - started), 0.05)
+            return self._run_sync(job, left)
         finally:
             self._running.release()
 
-    def _run_sync(self, job: _Job) -> QueryResult | QueryPlan:
+    def _run_sync(self, job: _Job, run_for: float) -> QueryResult | QueryPlan:
+        """The query, interrupted after ``run_for`` seconds (what is left of its
+        timeout once it got a slot)."""
         views, analysis, limit, timeout, offset = (
             job.views, job.analysis, job.limit, job.timeout, job.offset
         )  # fmt: skip
         started = time.perf_counter()
         temp_dir = self.temp_root / uuid.uuid4().hex
         con = self._connect(views, temp_dir)
-        timer = threading.Timer(timeout, con.interrupt)
+        timer = threading.Timer(run_for, con.interrupt)
         timer.start()
         sql = analysis.sql
         try:
