@@ -105,8 +105,8 @@ def fit(payload: dict[str, Any], key: str, budget: int) -> int:
 def _cut_strings(value: Any, longest: int) -> Any:
     if isinstance(value, str) and len(value) > longest:
         return value[:longest] + "…[cut]"
-    if isinstance(value, dict):
-        return {k: _cut_strings(v, longest) for k, v in value.items()}
+    if isinstance(value, dict):  # (a cursor must stay whole)
+        return {k: v if k == "next_cursor" else _cut_strings(v, longest) for k, v in value.items()}
     if isinstance(value, list):
         return [_cut_strings(v, longest) for v in value]
     return value
@@ -873,6 +873,8 @@ def _rows_page(
     rows = result["rows"]
     page = {"columns": result["columns"], "rows": rows, "row_count": len(rows),
             "truncated": False, "elapsed_ms": result.get("elapsed_ms")}  # fmt: skip
+    if not result["truncated"] and estimate_tokens(page) <= budget:
+        return page  # all of it: no note, no cursor to make room for
     # Room for the note and the cursor (which carries the SQL): the longest they can be.
     cursor = ""
     if cursor_state is not None:
