@@ -242,7 +242,7 @@ class Backend:
             except TimeoutError:
                 raise ToolError(
                     f"the call took longer than {self.config.timeout_s:g}s and was stopped; "
-                    "narrow it (filters, LIMIT, fewer columns) or use a smaller timeout_s"
+                    "narrow it (filters, LIMIT, fewer columns, one table at a time)"
                 ) from None
             except ApiError as exc:
                 raise ToolError(describe_error(exc)) from None
