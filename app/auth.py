@@ -222,7 +222,7 @@ class AuthStore:
         self.client = client
         self.keys = keys
         self.jwt = JwtVerifier(jwt_config) if jwt_config and jwt_config.enabled else None
-        self.stream = f"{keys.prefix}:{{auth}}:events"
+        self.stream = keys.auth_stream
         self._state = AuthState()
         self._rate = client.register_script(RATE_LUA)
 

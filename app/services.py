@@ -25,6 +25,7 @@ from mirrors.publisher import Publisher
 from mirrors.runner import MirrorRunner
 from mirrors.status import MirrorStatuses
 from mirrors.status import group as mirror_group
+from projections.archiver import ARCHIVE, Archiver
 from projections.catalog import SuperState, TableState
 from projections.query import (
     Analysis,
@@ -251,12 +252,30 @@ class Services:
                 count += 1
         return count
 
+    def archiver(self) -> Archiver:
+        """The runner that copies every stream into the archive."""
+
+        async def supers() -> list[tuple[str, str]]:
+            registry = await self.reader.registry()
+            return [(o.name, s) for o in registry.orgs.values() for s in o.supers]
+
+        return Archiver(
+            self.redis,
+            self.keys,
+            self.storage,
+            supers,
+            segment_events=self.settings.archive_segment_events,
+            interval_s=self.settings.archive_interval_s,
+        )
+
     async def run_projections(self, stop: anyio.Event) -> None:
-        """The catalog projection and every mirror runner, until ``stop``."""
+        """The catalog projection, every mirror runner and the archiver, until ``stop``."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.projector().run, stop)
             for runner in self.mirror_runners():
                 tg.start_soon(runner.run, stop)
+            if self.settings.archive:
+                tg.start_soon(self.archiver().run, stop)
 
     async def catch_up(self) -> int:
         """Burst mode: drain the catalog projection, then every mirror runner."""
@@ -266,6 +285,10 @@ class Services:
         for runner in self.mirror_runners():
             await runner.run_until_caught_up()
             await runner.release_all()
+        if self.settings.archive:
+            archiver = self.archiver()
+            await archiver.archive_once(force=True)
+            await archiver.release_all()
         return applied
 
     @classmethod
@@ -290,8 +313,11 @@ class Services:
         committed, and the age of the oldest one."""
         registry = await self.reader.registry()
         units = []
-        if projection == CATALOG:
-            units.append((self.keys.registry_stream, f"{self.keys.registry_tag}:ckpt:{CATALOG}"))
+        if projection in (CATALOG, ARCHIVE):
+            tag = self.keys.registry_tag
+            units.append((self.keys.registry_stream, f"{tag}:ckpt:{projection}"))
+        if projection == ARCHIVE:
+            units.append((self.keys.auth_stream, f"{self.keys.auth_tag}:ckpt:{ARCHIVE}"))
         for org in registry.orgs.values():
             for sup in org.supers:
                 units.append(
@@ -332,6 +358,8 @@ class Services:
                     found = await statuses.of_super(org.name, sup, fmt)
                     failed += sum(1 for status in found.values() if status.error)
             out[mirror_group(fmt)] = {**lag, "failed_tables": failed}
+        if self.settings.archive:
+            out[ARCHIVE] = await self.projection_lag(ARCHIVE)
         return out
 
     async def table_mirrors(self, org: str, super_: str, table: TableState) -> list[MirrorInfo]:

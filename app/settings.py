@@ -103,6 +103,11 @@ SETTINGS_DOC: dict[str, str] = {
     "iceberg_rest_credentials": "The Iceberg REST catalog sends the storage endpoint and "
     "credentials with each loaded table, so clients need none of their own. `false`: "
     "clients bring their own.",
+    "archive": "Copy every event stream into the archive in the object storage "
+    "(`.archive/`), so the log outlives Redis (`ledgerlake recover`).",
+    "archive_segment_events": "Events per archive segment (at most).",
+    "archive_interval_s": "A stream's waiting events are archived once the oldest is this "
+    "old (seconds), even if fewer than a segment: the archive's usual lag.",
     "public_url": "The service's external base URL (e.g. `https://lake.example.com`), used "
     "for the MCP resource in OAuth metadata. Default: taken from each request's Host.",
     "mcp_authorization_servers": "OAuth authorization servers MCP clients are sent to "
@@ -204,6 +209,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     mirror_checkpoint_interval: int = 10
     mirror_retention_s: float = 3600.0
     iceberg_rest_credentials: bool = True
+    archive: bool = True
+    archive_segment_events: int = 10_000
+    archive_interval_s: float = 5.0
     public_url: str | None = None
     mcp_authorization_servers: str = ""
     mcp_token_budget: int = 25_000
@@ -265,6 +273,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise SystemExit(
                 f"LEDGERLAKE_MIRRORS: unknown format(s) {', '.join(sorted(unknown))} "
                 f"(known: {', '.join(MIRROR_FORMATS)})"
+            )
+        if self.archive_segment_events < 1 or self.archive_interval_s <= 0:
+            raise SystemExit(
+                "LEDGERLAKE_ARCHIVE_SEGMENT_EVENTS and LEDGERLAKE_ARCHIVE_INTERVAL_S must be "
+                "positive"
             )
         if self.mcp_token_budget < 1000:
             raise SystemExit("LEDGERLAKE_MCP_TOKEN_BUDGET must be at least 1000")

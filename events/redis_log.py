@@ -141,6 +141,15 @@ class Keys:
         return f"{self.tag(org, super_)}:lease:{projection}"
 
     @property
+    def auth_tag(self) -> str:
+        return f"{self.prefix}:{{auth}}"
+
+    @property
+    def auth_stream(self) -> str:
+        """Principals, tokens, grants and roles (``app/auth.py``)."""
+        return f"{self.auth_tag}:events"
+
+    @property
     def registry_tag(self) -> str:
         return f"{self.prefix}:{{registry}}"
 

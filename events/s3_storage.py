@@ -189,6 +189,21 @@ class S3Storage:
         except BotoCoreError as exc:
             raise _unavailable(f"check {key}", exc) from exc
 
+    async def read(self, key: str) -> bytes | None:
+        try:
+            response = await self._client.get_object(
+                Bucket=self.location.bucket, Key=self._key(key)
+            )
+            async with response["Body"] as body:
+                data: bytes = await body.read()
+            return data
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _unavailable(f"read {key}", exc) from exc
+        except BotoCoreError as exc:
+            raise _unavailable(f"read {key}", exc) from exc
+
     async def list_objects(self, prefix: str = "") -> AsyncIterator[StoredObject]:
         """Every object under ``prefix`` (relative to the storage root)."""
         paginator = self._client.get_paginator("list_objects_v2")

@@ -48,6 +48,11 @@ class Storage(Protocol):
         """Whether ``key`` exists."""
         ...
 
+    async def read(self, key: str) -> bytes | None:
+        """The bytes of ``key`` (small objects: manifests, archive segments), or None if
+        it does not exist."""
+        ...
+
     def engine_path(self, key: str) -> str:
         """The path or URL under which DuckDB reads ``key``."""
         ...
@@ -106,6 +111,17 @@ class LocalStorage:
 
     async def exists(self, key: str) -> bool:
         return await anyio.to_thread.run_sync(self._path(key).exists)
+
+    async def read(self, key: str) -> bytes | None:
+        path = self._path(key)
+
+        def read() -> bytes | None:
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                return None
+
+        return await anyio.to_thread.run_sync(read)
 
     def engine_path(self, key: str) -> str:
         return str(self._path(key))

@@ -68,14 +68,16 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def settings(redis_url: str, tmp_path: Path) -> Settings:
     """Inlining is off here: these tests look at the Parquet files a write makes.
     Tests of inlining (and the model test) turn it on with msgspec.structs.replace.
-    Mirrors are off too (the background runners would publish every table the other
-    tests write); tests/mirrors turns them on."""
+    Mirrors and the archiver are off too (the background runners would publish or
+    archive every table the other tests write); tests/mirrors and the archive tests
+    turn them on."""
     return Settings(
         data_dir=tmp_path / "data",
         redis_url=redis_url,
         redis_prefix=f"t{uuid.uuid4().hex[:10]}",
         inline_max_rows=0,
         mirrors="none",
+        archive=False,
         api_token=ADMIN_TOKEN,
     )
 

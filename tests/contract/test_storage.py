@@ -41,8 +41,12 @@ async def test_publish_exists_list_delete(storage: Storage) -> None:
     listed = [obj async for obj in storage.list_objects("o/s/t/")]
     assert [(o.key, o.size) for o in listed] == [(key, 5)]
     assert listed[0].modified.tzinfo is not None
+    assert await storage.read(key) == b"hello"
+    await storage.publish(staged(storage, b"replaced"), key)  # a publish replaces
+    assert await storage.read(key) == b"replaced"
     await storage.delete(key)
     assert not await storage.exists(key)
+    assert await storage.read(key) is None
     await storage.delete(key)  # deleting what is gone is fine
 
 

@@ -1,0 +1,190 @@
+"""The event archive: every stream's entries, in order, as immutable checksummed segments
+in the object storage, so that the log outlives Redis.
+
+Layout, under the storage root (a name no org can take, since org names start with a
+letter or ``_``)::
+
+    .archive/<stream>/manifest.json           the segments, in order: the commit point
+    .archive/<stream>/<seq:012d>-<rand>.ndjson.gz   one segment: gzip of a JSON line per entry
+
+``<stream>`` is ``registry``, ``auth`` or ``supers/<org>/<super>``. A line is
+``{"id": "<stream id>", "f": {"<field>": "<value>", ...}}``: the stream entry exactly as
+Redis holds it (every field of every stream is UTF-8 text), so recovery can add it back
+under the same id. The manifest lists each segment's sequence number, first and last id,
+entry count, size and SHA-256; a segment is written first and only counts once the
+manifest names it, so the archived position (the last id of the last segment) and the
+segment are one commit. Segment names are unique: a segment written by a run that
+crashed before its manifest (or lost its lease) is an unreferenced file, never one that
+a manifest names and another writer changed."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import anyio
+import msgspec
+
+from events.errors import Unavailable
+from events.model import stream_id_tuple
+from events.storage import Storage
+
+ROOT = ".archive"
+REGISTRY = "registry"
+AUTH = "auth"
+
+
+def super_stream(org: str, super_: str) -> str:
+    """The archive name of a super's stream."""
+    return f"supers/{org}/{super_}"
+
+
+class SegmentInfo(msgspec.Struct, frozen=True):
+    seq: int
+    key: str
+    first: str
+    last: str
+    count: int
+    size: int
+    sha256: str
+
+
+class Manifest(msgspec.Struct, frozen=True):
+    stream: str
+    segments: tuple[SegmentInfo, ...] = ()
+
+    @property
+    def position(self) -> str:
+        """The id of the last archived entry (``0-0`` when none is)."""
+        return self.segments[-1].last if self.segments else "0-0"
+
+    @property
+    def count(self) -> int:
+        return sum(s.count for s in self.segments)
+
+
+Entry = tuple[str, dict[str, str]]
+"""A stream entry: its id and its fields."""
+
+
+class ArchiveCorrupt(Unavailable):
+    """A segment does not match its manifest (checksum, order or size)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="archive_corrupt")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def entry_of(entry_id: bytes | str, fields: Mapping[Any, Any]) -> Entry:
+    """A Redis stream entry (as redis-py returns it) as an archive entry."""
+    return _text(entry_id), {_text(k): _text(v) for k, v in fields.items()}
+
+
+def encode_segment(entries: list[Entry]) -> bytes:
+    """The segment file: gzip (no timestamp: the same entries give the same bytes) of
+    one compact JSON line per entry."""
+    lines = "".join(
+        json.dumps({"id": i, "f": f}, separators=(",", ":"), ensure_ascii=False) + "\n"
+        for i, f in entries
+    )
+    return gzip.compress(lines.encode(), compresslevel=6, mtime=0)
+
+
+def decode_segment(data: bytes, info: SegmentInfo) -> list[Entry]:
+    """The entries of a segment, checked against its manifest entry."""
+    if hashlib.sha256(data).hexdigest() != info.sha256 or len(data) != info.size:
+        raise ArchiveCorrupt(f"archive segment {info.key} does not match its checksum")
+    out: list[Entry] = []
+    for line in gzip.decompress(data).decode().splitlines():
+        record = json.loads(line)
+        out.append((record["id"], record["f"]))
+    ids = [stream_id_tuple(i) for i, _ in out]
+    if (
+        len(out) != info.count
+        or not out
+        or out[0][0] != info.first
+        or out[-1][0] != info.last
+        or any(a >= b for a, b in itertools.pairwise(ids))
+    ):
+        raise ArchiveCorrupt(f"archive segment {info.key} does not hold what its manifest says")
+    return out
+
+
+class Archive:
+    """Reads and appends the archive of each stream in a ``Storage``."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    @staticmethod
+    def manifest_key(stream: str) -> str:
+        return f"{ROOT}/{stream}/manifest.json"
+
+    async def manifest(self, stream: str) -> Manifest:
+        data = await self.storage.read(self.manifest_key(stream))
+        if data is None:
+            return Manifest(stream)
+        return msgspec.json.decode(data, type=Manifest)
+
+    async def streams(self) -> list[str]:
+        """Every archived stream's name."""
+        names = []
+        async for obj in self.storage.list_objects(ROOT + "/"):
+            if obj.key.endswith("/manifest.json"):
+                names.append(obj.key[len(ROOT) + 1 : -len("/manifest.json")])
+        return sorted(names)
+
+    async def append(self, manifest: Manifest, entries: list[Entry]) -> Manifest:
+        """Write ``entries`` (all after ``manifest.position``, in order) as the next
+        segment, then the manifest that commits it. Returns the new manifest."""
+        if not entries:
+            return manifest
+        if stream_id_tuple(entries[0][0]) <= stream_id_tuple(manifest.position):
+            raise ValueError(f"entry {entries[0][0]} is not after {manifest.position}")
+        seq = len(manifest.segments)
+        key = f"{ROOT}/{manifest.stream}/{seq:012d}-{uuid.uuid4().hex[:8]}.ndjson.gz"
+        data = encode_segment(entries)
+        info = SegmentInfo(
+            seq=seq,
+            key=key,
+            first=entries[0][0],
+            last=entries[-1][0],
+            count=len(entries),
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+        await self._put(key, data)
+        updated = Manifest(manifest.stream, (*manifest.segments, info))
+        await self._put(self.manifest_key(manifest.stream), msgspec.json.encode(updated))
+        return updated
+
+    async def entries(self, stream: str, after: str = "0-0") -> AsyncIterator[Entry]:
+        """The archived entries of ``stream`` after ``after``, in order, each segment
+        checked against the manifest."""
+        manifest = await self.manifest(stream)
+        start = stream_id_tuple(after)
+        for info in manifest.segments:
+            if stream_id_tuple(info.last) <= start:
+                continue
+            data = await self.storage.read(info.key)
+            if data is None:
+                raise ArchiveCorrupt(f"archive segment {info.key} is missing")
+            for entry in decode_segment(data, info):
+                if stream_id_tuple(entry[0]) > start:
+                    yield entry
+
+    async def _put(self, key: str, data: bytes) -> None:
+        staged = self.storage.staging_file(".archive")
+        await anyio.to_thread.run_sync(staged.write_bytes, data)
+        try:
+            await self.storage.publish(staged, key)
+        finally:
+            staged.unlink(missing_ok=True)

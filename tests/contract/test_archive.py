@@ -1,0 +1,185 @@
+"""The event archive (issue 8, first part): every stream copied to the object storage
+as checksummed segments with a manifest, on local disk and on a real S3 server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from litestar.testing import TestClient
+
+from app.http import create_app
+from app.services import Services
+from app.settings import Settings
+from events.archive import (
+    AUTH,
+    REGISTRY,
+    Archive,
+    ArchiveCorrupt,
+    Manifest,
+    entry_of,
+    super_stream,
+)
+from projections.archiver import Archiver
+from tests.conftest import authed
+
+pytestmark = pytest.mark.anyio
+ROWS = "/v1/acme/sales/tables/orders/rows"
+
+
+def write(settings: Settings, batches: int, **extra: Any) -> None:
+    assert settings.redis_url
+    app = create_app(settings, settings.redis_url, run_projector=False)
+    with authed(TestClient(app)) as c:
+        for i in range(batches):
+            assert c.post(ROWS, json=[{"id": i, "v": f"row {i}"}]).status_code == 200
+        assert c.post("/v1/principals", json={"name": "p", "org": "acme"}).status_code == 201
+        for path, body in extra.items():
+            assert c.post(path, json=body).status_code < 300
+
+
+@pytest.fixture
+async def services(any_settings: Settings) -> AsyncIterator[Services]:
+    settings = msgspec.structs.replace(any_settings, archive=True)
+    async with Services.open(settings) as s:
+        yield s
+
+
+async def stream_entries(services: Services, stream: str) -> list[Any]:
+    raw = await services.redis.xrange(stream)
+    return [entry_of(i, f) for i, f in raw]
+
+
+async def archived(services: Services, name: str) -> list[Any]:
+    return [e async for e in Archive(services.storage).entries(name)]
+
+
+def archiver(services: Services, **kw: Any) -> Archiver:
+    async def supers() -> list[tuple[str, str]]:
+        registry = await services.reader.registry()
+        return [(o.name, s) for o in registry.orgs.values() for s in o.supers]
+
+    return Archiver(services.redis, services.keys, services.storage, supers, **kw)
+
+
+async def test_every_stream_is_archived_exactly(services: Services) -> None:
+    write(services.settings, 7)
+    await services.catch_up()
+    archive = Archive(services.storage)
+    assert set(await archive.streams()) == {REGISTRY, AUTH, super_stream("acme", "sales")}
+    keys = services.keys
+    for name, stream in (
+        (REGISTRY, keys.registry_stream),
+        (AUTH, keys.auth_stream),
+        (super_stream("acme", "sales"), keys.stream("acme", "sales")),
+    ):
+        live = await stream_entries(services, stream)
+        assert live and await archived(services, name) == live, name
+    # The lag of the archive is in /health (and so in /metrics), and is zero now.
+    lags = await services.all_lags()
+    assert lags["archive"] == {"lag_events": 0, "lag_seconds": 0.0}
+
+
+async def test_segments_are_bounded_and_a_restart_resumes_without_duplicates(
+    services: Services,
+) -> None:
+    write(services.settings, 10)
+    first = archiver(services, segment_events=4)
+    await first.archive_once(force=True)
+    await first.release_all()
+    name = super_stream("acme", "sales")
+    manifest = await Archive(services.storage).manifest(name)
+    live = await stream_entries(services, services.keys.stream("acme", "sales"))
+    assert [s.count for s in manifest.segments] == [4, 4, 3]  # TableCreated + 10 appends
+    assert manifest.position == live[-1][0] and manifest.count == len(live)
+    # Redis keeps only a copy of the position: without it, the archive knows.
+    await services.redis.delete(services.keys.checkpoint("acme", "sales", "archive"))
+    write(services.settings, 2)
+    second = archiver(services, segment_events=4)
+    assert await second.archive_once(force=True) > 0
+    live = await stream_entries(services, services.keys.stream("acme", "sales"))
+    assert await archived(services, name) == live
+    assert (await Archive(services.storage).manifest(name)).segments[:3] == manifest.segments
+
+
+async def test_fresh_entries_wait_for_a_full_segment_or_the_interval(services: Services) -> None:
+    write(services.settings, 3)
+    patient = archiver(services, segment_events=100, interval_s=3600)
+    assert await patient.archive_once(force=False) == 0
+    lag = (await services.all_lags())["archive"]
+    assert lag["lag_events"] > 0
+    full = archiver(services, segment_events=2, interval_s=3600, consumer=patient.consumer)
+    assert await full.archive_once(force=False) > 0  # full segments go at once
+    prompt = archiver(services, segment_events=100, interval_s=0.001, consumer=patient.consumer)
+    await prompt.archive_once(force=False)  # the oldest entry is older than the interval
+    assert (await services.all_lags())["archive"]["lag_events"] == 0
+
+
+async def test_a_crash_before_the_manifest_leaves_only_an_unreferenced_file(
+    services: Services,
+) -> None:
+    write(services.settings, 3)
+    name = super_stream("acme", "sales")
+    archive = Archive(services.storage)
+    entries = await stream_entries(services, services.keys.stream("acme", "sales"))
+    # A segment written, then the process died before its manifest.
+    orphan = services.storage.staging_file(".x")
+    orphan.write_bytes(b"half a segment")
+    await services.storage.publish(orphan, f".archive/{name}/000000000000-deadbeef.ndjson.gz")
+    a = archiver(services)
+    await a.archive_once(force=True)
+    assert await archived(services, name) == entries
+    assert (await archive.manifest(name)).segments[0].key.endswith(".ndjson.gz")
+    assert "deadbeef" not in (await archive.manifest(name)).segments[0].key
+
+
+async def test_a_damaged_or_missing_segment_is_reported(services: Services) -> None:
+    write(services.settings, 3)
+    await archiver(services).archive_once(force=True)
+    name = super_stream("acme", "sales")
+    archive = Archive(services.storage)
+    info = (await archive.manifest(name)).segments[0]
+    data = await services.storage.read(info.key)
+    assert data is not None
+    damaged = services.storage.staging_file(".x")
+    damaged.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    await services.storage.publish(damaged, info.key)
+    with pytest.raises(ArchiveCorrupt, match="checksum"):
+        await archived(services, name)
+    await services.storage.delete(info.key)
+    with pytest.raises(ArchiveCorrupt, match="missing"):
+        await archived(services, name)
+
+
+async def test_two_archivers_share_the_streams_without_a_duplicate(services: Services) -> None:
+    write(services.settings, 12)
+    a, b = archiver(services, segment_events=3), archiver(services, segment_events=3)
+
+    async def run(x: Archiver) -> None:
+        await x.archive_once(force=True)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, a)
+        tg.start_soon(run, b)
+    # Each stream was taken by one of them; whichever, once the leases are released
+    # the other completes nothing twice.
+    await a.release_all()
+    await b.release_all()
+    await archiver(services, segment_events=3).archive_once(force=True)
+    for name, stream in (
+        (REGISTRY, services.keys.registry_stream),
+        (super_stream("acme", "sales"), services.keys.stream("acme", "sales")),
+    ):
+        assert await archived(services, name) == await stream_entries(services, stream)
+
+
+async def test_an_archive_append_must_follow_its_manifest(services: Services) -> None:
+    archive = Archive(services.storage)
+    manifest = await archive.append(Manifest("x/y"), [("5-0", {"a": "b"})])
+    with pytest.raises(ValueError, match="not after"):
+        await archive.append(manifest, [("4-0", {"a": "b"})])
+    assert [e async for e in archive.entries("x/y")] == [("5-0", {"a": "b"})]
+    assert [e async for e in archive.entries("x/y", after="5-0")] == []
