@@ -155,7 +155,7 @@ _read_decoder = msgspec.json.Decoder(ReadRecord)
 
 
 def reads_stream(keys: Keys) -> str:
-    return f"{keys.prefix}:{{audit}}:reads"
+    return keys.audit_stream
 
 
 async def record_read(client: Any, keys: Keys, record: ReadRecord, retention_s: float) -> None:

@@ -167,6 +167,26 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         return anyio.run(main, url)
 
 
+def cmd_recover(settings: Settings, args: argparse.Namespace) -> int:
+    """Rebuild a lost Redis from the event archive, then every projection."""
+    from app.recover import recover
+
+    async def main(url: str) -> int:
+        async with Services.open(settings, url) as services:
+            progress = Progress("recovered", "events")
+            report = await recover(services, progress=progress)
+            progress.finish(report.events)
+            print(
+                f"recovered {report.events} events in {report.streams} streams "
+                f"({len(report.supers)} supers) and rebuilt the projections; the mirror "
+                "runners will publish every table again"
+            )
+            return 0
+
+    with redis_for(settings) as url:
+        return anyio.run(main, url)
+
+
 def _api_call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
     """A request to a running Ledgerlake (``--api``) with ``--token`` (or
     LEDGERLAKE_TOKEN): the server's authentication and authorization apply, exactly as
@@ -483,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also forget what the mirrors reflect, so the runners publish every table again",
     )
+    command("recover", cmd_recover, "Rebuild a lost Redis from the event archive.")
     p = command("query", cmd_query, "Run a read-only SQL query.")
     p.add_argument("sql")
     p.add_argument("--super", required=True, help="org/super whose tables the SQL names")

@@ -236,6 +236,7 @@ def create_app(
     mcp_server = build_server(mcp_backend)
     # (Starlette's ASGI types, which Litestar's typed dicts do not match nominally.)
     mcp_app: Any = BearerGate(streamable_app(mcp_server, "/"), mcp_backend, settings.public_url)
+    started = [False]
 
     @asgi("/mcp", is_mount=True, copy_scope=True)
     async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
@@ -257,6 +258,11 @@ def create_app(
             token = await bootstrap_admin(services.auth, settings.data_dir)
             if token is not None:
                 _announce_admin_token(settings, token)
+        if started[0]:
+            # The SDK's session manager runs once: a second start of this app (tests
+            # reuse apps) gets a new one.
+            mcp_app.app = streamable_app(mcp_server, "/")
+        started[0] = True
         try:
             async with (
                 httpx.AsyncClient(

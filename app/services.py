@@ -318,6 +318,7 @@ class Services:
             units.append((self.keys.registry_stream, f"{tag}:ckpt:{projection}"))
         if projection == ARCHIVE:
             units.append((self.keys.auth_stream, f"{self.keys.auth_tag}:ckpt:{ARCHIVE}"))
+            units.append((self.keys.audit_stream, f"{self.keys.audit_tag}:ckpt:{ARCHIVE}"))
         for org in registry.orgs.values():
             for sup in org.supers:
                 units.append(

@@ -7,7 +7,8 @@ letter or ``_``)::
     .archive/<stream>/manifest.json           the segments, in order: the commit point
     .archive/<stream>/<seq:012d>-<rand>.ndjson.gz   one segment: gzip of a JSON line per entry
 
-``<stream>`` is ``registry``, ``auth`` or ``supers/<org>/<super>``. A line is
+``<stream>`` is ``registry``, ``auth``, ``audit`` (the query records) or
+``supers/<org>/<super>``. A line is
 ``{"id": "<stream id>", "f": {"<field>": "<value>", ...}}``: the stream entry exactly as
 Redis holds it (every field of every stream is UTF-8 text), so recovery can add it back
 under the same id. The manifest lists each segment's sequence number, first and last id,
@@ -37,6 +38,7 @@ from events.storage import Storage
 ROOT = ".archive"
 REGISTRY = "registry"
 AUTH = "auth"
+AUDIT = "audit"  # the query audit records
 
 
 def super_stream(org: str, super_: str) -> str:

@@ -150,6 +150,15 @@ class Keys:
         return f"{self.auth_tag}:events"
 
     @property
+    def audit_tag(self) -> str:
+        return f"{self.prefix}:{{audit}}"
+
+    @property
+    def audit_stream(self) -> str:
+        """The query audit records (``app/audit.py``)."""
+        return f"{self.audit_tag}:reads"
+
+    @property
     def registry_tag(self) -> str:
         return f"{self.prefix}:{{registry}}"
 

@@ -1,5 +1,5 @@
-"""The archiver: a projection that copies every stream (the registry, the auth stream
-and each super's) into the archive in the object storage (``events/archive.py``).
+"""The archiver: a projection that copies every stream (the registry, the auth stream,
+the query audit and each super's) into the archive in the object storage (``events/archive.py``).
 
 Each stream is a unit with a lease, as for the other runners, so one process writes a
 stream's archive at a time. A unit's position is the archive's own (the last id its
@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 
-from events.archive import AUTH, REGISTRY, Archive, Manifest, entry_of, super_stream
+from events.archive import AUDIT, AUTH, REGISTRY, Archive, Manifest, entry_of, super_stream
 from events.errors import Unavailable
 from events.redis_log import Keys, guarded
 from events.storage import Storage
@@ -47,6 +47,8 @@ def units(keys: Keys, supers: list[tuple[str, str]]) -> list[Unit]:
              f"{keys.registry_tag}:ckpt:{ARCHIVE}"),
         Unit(AUTH, keys.auth_stream, f"{keys.auth_tag}:lease:{ARCHIVE}",
              f"{keys.auth_tag}:ckpt:{ARCHIVE}"),
+        Unit(AUDIT, keys.audit_stream, f"{keys.audit_tag}:lease:{ARCHIVE}",
+             f"{keys.audit_tag}:ckpt:{ARCHIVE}"),
     ]  # fmt: skip
     for org, sup in supers:
         out.append(

@@ -1,0 +1,133 @@
+"""``ledgerlake recover``: rebuild a Redis that was lost from the event archive.
+
+Every archived stream is added back entry by entry under its original ids, then the
+state the append scripts keep beside the streams is derived from the events (each
+table's version, or ``x<v>`` for a dropped name; the registry's org and super sets), and
+every projection is rebuilt by a replay. Mirror statuses are not restored: the mirror
+runners publish every table again when they start, a Delta mirror without a new commit
+(each publish compares with the log's last one) and an Iceberg mirror anew.
+
+Not recovered: idempotency keys (a client retrying a write that was acknowledged before
+the loss appends it again), leases, rate-limit counters and the mirror statuses above;
+and, by definition, the events acknowledged after the archive's last segment (see the
+durability notes in the README)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.services import Services
+from events.archive import AUDIT, AUTH, REGISTRY, Archive, Entry
+from events.errors import InvalidInput
+from events.model import Event, OrgCreated, SuperCreated, TableDropped, decode_event
+from events.redis_log import guarded
+from projections.replay import replay
+
+BATCH = 1000
+
+
+@dataclass
+class RecoverReport:
+    streams: int = 0
+    events: int = 0
+    supers: list[str] = field(default_factory=list)
+
+
+class NotEmpty(InvalidInput):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="redis_not_empty")
+
+
+async def recover(
+    services: Services, *, progress: Callable[[int], None] | None = None
+) -> RecoverReport:
+    """Rebuild the log in an empty Redis from the archive, then the projections."""
+    keys, redis = services.keys, services.redis
+    if await guarded(redis.exists(keys.registry_stream, keys.auth_stream)):
+        raise NotEmpty(
+            "this Redis already holds a Ledgerlake log under the prefix "
+            f"{keys.prefix!r}; recover only into an empty one"
+        )
+    archive = Archive(services.storage)
+    names = await archive.streams()
+    if REGISTRY not in names:
+        raise InvalidInput(
+            "the storage holds no event archive (.archive/registry/manifest.json)",
+            code="archive_not_found",
+        )
+    report = RecoverReport()
+    for name in names:
+        stream = _stream_key(services, name)
+        batch: list[Entry] = []
+        versions: dict[str, str] = {}
+        async for entry in archive.entries(name):
+            batch.append(entry)
+            if name == REGISTRY:
+                await _register(services, entry)
+            elif name.startswith("supers/"):
+                _track_version(versions, entry)
+            if len(batch) >= BATCH:
+                report.events += await _add(services, stream, batch)
+                batch = []
+                if progress is not None:
+                    progress(report.events)
+        report.events += await _add(services, stream, batch)
+        if versions:
+            org, sup = name.split("/")[1:]
+            mapping: dict[Any, Any] = dict(versions)
+            await guarded(redis.hset(keys.versions(org, sup), mapping=mapping))
+        if name.startswith("supers/"):
+            report.supers.append(name.removeprefix("supers/"))
+        report.streams += 1
+    await replay(services.log, services.store, verify=False)
+    return report
+
+
+def _stream_key(services: Services, name: str) -> str:
+    keys = services.keys
+    if name == REGISTRY:
+        return keys.registry_stream
+    if name == AUTH:
+        return keys.auth_stream
+    if name == AUDIT:
+        return keys.audit_stream
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] != "supers":
+        raise InvalidInput(f"unknown archived stream {name!r}", code="archive_corrupt")
+    return keys.stream(parts[1], parts[2])
+
+
+async def _add(services: Services, stream: str, batch: list[Entry]) -> int:
+    if not batch:
+        return 0
+    pipe: Any = services.redis.pipeline(transaction=False)
+    for entry_id, fields in batch:
+        pipe.xadd(stream, fields, id=entry_id)
+    await guarded(pipe.execute())
+    return len(batch)
+
+
+def _event(entry: Entry) -> Event:
+    entry_id, fields = entry
+    return decode_event(entry_id, {k: v.encode() for k, v in fields.items()})
+
+
+async def _register(services: Services, entry: Entry) -> None:
+    """The registry's sets, which the registry script checks before adding an org or a
+    super."""
+    event = _event(entry)
+    keys = services.keys
+    if isinstance(event, OrgCreated):
+        await guarded(services.redis.sadd(keys.registry_orgs, event.org))
+    elif isinstance(event, SuperCreated):
+        await guarded(services.redis.sadd(keys.registry_supers, f"{event.org}/{event.super_}"))
+
+
+def _track_version(versions: dict[str, str], entry: Entry) -> None:
+    """Each table's version after its last event, as the append script keeps it."""
+    event = _event(entry)
+    if event.table:
+        dropped = isinstance(event, TableDropped)
+        versions[event.table] = f"x{event.version}" if dropped else str(event.version)
