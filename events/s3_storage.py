@@ -62,6 +62,11 @@ def _unavailable(action: str, exc: Exception) -> Unavailable:
     return Unavailable(f"object storage failed to {action}: {exc}", code="storage_unavailable")
 
 
+def _missing(exc: ClientError) -> bool:
+    """Whether S3 said the object does not exist."""
+    return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
 class S3Storage:
     """The ``Storage`` port on an S3 bucket."""
 
@@ -183,7 +188,7 @@ class S3Storage:
             await self._client.head_object(Bucket=self.location.bucket, Key=self._key(key))
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _missing(exc):
                 return False
             raise _unavailable(f"check {key}", exc) from exc
         except BotoCoreError as exc:
@@ -198,7 +203,7 @@ class S3Storage:
                 data: bytes = await body.read()
             return data
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _missing(exc):
                 return None
             raise _unavailable(f"read {key}", exc) from exc
         except BotoCoreError as exc:
