@@ -30,6 +30,7 @@ from projections.runner import RELEASE_LUA, RENEW_LUA, default_consumer_name
 
 log = logging.getLogger("ledgerlake.archive")
 ARCHIVE = "archive"
+FLUSH_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -88,15 +89,25 @@ class Archiver:
         self._manifests: dict[str, Manifest] = {}  # the streams whose lease we hold
 
     async def run(self, stop: anyio.Event) -> None:
-        """Archive until ``stop``; an unreachable Redis or storage pauses it."""
-        while not stop.is_set():
-            try:
-                await self.archive_once(force=False)
-            except (Unavailable, OSError) as exc:  # retried; the lag shows it meanwhile
-                log.warning("archiving paused: %s", exc)
-                self._manifests.clear()
-            with anyio.move_on_after(min(self.interval_s, 1.0)):
-                await stop.wait()
+        """Archive until ``stop`` (or cancellation); an unreachable Redis or storage
+        pauses it. On the way out, whatever is still waiting is archived (for up to
+        ``FLUSH_S``), so a clean shutdown leaves nothing only in Redis."""
+        try:
+            while not stop.is_set():
+                try:
+                    await self.archive_once(force=False)
+                except (Unavailable, OSError) as exc:  # retried; the lag shows it meanwhile
+                    log.warning("archiving paused: %s", exc)
+                    self._manifests.clear()
+                with anyio.move_on_after(min(self.interval_s, 1.0)):
+                    await stop.wait()
+        finally:
+            with anyio.move_on_after(FLUSH_S, shield=True):
+                try:
+                    await self.archive_once(force=True)
+                    await self.release_all()
+                except (Unavailable, OSError) as exc:
+                    log.warning("the last events were not archived on shutdown: %s", exc)
 
     async def archive_once(self, *, force: bool) -> int:
         """One pass over every stream: the entries written to new segments. With
