@@ -16,6 +16,7 @@ from app.mutations import Mutator, Target
 from app.schemas import MirrorInfo
 from app.settings import MIRROR_FORMATS, Settings
 from app.writes import Writer
+from events.archive import Archive
 from events.errors import InvalidInput, LedgerError
 from events.redis_log import Keys, RedisEventLog, connect, guarded
 from events.s3_storage import S3Location, S3Storage
@@ -68,10 +69,12 @@ class Services:
         """``redis_url``: the embedded server's; None means what the settings say."""
         client = connect(settings.redis_target(redis_url))
         keys = Keys(settings.redis_prefix)
-        log = RedisEventLog(client, keys, idempotency_ttl_s=settings.idempotency_ttl_s)
+        storage = open_storage(settings)
+        log = RedisEventLog(
+            client, keys, idempotency_ttl_s=settings.idempotency_ttl_s, archive=Archive(storage)
+        )
         store = SnapshotStore(client, keys)
         reader = CatalogReader(log, store)
-        storage = open_storage(settings)
         writer = Writer(
             log,
             reader,
@@ -266,6 +269,8 @@ class Services:
             supers,
             segment_events=self.settings.archive_segment_events,
             interval_s=self.settings.archive_interval_s,
+            retention_s=self.settings.stream_retention_s,
+            projections=(CATALOG, *(mirror_group(fmt) for fmt in MIRROR_FORMATS)),
         )
 
     async def run_projections(self, stop: anyio.Event) -> None:

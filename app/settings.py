@@ -108,6 +108,9 @@ SETTINGS_DOC: dict[str, str] = {
     "archive_segment_events": "Events per archive segment (at most).",
     "archive_interval_s": "A stream's waiting events are archived once the oldest is this "
     "old (seconds), even if fewer than a segment: the archive's usual lag.",
+    "stream_retention_s": "Super streams keep this many seconds of events in Redis; older "
+    "events that are archived and applied by every projection are trimmed (reads take them "
+    "from the archive). 0: keep every event in Redis.",
     "public_url": "The service's external base URL (e.g. `https://lake.example.com`), used "
     "for the MCP resource in OAuth metadata. Default: taken from each request's Host.",
     "mcp_authorization_servers": "OAuth authorization servers MCP clients are sent to "
@@ -212,6 +215,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     archive: bool = True
     archive_segment_events: int = 10_000
     archive_interval_s: float = 5.0
+    stream_retention_s: float = 0.0
     public_url: str | None = None
     mcp_authorization_servers: str = ""
     mcp_token_budget: int = 25_000
@@ -279,6 +283,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 "LEDGERLAKE_ARCHIVE_SEGMENT_EVENTS and LEDGERLAKE_ARCHIVE_INTERVAL_S must be "
                 "positive"
             )
+        if self.stream_retention_s < 0:
+            raise SystemExit("LEDGERLAKE_STREAM_RETENTION_S must be 0 or more")
+        if self.stream_retention_s > 0 and not self.archive:
+            raise SystemExit("LEDGERLAKE_STREAM_RETENTION_S needs LEDGERLAKE_ARCHIVE=true")
         if self.mcp_token_budget < 1000:
             raise SystemExit("LEDGERLAKE_MCP_TOKEN_BUDGET must be at least 1000")
         if (

@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -39,6 +40,7 @@ ROOT = ".archive"
 REGISTRY = "registry"
 AUTH = "auth"
 AUDIT = "audit"  # the query audit records
+CACHED_SEGMENTS = 8
 
 
 def super_stream(org: str, super_: str) -> str:
@@ -125,6 +127,7 @@ class Archive:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+        self._cache: OrderedDict[str, list[Entry]] = OrderedDict()
 
     @staticmethod
     def manifest_key(stream: str) -> str:
@@ -168,20 +171,36 @@ class Archive:
         await self._put(self.manifest_key(manifest.stream), msgspec.json.encode(updated))
         return updated
 
-    async def entries(self, stream: str, after: str = "0-0") -> AsyncIterator[Entry]:
-        """The archived entries of ``stream`` after ``after``, in order, each segment
-        checked against the manifest."""
+    async def entries(
+        self, stream: str, after: str = "0-0", *, inclusive: bool = False
+    ) -> AsyncIterator[Entry]:
+        """The archived entries of ``stream`` after ``after`` (or from it, with
+        ``inclusive``), in order, each segment checked against the manifest."""
         manifest = await self.manifest(stream)
         start = stream_id_tuple(after)
         for info in manifest.segments:
-            if stream_id_tuple(info.last) <= start:
+            last = stream_id_tuple(info.last)
+            if last < start or (last == start and not inclusive):
                 continue
-            data = await self.storage.read(info.key)
-            if data is None:
-                raise ArchiveCorrupt(f"archive segment {info.key} is missing")
-            for entry in decode_segment(data, info):
-                if stream_id_tuple(entry[0]) > start:
+            for entry in await self._segment(info):
+                at = stream_id_tuple(entry[0])
+                if at > start or (inclusive and at == start):
                     yield entry
+
+    async def _segment(self, info: SegmentInfo) -> list[Entry]:
+        """A segment's entries (the last few read are kept: segments never change)."""
+        cached = self._cache.get(info.sha256)
+        if cached is not None:
+            self._cache.move_to_end(info.sha256)
+            return cached
+        data = await self.storage.read(info.key)
+        if data is None:
+            raise ArchiveCorrupt(f"archive segment {info.key} is missing")
+        entries = decode_segment(data, info)
+        self._cache[info.sha256] = entries
+        while len(self._cache) > CACHED_SEGMENTS:
+            self._cache.popitem(last=False)
+        return entries
 
     async def _put(self, key: str, data: bytes) -> None:
         staged = self.storage.staging_file(".archive")

@@ -33,9 +33,10 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from events.archive import Archive, super_stream
 from events.errors import ConflictError, IdempotencyMismatch, Unavailable
 from events.log import NEW_TABLE, Appended, Idempotency, StoredResult
-from events.model import Event, EventBase, decode_event, encode_event
+from events.model import Event, EventBase, decode_event, encode_event, stream_id_tuple
 
 T = TypeVar("T")
 # Failures that mean "Redis is not reachable right now" (a Cluster losing a master or
@@ -130,6 +131,11 @@ class Keys:
     def idempotency(self, org: str, super_: str, key: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()
         return f"{self.tag(org, super_)}:idem:{digest}"
+
+    def trimmed(self, org: str, super_: str) -> str:
+        """The lowest id still in the super's stream once it was trimmed: every entry
+        below it is in the archive only."""
+        return f"{self.tag(org, super_)}:trimmed"
 
     def snapshot(self, org: str, super_: str) -> str:
         return f"{self.tag(org, super_)}:snap"
@@ -249,9 +255,18 @@ def _s(value: bytes | str | None) -> str:
 class RedisEventLog:
     """The ``EventLog`` port on Redis Streams, with Lua for atomic appends."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, *, idempotency_ttl_s: int = 86400):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        *,
+        idempotency_ttl_s: int = 86400,
+        archive: Archive | None = None,
+    ):
         self.client = client
         self.keys = keys
+        # Where the events trimmed from the super streams are (None: nothing is trimmed).
+        self.archive = archive
         self.idempotency_ttl_s = idempotency_ttl_s
         self._append: Callable[..., Awaitable[Any]] = client.register_script(APPEND_LUA)
         self._registry: Callable[..., Awaitable[Any]] = client.register_script(REGISTRY_LUA)
@@ -352,14 +367,14 @@ class RedisEventLog:
     async def read(
         self, org: str, super_: str, *, after: str = "0-0", count: int = 1000
     ) -> list[Event]:
-        return await self._read(self.keys.stream(org, super_), after, count)
+        return await self._range_super(org, super_, f"({after}", count)
 
     async def read_registry(self, *, after: str = "0-0", count: int = 1000) -> list[Event]:
         return await self._read(self.keys.registry_stream, after, count)
 
     async def read_from(self, org: str, super_: str, start: str, *, count: int) -> list[Event]:
         """Events of a super from ``start`` (an id, inclusive, or ``(id``, exclusive)."""
-        return await self._range(self.keys.stream(org, super_), start, count)
+        return await self._range_super(org, super_, start, count)
 
     async def read_registry_from(self, start: str, *, count: int) -> list[Event]:
         return await self._range(self.keys.registry_stream, start, count)
@@ -371,3 +386,31 @@ class RedisEventLog:
         call: Any = self.client.xrange(stream, min=start, max="+", count=count)
         entries: list[Any] = await guarded(call)
         return [decode_event(entry_id, fields) for entry_id, fields in entries]
+
+    async def _range_super(self, org: str, super_: str, start: str, count: int) -> list[Event]:
+        """A super's events from ``start``, as one log: those trimmed from the stream
+        come from the archive (events below the stream's ``trimmed`` mark), the rest
+        from Redis. The mark and the entries are read in one transaction, so a trim in
+        between cannot hide events."""
+        stream = self.keys.stream(org, super_)
+        if self.archive is None:
+            return await self._range(stream, start, count)
+        pipe: Any = self.client.pipeline(transaction=True)
+        pipe.get(self.keys.trimmed(org, super_))
+        pipe.xrange(stream, min=start, max="+", count=count)
+        mark, entries = await guarded(pipe.execute())
+        exclusive = start.startswith("(")
+        first = start.lstrip("(") if start not in ("-", "(-") else "0-0"
+        if mark is None or stream_id_tuple(first) >= stream_id_tuple(_s(mark)):
+            return [decode_event(entry_id, fields) for entry_id, fields in entries]
+        # Part of the range was trimmed: the archive has it (everything below the mark).
+        limit = stream_id_tuple(_s(mark))
+        out: list[Event] = []
+        name = super_stream(org, super_)
+        async for entry_id, fields in self.archive.entries(name, first, inclusive=not exclusive):
+            if stream_id_tuple(entry_id) >= limit or len(out) == count:
+                break
+            out.append(decode_event(entry_id, {k: v.encode() for k, v in fields.items()}))
+        if len(out) < count:
+            out += await self._range(stream, _s(mark), count - len(out))
+        return out

@@ -32,6 +32,38 @@ log = logging.getLogger("ledgerlake.archive")
 ARCHIVE = "archive"
 FLUSH_S = 10.0
 
+TRIM_LUA = """
+-- KEYS: stream, trimmed mark, then the checkpoint of every projection of the stream
+-- ARGV: the archive's position, the retention cutoff (ms)
+-- Trims the entries that are archived, applied by every projection and older than the
+-- retention; the mark is the lowest id kept (readers take what is below from the archive).
+local function parse(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+local function less(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am < bm or (am == bm and as < bs)
+end
+local low = ARGV[1]
+for i = 3, #KEYS do
+  local c = redis.call('GET', KEYS[i])
+  if not c then return 0 end  -- a projection that never ran here: keep everything
+  if less(c, low) then low = c end
+end
+local dash = string.find(low, '-', 1, true)
+local next_seq = tonumber(string.sub(low, dash + 1)) + 1
+local minid = string.sub(low, 1, dash - 1) .. '-' .. tostring(next_seq)
+local cutoff = ARGV[2] .. '-0'
+if less(cutoff, minid) then minid = cutoff end
+local mark = redis.call('GET', KEYS[2])
+if mark and not less(mark, minid) then return 0 end
+-- the mark first: in the same script, so no reader sees the trim without it
+redis.call('SET', KEYS[2], minid)
+return redis.call('XTRIM', KEYS[1], 'MINID', minid)
+"""
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -39,6 +71,8 @@ class Unit:
     stream: str  # the Redis stream
     lease: str
     checkpoint: str
+    org: str = ""  # a super's stream (the only ones trimmed)
+    super_: str = ""
 
 
 def units(keys: Keys, supers: list[tuple[str, str]]) -> list[Unit]:
@@ -58,6 +92,8 @@ def units(keys: Keys, supers: list[tuple[str, str]]) -> list[Unit]:
                 keys.stream(org, sup),
                 keys.lease(org, sup, ARCHIVE),
                 keys.checkpoint(org, sup, ARCHIVE),
+                org,
+                sup,
             )
         )
     return out
@@ -73,6 +109,8 @@ class Archiver:
         *,
         segment_events: int = 10_000,
         interval_s: float = 5.0,
+        retention_s: float = 0.0,
+        projections: tuple[str, ...] = (),
         lease_ms: int = 30_000,
         consumer: str | None = None,
     ) -> None:
@@ -82,10 +120,15 @@ class Archiver:
         self.supers = supers
         self.segment_events = segment_events
         self.interval_s = interval_s
+        # Super streams keep this long of history in Redis (0: all of it); older entries
+        # that every projection in ``projections`` has applied are trimmed once archived.
+        self.retention_s = retention_s
+        self.projections = projections
         self.lease_ms = lease_ms
         self.consumer = consumer or default_consumer_name()
         self._renew = client.register_script(RENEW_LUA)
         self._release = client.register_script(RELEASE_LUA)
+        self._trim = client.register_script(TRIM_LUA)
         self._manifests: dict[str, Manifest] = {}  # the streams whose lease we hold
 
     async def run(self, stop: anyio.Event) -> None:
@@ -152,7 +195,23 @@ class Archiver:
             written += len(raw)
             if not full:
                 break
+        if self.retention_s > 0 and unit.org:
+            await self._trim_stream(unit, manifest)
         return written
+
+    async def _trim_stream(self, unit: Unit, manifest: Manifest) -> int:
+        """Trim what is archived, applied by every projection and past the retention."""
+        if manifest.position == "0-0":
+            return 0
+        checkpoints = [self.keys.checkpoint(unit.org, unit.super_, p) for p in self.projections]
+        cutoff = int((time.time() - self.retention_s) * 1000)
+        removed = await guarded(
+            self._trim(
+                keys=[unit.stream, self.keys.trimmed(unit.org, unit.super_), *checkpoints],
+                args=[manifest.position, max(cutoff, 0)],
+            )
+        )
+        return int(removed)
 
     async def release_all(self) -> None:
         """Give up every lease (burst mode, shutdown)."""

@@ -183,3 +183,93 @@ async def test_an_archive_append_must_follow_its_manifest(services: Services) ->
         await archive.append(manifest, [("4-0", {"a": "b"})])
     assert [e async for e in archive.entries("x/y")] == [("5-0", {"a": "b"})]
     assert [e async for e in archive.entries("x/y", after="5-0")] == []
+
+
+# -- trimming: the archive and the stream read as one log -----------------------------
+
+
+@pytest.fixture
+async def trimming(any_settings: Settings) -> AsyncIterator[Services]:
+    settings = msgspec.structs.replace(
+        any_settings, archive=True, stream_retention_s=0.001, archive_segment_events=4
+    )
+    async with Services.open(settings) as s:
+        yield s
+
+
+async def all_events(services: Services) -> list[Any]:
+    return await services.log.read("acme", "sales", count=100_000)
+
+
+async def test_trimmed_events_come_from_the_archive(trimming: Services) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from app.gc import collect_garbage
+    from projections.replay import replay
+
+    services = trimming
+    write(services.settings, 12)
+    stream = services.keys.stream("acme", "sales")
+    everything = await all_events(services)  # before any trim: all in Redis
+    assert len(everything) == 13
+    await services.catch_up()  # projections, then the archive, which trims
+    assert await services.redis.xlen(stream) < 4  # Redis keeps only the unarchived tail
+    mark = (await services.redis.get(services.keys.trimmed("acme", "sales"))).decode()
+    assert mark > "0-0"
+    # One log: every read sees every event, in order, whatever Redis still holds.
+    assert [e.id for e in await all_events(services)] == [e.id for e in everything]
+    middle = everything[5].id
+    page = await services.log.read_from("acme", "sales", middle, count=3)
+    assert [e.id for e in page] == [e.id for e in everything[5:8]]
+    page = await services.log.read("acme", "sales", after=middle, count=100)
+    assert [e.id for e in page] == [e.id for e in everything[6:]]
+    assert (await replay(services.log, services.store, verify=True)).differences == []
+    await replay(services.log, services.store, verify=False)  # a rebuild reads it all too
+    assert (await replay(services.log, services.store, verify=True)).differences == []
+    # gc still knows every file an old version (time travel, restore) references.
+    report = await collect_garbage(
+        services.log, services.reader, services.storage, grace=timedelta(hours=2),
+        dry_run=True, now=datetime.now(UTC) + timedelta(days=1),
+    )  # fmt: skip
+    assert report.orphans == [] and report.referenced >= 12
+    # The API: history, the events, time travel to the first version, new writes.
+    assert services.settings.redis_url
+    app = create_app(services.settings, services.settings.redis_url, run_projector=False)
+    with authed(TestClient(app)) as c:
+        history = c.get(f"{ROWS[:-5]}/history", params={"limit": 100}).json()["entries"]
+        assert [h["version"] for h in history] == list(range(13))
+        events = c.get("/v1/events", params={"org": "acme", "super": "sales"}).json()
+        assert [e["id"] for e in events["events"]] == [e.id for e in everything]
+        old = c.post("/v1/acme/sales/query",
+                     json={"sql": "select count(*) from orders", "as_of_version": 1})  # fmt: skip
+        assert old.json()["rows"] == [[1]]
+        assert c.post(ROWS, json=[{"id": 99, "v": "after"}]).json()["version"] == 13
+
+
+async def test_a_stream_is_never_trimmed_past_the_archive_or_a_projection(
+    trimming: Services,
+) -> None:
+    services = trimming
+    write(services.settings, 6)
+    await services.catch_up()
+    stream = services.keys.stream("acme", "sales")
+    kept = await services.redis.xlen(stream)
+    # New events, applied by the projections but not archived yet: all stay in Redis.
+    write(services.settings, 5)
+    projector = services.projector()
+    await projector.run_until_caught_up()
+    await projector.release_all()
+    patient = archiver(services, segment_events=100, interval_s=3600,
+                       retention_s=0.001, projections=("catalog",))  # fmt: skip
+    await patient.archive_once(force=False)
+    assert await services.redis.xlen(stream) == kept + 5
+    # A projection that has not applied them (a mirror group without a checkpoint yet)
+    # keeps them in Redis even once they are archived.
+    await services.redis.delete(services.keys.checkpoint("acme", "sales", "mirror-delta"))
+    strict = archiver(
+        services, retention_s=0.001, projections=("catalog", "mirror-delta"),
+        consumer=patient.consumer,
+    )  # fmt: skip
+    await strict.archive_once(force=True)
+    assert await services.redis.xlen(stream) == kept + 5
+    assert len(await all_events(services)) == 1 + 6 + 5

@@ -40,6 +40,7 @@ def test_aws_variables_work_and_ledgerlake_s3_settings_override_them() -> None:
         {"LEDGERLAKE_MCP_TOKEN_BUDGET": "10"},
         {"LEDGERLAKE_ARCHIVE_SEGMENT_EVENTS": "0"},
         {"LEDGERLAKE_ARCHIVE_INTERVAL_S": "-1"},
+        {"LEDGERLAKE_STREAM_RETENTION_S": "60", "LEDGERLAKE_ARCHIVE": "false"},
         {"LEDGERLAKE_MCP_TIMEOUT_S": "0"},
         {"LEDGERLAKE_MCP_TIMEOUT_S": "900"},  # above the query's own maximum
         {"LEDGERLAKE_MCP_MAX_CONCURRENT_PER_PRINCIPAL": "0"},
