@@ -187,6 +187,37 @@ def cmd_recover(settings: Settings, args: argparse.Namespace) -> int:
         return anyio.run(main, url)
 
 
+def cmd_rebuild_from_storage(settings: Settings, args: argparse.Namespace) -> int:
+    """LOSSY: each table's latest rows from the storage, into an empty Redis."""
+    from app.rebuild import rebuild_from_storage
+
+    print(
+        "rebuild-from-storage is LOSSY: the history (versions, time travel, the audit "
+        "trail), principals, grants and policies are gone; only each table's latest rows "
+        "come back",
+        file=sys.stderr,
+    )
+
+    async def main(url: str) -> int:
+        async with Services.open(settings, url) as services:
+            progress = Progress("rebuilt", "rows")
+            report = await rebuild_from_storage(
+                services, ignore_archive=args.ignore_archive, progress=progress
+            )
+            progress.finish(sum(t.rows for t in report.tables))
+            for t in report.tables:
+                print(f"{t.table}: {t.rows} rows from the {t.source}")
+                if t.lossy:
+                    print(f"  WARNING {t.table}: {t.lossy}", file=sys.stderr)
+            for line in report.skipped:
+                print(f"  SKIPPED {line}", file=sys.stderr)
+            print(f"rebuilt {len(report.tables)} tables (lossy: no history before this point)")
+            return 0
+
+    with redis_for(settings) as url:
+        return anyio.run(main, url)
+
+
 def _api_call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
     """A request to a running Ledgerlake (``--api``) with ``--token`` (or
     LEDGERLAKE_TOKEN): the server's authentication and authorization apply, exactly as
@@ -504,6 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="also forget what the mirrors reflect, so the runners publish every table again",
     )
     command("recover", cmd_recover, "Rebuild a lost Redis from the event archive.")
+    p = command(
+        "rebuild-from-storage",
+        cmd_rebuild_from_storage,
+        "LOSSY last resort: each table's latest rows from the data files and mirrors.",
+    )
+    p.add_argument(
+        "--ignore-archive",
+        action="store_true",
+        help="rebuild even though an event archive exists (recover would keep the history)",
+    )
     p = command("query", cmd_query, "Run a read-only SQL query.")
     p.add_argument("sql")
     p.add_argument("--super", required=True, help="org/super whose tables the SQL names")
