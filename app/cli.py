@@ -218,6 +218,47 @@ def cmd_rebuild_from_storage(settings: Settings, args: argparse.Namespace) -> in
         return anyio.run(main, url)
 
 
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    """Write an org or a super, with its history and data files, to a directory."""
+    from app.transfer import export_data
+
+    org, _, sup = args.target.partition("/")
+
+    async def main(url: str) -> int:
+        async with Services.open(settings, url) as services:
+            progress = Progress("exported", "files")
+            report = await export_data(services, org, sup or None, Path(args.out),
+                                       progress=progress)  # fmt: skip
+            progress.finish(report.files)
+            print(
+                f"exported {', '.join(report.supers)}: {report.events} events, "
+                f"{report.files} files ({report.bytes:,} bytes) to {args.out}"
+            )
+            return 0
+
+    with redis_for(settings) as url:
+        return anyio.run(main, url)
+
+
+def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    """Add an export to this deployment (refused if one of its supers exists)."""
+    from app.transfer import import_data
+
+    async def main(url: str) -> int:
+        async with Services.open(settings, url) as services:
+            progress = Progress("imported", "files")
+            report = await import_data(services, Path(args.source), progress=progress)
+            progress.finish(report.files)
+            print(
+                f"imported {', '.join(report.supers)}: {report.events} events, "
+                f"{report.files} files; grant access to it in this deployment"
+            )
+            return 0
+
+    with redis_for(settings) as url:
+        return anyio.run(main, url)
+
+
 def _api_call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
     """A request to a running Ledgerlake (``--api``) with ``--token`` (or
     LEDGERLAKE_TOKEN): the server's authentication and authorization apply, exactly as
@@ -545,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rebuild even though an event archive exists (recover would keep the history)",
     )
+    p = command("export", cmd_export, "Write an org or a super (history and files) to a dir.")
+    p.add_argument("target", help="org or org/super")
+    p.add_argument("--out", required=True, help="a new directory")
+    p = command("import", cmd_import, "Add an export to this deployment.")
+    p.add_argument("source", help="the export's directory")
     p = command("query", cmd_query, "Run a read-only SQL query.")
     p.add_argument("sql")
     p.add_argument("--super", required=True, help="org/super whose tables the SQL names")

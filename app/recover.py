@@ -67,13 +67,13 @@ async def recover(
             if name == REGISTRY:
                 await _register(services, entry)
             elif name.startswith("supers/"):
-                _track_version(versions, entry)
+                track_version(versions, entry)
             if len(batch) >= BATCH:
-                report.events += await _add(services, stream, batch)
+                report.events += await add_entries(services, stream, batch)
                 batch = []
                 if progress is not None:
                     progress(report.events)
-        report.events += await _add(services, stream, batch)
+        report.events += await add_entries(services, stream, batch)
         if versions:
             org, sup = name.split("/")[1:]
             mapping: dict[Any, Any] = dict(versions)
@@ -99,7 +99,7 @@ def _stream_key(services: Services, name: str) -> str:
     return keys.stream(parts[1], parts[2])
 
 
-async def _add(services: Services, stream: str, batch: list[Entry]) -> int:
+async def add_entries(services: Services, stream: str, batch: list[Entry]) -> int:
     if not batch:
         return 0
     pipe: Any = services.redis.pipeline(transaction=False)
@@ -125,7 +125,7 @@ async def _register(services: Services, entry: Entry) -> None:
         await guarded(services.redis.sadd(keys.registry_supers, f"{event.org}/{event.super_}"))
 
 
-def _track_version(versions: dict[str, str], entry: Entry) -> None:
+def track_version(versions: dict[str, str], entry: Entry) -> None:
     """Each table's version after its last event, as the append script keeps it."""
     event = _event(entry)
     if event.table:
