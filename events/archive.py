@@ -5,6 +5,7 @@ Layout, under the storage root (a name no org can take, since org names start wi
 letter or ``_``)::
 
     .archive/<stream>/manifest.json           the segments, in order: the commit point
+    .archive/<stream>/chapter-<n>-<rand>.json  a sealed run of 1,000 segments
     .archive/<stream>/<seq:012d>-<rand>.ndjson.gz   one segment: gzip of a JSON line per entry
 
 ``<stream>`` is ``registry``, ``auth``, ``audit`` (the query records) or
@@ -41,6 +42,7 @@ REGISTRY = "registry"
 AUTH = "auth"
 AUDIT = "audit"  # the query audit records
 CACHED_SEGMENTS = 8
+CHAPTER_SEGMENTS = 1000
 
 
 def super_stream(org: str, super_: str) -> str:
@@ -58,18 +60,47 @@ class SegmentInfo(msgspec.Struct, frozen=True):
     sha256: str
 
 
+class ChapterInfo(msgspec.Struct, frozen=True):
+    """A sealed run of ``CHAPTER_SEGMENTS`` segments, listed in a file of its own."""
+
+    seq: int
+    key: str
+    first: str
+    last: str
+    count: int
+    segments: int
+    sha256: str
+
+
+class Chapter(msgspec.Struct, frozen=True):
+    stream: str
+    seq: int
+    segments: tuple[SegmentInfo, ...]
+
+
 class Manifest(msgspec.Struct, frozen=True):
+    """A stream's archive: the sealed chapters, then the open chapter's segments. The
+    manifest stays small however long the stream grows (a chapter per
+    ``CHAPTER_SEGMENTS`` segments)."""
+
     stream: str
     segments: tuple[SegmentInfo, ...] = ()
+    chapters: tuple[ChapterInfo, ...] = ()
 
     @property
     def position(self) -> str:
         """The id of the last archived entry (``0-0`` when none is)."""
-        return self.segments[-1].last if self.segments else "0-0"
+        if self.segments:
+            return self.segments[-1].last
+        return self.chapters[-1].last if self.chapters else "0-0"
 
     @property
     def count(self) -> int:
-        return sum(s.count for s in self.segments)
+        return sum(c.count for c in self.chapters) + sum(s.count for s in self.segments)
+
+    @property
+    def next_seq(self) -> int:
+        return sum(c.segments for c in self.chapters) + len(self.segments)
 
 
 Entry = tuple[str, dict[str, str]]
@@ -154,7 +185,7 @@ class Archive:
             return manifest
         if stream_id_tuple(entries[0][0]) <= stream_id_tuple(manifest.position):
             raise ValueError(f"entry {entries[0][0]} is not after {manifest.position}")
-        seq = len(manifest.segments)
+        seq = manifest.next_seq
         key = f"{ROOT}/{manifest.stream}/{seq:012d}-{uuid.uuid4().hex[:8]}.ndjson.gz"
         data = encode_segment(entries)
         info = SegmentInfo(
@@ -167,9 +198,45 @@ class Archive:
             sha256=hashlib.sha256(data).hexdigest(),
         )
         await self._put(key, data)
-        updated = Manifest(manifest.stream, (*manifest.segments, info))
+        segments, chapters = (*manifest.segments, info), manifest.chapters
+        if len(segments) >= CHAPTER_SEGMENTS:
+            chapters = (*chapters, await self._seal(manifest.stream, len(chapters), segments))
+            segments = ()
+        updated = Manifest(manifest.stream, segments, chapters)
         await self._put(self.manifest_key(manifest.stream), msgspec.json.encode(updated))
         return updated
+
+    async def _seal(self, stream: str, seq: int, segments: tuple[SegmentInfo, ...]) -> ChapterInfo:
+        """Write a chapter file (immutable, uniquely named) for ``segments``."""
+        data = msgspec.json.encode(Chapter(stream, seq, segments))
+        key = f"{ROOT}/{stream}/chapter-{seq:08d}-{uuid.uuid4().hex[:8]}.json"
+        await self._put(key, data)
+        return ChapterInfo(
+            seq=seq,
+            key=key,
+            first=segments[0].first,
+            last=segments[-1].last,
+            count=sum(s.count for s in segments),
+            segments=len(segments),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+
+    async def segments(self, manifest: Manifest, after: str) -> AsyncIterator[SegmentInfo]:
+        """The segments holding entries after ``after`` (from it, for an inclusive
+        start: a segment ending exactly there is included), in order."""
+        start = stream_id_tuple(after)
+        for chapter in manifest.chapters:
+            if stream_id_tuple(chapter.last) < start:
+                continue
+            data = await self.storage.read(chapter.key)
+            if data is None or hashlib.sha256(data).hexdigest() != chapter.sha256:
+                raise ArchiveCorrupt(f"archive chapter {chapter.key} is missing or damaged")
+            for info in msgspec.json.decode(data, type=Chapter).segments:
+                if stream_id_tuple(info.last) >= start:
+                    yield info
+        for info in manifest.segments:
+            if stream_id_tuple(info.last) >= start:
+                yield info
 
     async def entries(
         self, stream: str, after: str = "0-0", *, inclusive: bool = False
@@ -178,10 +245,7 @@ class Archive:
         ``inclusive``), in order, each segment checked against the manifest."""
         manifest = await self.manifest(stream)
         start = stream_id_tuple(after)
-        for info in manifest.segments:
-            last = stream_id_tuple(info.last)
-            if last < start or (last == start and not inclusive):
-                continue
+        async for info in self.segments(manifest, after):
             for entry in await self._segment(info):
                 at = stream_id_tuple(entry[0])
                 if at > start or (inclusive and at == start):

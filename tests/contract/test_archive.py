@@ -273,3 +273,29 @@ async def test_a_stream_is_never_trimmed_past_the_archive_or_a_projection(
     await strict.archive_once(force=True)
     assert await services.redis.xlen(stream) == kept + 5
     assert len(await all_events(services)) == 1 + 6 + 5
+
+
+async def test_long_archives_are_sealed_in_chapters(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import events.archive
+
+    monkeypatch.setattr(events.archive, "CHAPTER_SEGMENTS", 3)
+    write(services.settings, 15)
+    await archiver(services, segment_events=2).archive_once(force=True)
+    name = super_stream("acme", "sales")
+    archive = Archive(services.storage)
+    manifest = await archive.manifest(name)
+    live = await stream_entries(services, services.keys.stream("acme", "sales"))
+    assert len(manifest.chapters) == 2 and len(manifest.segments) == 2  # 8 segments
+    assert manifest.count == len(live) and manifest.position == live[-1][0]
+    assert await archived(services, name) == live
+    middle = live[7][0]
+    assert [e async for e in archive.entries(name, middle)] == live[8:]
+    assert [e async for e in archive.entries(name, middle, inclusive=True)] == live[7:]
+    chapter = manifest.chapters[0]
+    staged = services.storage.staging_file(".x")
+    staged.write_bytes(b"{}")
+    await services.storage.publish(staged, chapter.key)
+    with pytest.raises(ArchiveCorrupt, match="chapter"):
+        await archived(services, name)
