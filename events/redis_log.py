@@ -390,27 +390,35 @@ class RedisEventLog:
     async def _range_super(self, org: str, super_: str, start: str, count: int) -> list[Event]:
         """A super's events from ``start``, as one log: those trimmed from the stream
         come from the archive (events below the stream's ``trimmed`` mark), the rest
-        from Redis. The mark and the entries are read in one transaction, so a trim in
-        between cannot hide events."""
+        from Redis. Each Redis read takes the mark and the entries in one transaction;
+        if the mark moved while the archive was read (a trim in between), the archive
+        is read again up to the new mark, so no event falls between the two."""
         stream = self.keys.stream(org, super_)
         if self.archive is None:
             return await self._range(stream, start, count)
-        pipe: Any = self.client.pipeline(transaction=True)
-        pipe.get(self.keys.trimmed(org, super_))
-        pipe.xrange(stream, min=start, max="+", count=count)
-        mark, entries = await guarded(pipe.execute())
-        exclusive = start.startswith("(")
-        first = start.lstrip("(") if start not in ("-", "(-") else "0-0"
-        if mark is None or stream_id_tuple(first) >= stream_id_tuple(_s(mark)):
-            return [decode_event(entry_id, fields) for entry_id, fields in entries]
-        # Part of the range was trimmed: the archive has it (everything below the mark).
-        limit = stream_id_tuple(_s(mark))
-        out: list[Event] = []
         name = super_stream(org, super_)
-        async for entry_id, fields in self.archive.entries(name, first, inclusive=not exclusive):
-            if stream_id_tuple(entry_id) >= limit or len(out) == count:
-                break
-            out.append(decode_event(entry_id, {k: v.encode() for k, v in fields.items()}))
-        if len(out) < count:
-            out += await self._range(stream, _s(mark), count - len(out))
-        return out
+        out: list[Event] = []
+        exclusive = start.startswith("(")
+        position = start.lstrip("(") if start not in ("-", "(-") else "0-0"
+        while True:
+            pipe: Any = self.client.pipeline(transaction=True)
+            pipe.get(self.keys.trimmed(org, super_))
+            pipe.xrange(stream, min=f"({position}" if exclusive else position, max="+",
+                        count=count - len(out))  # fmt: skip
+            mark, entries = await guarded(pipe.execute())
+            if mark is None or stream_id_tuple(position) >= stream_id_tuple(_s(mark)):
+                out += [decode_event(entry_id, fields) for entry_id, fields in entries]
+                return out
+            # Part of the range was trimmed: the archive has it (everything below the
+            # mark); then the loop reads Redis again from there.
+            limit = stream_id_tuple(_s(mark))
+            async for entry_id, fields in self.archive.entries(
+                name, position, inclusive=not exclusive
+            ):
+                if stream_id_tuple(entry_id) >= limit or len(out) == count:
+                    break
+                out.append(decode_event(entry_id, {k: v.encode() for k, v in fields.items()}))
+            if len(out) == count:
+                return out
+            # Everything below the mark is in ``out`` now: go on from the mark itself.
+            position, exclusive = _s(mark), False

@@ -142,6 +142,9 @@ class Archiver:
                 except (Unavailable, OSError) as exc:  # retried; the lag shows it meanwhile
                     log.warning("archiving paused: %s", exc)
                     self._manifests.clear()
+                except Exception:  # a bug or a damaged manifest: the other runners go on
+                    log.exception("archiving failed; retrying")
+                    self._manifests.clear()
                 with anyio.move_on_after(min(self.interval_s, 1.0)):
                     await stop.wait()
         finally:

@@ -299,3 +299,41 @@ async def test_long_archives_are_sealed_in_chapters(
     await services.storage.publish(staged, chapter.key)
     with pytest.raises(ArchiveCorrupt, match="chapter"):
         await archived(services, name)
+
+
+async def test_a_trim_while_the_archive_is_read_hides_no_event(trimming: Services) -> None:
+    """Regression (review): a read below the mark read the archive, then Redis from the
+    old mark; a trim in between lost the events from the old to the new mark. The real
+    archiver runs at that very moment here (injected into the archive read)."""
+    services = trimming
+    write(services.settings, 12)
+    await services.catch_up()  # archived and trimmed: a first mark
+    write(services.settings, 8)  # applied by the projections, not archived yet
+    projector = services.projector()
+    await projector.run_until_caught_up()
+    await projector.release_all()
+    for runner in services.mirror_runners():
+        await runner.run_until_caught_up()
+        await runner.release_all()
+    expected = [e.id for e in await all_events(services)]
+    assert len(expected) == 1 + 12 + 8
+    archive = services.log.archive
+    assert archive is not None
+    original = archive.entries
+    fired = []
+
+    async def entries(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async for entry in original(*args, **kwargs):
+            if not fired:  # the archiver's next pass lands while this read is under way
+                fired.append(True)
+                a = services.archiver()
+                await a.archive_once(force=True)
+                await a.release_all()
+            yield entry
+
+    archive.entries = entries  # type: ignore[method-assign]
+    try:
+        got = [e.id for e in await all_events(services)]
+    finally:
+        archive.entries = original  # type: ignore[method-assign]
+    assert fired and got == expected
