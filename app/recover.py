@@ -54,7 +54,7 @@ async def recover(
     names = await archive.streams()
     if REGISTRY not in names:
         raise InvalidInput(
-            "the storage holds no event archive (.archive/registry/manifest.json)",
+            "the storage holds no event archive (.archive/registry/manifests/)",
             code="archive_not_found",
         )
     report = RecoverReport()

@@ -4,7 +4,7 @@ in the object storage, so that the log outlives Redis.
 Layout, under the storage root (a name no org can take, since org names start with a
 letter or ``_``)::
 
-    .archive/<stream>/manifest.json           the segments, in order: the commit point
+    .archive/<stream>/manifests/<n>-<rand>.json  the segments, in order: the commit point
     .archive/<stream>/chapter-<n>-<rand>.json  a sealed run of 1,000 segments
     .archive/<stream>/<seq:012d>-<rand>.ndjson.gz   one segment: gzip of a JSON line per entry
 
@@ -13,11 +13,14 @@ letter or ``_``)::
 ``{"id": "<stream id>", "f": {"<field>": "<value>", ...}}``: the stream entry exactly as
 Redis holds it (every field of every stream is UTF-8 text), so recovery can add it back
 under the same id. The manifest lists each segment's sequence number, first and last id,
-entry count, size and SHA-256; a segment is written first and only counts once the
+entry count, size and SHA-256; a segment is written first and only counts once a
 manifest names it, so the archived position (the last id of the last segment) and the
-segment are one commit. Segment names are unique: a segment written by a run that
-crashed before its manifest (or lost its lease) is an unreferenced file, never one that
-a manifest names and another writer changed."""
+segment are one commit. Manifests are versions, never overwritten (``<n>`` is the
+number of segments they commit): a writer that lost its lease can add one more version,
+never replace the one the new writer committed (see ``Archive.manifest``). Segment
+names are unique too: a segment written by a run that crashed before its manifest (or
+lost its lease) is an unreferenced file, never one that a manifest names and another
+writer changed."""
 
 from __future__ import annotations
 
@@ -161,21 +164,41 @@ class Archive:
         self._cache: OrderedDict[str, list[Entry]] = OrderedDict()
 
     @staticmethod
-    def manifest_key(stream: str) -> str:
-        return f"{ROOT}/{stream}/manifest.json"
+    def manifest_dir(stream: str) -> str:
+        return f"{ROOT}/{stream}/manifests/"
 
     async def manifest(self, stream: str) -> Manifest:
-        data = await self.storage.read(self.manifest_key(stream))
-        if data is None:
+        """The stream's current manifest: of the versions in ``manifests/`` (each written
+        once, never replaced), the one with the most segments; between two with as many
+        (a writer that lost its lease racing the one that took it), the one that
+        reaches further. Either way it covers everything any writer trimmed."""
+        versions: dict[int, list[str]] = {}
+        async for obj in self.storage.list_objects(self.manifest_dir(stream)):
+            name = obj.key.rsplit("/", 1)[-1]
+            head = name.split("-", 1)[0]
+            if name.endswith(".json") and head.isdigit():
+                versions.setdefault(int(head), []).append(obj.key)
+        if not versions:
             return Manifest(stream)
-        return msgspec.json.decode(data, type=Manifest)
+        best: Manifest | None = None
+        for key in versions[max(versions)]:
+            data = await self.storage.read(key)
+            if data is None:
+                continue  # deleted meanwhile (an older version being cleaned up)
+            found = msgspec.json.decode(data, type=Manifest)
+            if best is None or stream_id_tuple(found.position) > stream_id_tuple(best.position):
+                best = found
+        if best is None:
+            raise ArchiveCorrupt(f"the manifest of {stream} vanished while it was read")
+        return best
 
     async def streams(self) -> list[str]:
         """Every archived stream's name."""
-        names = []
+        names = set()
         async for obj in self.storage.list_objects(ROOT + "/"):
-            if obj.key.endswith("/manifest.json"):
-                names.append(obj.key[len(ROOT) + 1 : -len("/manifest.json")])
+            stream, sep, _ = obj.key[len(ROOT) + 1 :].rpartition("/manifests/")
+            if sep:
+                names.add(stream)
         return sorted(names)
 
     async def append(self, manifest: Manifest, entries: list[Entry]) -> Manifest:
@@ -203,7 +226,14 @@ class Archive:
             chapters = (*chapters, await self._seal(manifest.stream, len(chapters), segments))
             segments = ()
         updated = Manifest(manifest.stream, segments, chapters)
-        await self._put(self.manifest_key(manifest.stream), msgspec.json.encode(updated))
+        folder = self.manifest_dir(manifest.stream)
+        await self._put(f"{folder}{seq + 1:012d}-{uuid.uuid4().hex[:8]}.json",
+                        msgspec.json.encode(updated))  # fmt: skip
+        # Versions two behind are no one's current manifest any more.
+        async for obj in self.storage.list_objects(folder):
+            head = obj.key.rsplit("/", 1)[-1].split("-", 1)[0]
+            if head.isdigit() and int(head) < seq:
+                await self.storage.delete(obj.key)
         return updated
 
     async def _seal(self, stream: str, seq: int, segments: tuple[SegmentInfo, ...]) -> ChapterInfo:

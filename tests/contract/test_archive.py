@@ -337,3 +337,46 @@ async def test_a_trim_while_the_archive_is_read_hides_no_event(trimming: Service
     finally:
         archive.entries = original  # type: ignore[method-assign]
     assert fired and got == expected
+
+
+async def test_a_stale_writer_cannot_undo_a_newer_manifest(trimming: Services) -> None:
+    """Regression (review): an archiver whose lease lapsed during a slow manifest write
+    overwrote the manifest of the one that took over (and had trimmed the stream), so
+    the events between were lost for good. Manifests are versions now."""
+    services = trimming
+    write(services.settings, 4)
+
+    async def project() -> None:
+        p = services.projector()
+        await p.run_until_caught_up()
+        await p.release_all()
+        for r in services.mirror_runners():
+            await r.run_until_caught_up()
+            await r.release_all()
+
+    await project()
+    stale = services.archiver()
+    original_put = stale.archive._put
+    fired = []
+
+    async def slow_put(key: str, data: bytes) -> None:
+        if "/supers/acme/sales/manifests/" in key and not fired:
+            fired.append(True)
+            # The stale writer's PUT hangs; its lease lapses; another takes over.
+            await services.redis.delete(services.keys.lease("acme", "sales", "archive"))
+            write(services.settings, 4)
+            await project()
+            other = services.archiver()
+            await other.archive_once(force=True)  # archives and trims
+            await other.release_all()
+        await original_put(key, data)  # the stale manifest lands last
+
+    stale.archive._put = slow_put  # type: ignore[method-assign]
+    await stale.archive_once(force=True)
+    await stale.release_all()
+    assert fired
+    after = services.archiver()
+    await after.archive_once(force=True)
+    await after.release_all()
+    assert len(await all_events(services)) == 1 + 4 + 4
+    assert len(await archived(services, super_stream("acme", "sales"))) == 1 + 4 + 4
