@@ -95,6 +95,13 @@ class Publisher:
             if marks and marks.get(delta.INCARNATION) != table.incarnation:
                 await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
                 marks = {}
+            if marks and _before(table.last_event_id, marks.get(delta.POSITION, "")):
+                # The mirror holds changes the log does not (the log was recovered from
+                # an archive that missed its last writes, or Redis failed over): those
+                # writes are gone, so the mirror starts over from the log.
+                log.warning("the Delta mirror of %s is ahead of the log; recreating it", prefix)
+                await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
+                marks = {}
             if not marks or _before(marks.get(delta.POSITION, ""), table.last_event_id):
                 fresh = not marks
                 if fresh:  # a log left half-made by a crash before its first commit
