@@ -14,6 +14,7 @@ durability notes in the README)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +49,8 @@ async def recover(
     if await guarded(redis.exists(keys.registry_stream, keys.auth_stream)):
         raise NotEmpty(
             "this Redis already holds a Ledgerlake log under the prefix "
-            f"{keys.prefix!r}; recover only into an empty one"
+            f"{keys.prefix!r}; recover only into an empty one (after a recovery that "
+            f"failed half way, delete the keys matching '{keys.prefix}:*' first)"
         )
     archive = Archive(services.storage)
     names = await archive.streams()
@@ -58,22 +60,38 @@ async def recover(
             code="archive_not_found",
         )
     report = RecoverReport()
+    retention = services.settings.stream_retention_s
+    cutoff = int((time.time() - retention) * 1000) if retention > 0 else 0
     for name in names:
         stream = _stream_key(services, name)
         batch: list[Entry] = []
         versions: dict[str, str] = {}
+        # With a stream retention, a super's old events stay in the archive only (as
+        # they were before the loss): Redis gets the recent tail and the trimmed mark.
+        first_kept, last, skipped = "", "", False
         async for entry in archive.entries(name):
-            batch.append(entry)
+            last = entry[0]
+            report.events += 1
             if name == REGISTRY:
                 await _register(services, entry)
             elif name.startswith("supers/"):
                 track_version(versions, entry)
+                if int(entry[0].split("-")[0]) < cutoff:
+                    skipped = True
+                    continue
+                first_kept = first_kept or entry[0]
+            batch.append(entry)
             if len(batch) >= BATCH:
-                report.events += await add_entries(services, stream, batch)
+                await add_entries(services, stream, batch)
                 batch = []
                 if progress is not None:
                     progress(report.events)
-        report.events += await add_entries(services, stream, batch)
+        await add_entries(services, stream, batch)
+        if skipped:
+            org, sup = name.split("/")[1:]
+            ms, _, seq = last.partition("-")
+            mark = first_kept or f"{ms}-{int(seq) + 1}"
+            await guarded(redis.set(keys.trimmed(org, sup), mark))
         if versions:
             org, sup = name.split("/")[1:]
             mapping: dict[Any, Any] = dict(versions)

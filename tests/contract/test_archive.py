@@ -4,6 +4,7 @@ as checksummed segments with a manifest, on local disk and on a real S3 server."
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ from events.archive import (
     super_stream,
 )
 from projections.archiver import Archiver
+from projections.replay import replay
 from tests.conftest import authed
 
 pytestmark = pytest.mark.anyio
@@ -380,3 +382,31 @@ async def test_a_stale_writer_cannot_undo_a_newer_manifest(trimming: Services) -
     await after.release_all()
     assert len(await all_events(services)) == 1 + 4 + 4
     assert len(await archived(services, super_stream("acme", "sales"))) == 1 + 4 + 4
+
+
+async def test_recovery_keeps_redis_as_small_as_the_retention_did(
+    trimming: Services, tmp_path: Path
+) -> None:
+    """Regression (review): recover put the whole history back into Redis, defeating
+    the retention. Old events stay in the archive only, behind a mark."""
+    from app.recover import recover
+    from tests.conftest import start_redis
+
+    services = trimming
+    write(services.settings, 12)
+    await services.catch_up()
+    everything = [e.id for e in await all_events(services)]
+    (tmp_path / "redis2").mkdir()
+    proc, url = start_redis(tmp_path / "redis2")
+    try:
+        fresh = msgspec.structs.replace(services.settings, redis_url=url)
+        async with Services.open(fresh) as other:
+            report = await recover(other)
+            assert report.events >= len(everything)
+            assert await other.redis.xlen(other.keys.stream("acme", "sales")) == 0
+            assert await other.redis.get(other.keys.trimmed("acme", "sales"))
+            assert [e.id for e in await all_events(other)] == everything
+            assert (await replay(other.log, other.store, verify=True)).differences == []
+    finally:
+        proc.terminate()
+        proc.wait()
