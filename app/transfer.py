@@ -207,6 +207,7 @@ async def import_data(
         for entry in entries:
             track_version(versions, entry)
         stream = services.keys.stream(org, s.name)
+        entries = await _not_yet_added(services, stream, entries)
         for start in range(0, len(entries), 1000):
             report.events += await add_entries(services, stream, entries[start : start + 1000])
         if versions:
@@ -216,6 +217,24 @@ async def import_data(
         await services.writer.register(org, s.name, "import", f"import-{uuid.uuid4().hex}")
         report.supers.append(f"{org}/{s.name}")
     return report
+
+
+async def _not_yet_added(services: Services, stream: str, entries: list[Entry]) -> list[Entry]:
+    """The entries an earlier attempt of this import did not add (an import that failed
+    half way is resumed by running it again): the stream of an unregistered super may
+    hold only a prefix of the export's log."""
+    last: Any = await guarded(services.redis.xrevrange(stream, count=1))
+    if not last:
+        return entries
+    last_id = last[0][0].decode() if isinstance(last[0][0], bytes) else last[0][0]
+    ids = [e[0] for e in entries]
+    if last_id not in ids:
+        raise InvalidInput(
+            f"{stream} holds events that are not the export's: not a half-done import of "
+            "it (delete that stream, or import elsewhere)",
+            code="super_exists",
+        )
+    return entries[ids.index(last_id) + 1 :]
 
 
 def _segment_info(s: ExportedSuper, data: bytes) -> SegmentInfo:

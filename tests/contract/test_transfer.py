@@ -130,3 +130,45 @@ def test_an_org_moves_with_its_history_and_names_never_merge(
     anyio.run(import_damaged)
     with pytest.raises(InvalidInput, match="not a Ledgerlake export"):
         anyio.run(import_, tmp_path)
+
+
+def test_an_import_that_failed_half_way_is_resumed(settings: Settings, tmp_path: Path) -> None:
+    """Regression (review): an import that stopped after adding some events could not be
+    run again (the ids were taken, yet the super was not registered)."""
+    from app.recover import add_entries
+    from app.transfer import read_manifest
+    from events.archive import SegmentInfo, decode_segment
+
+    assert settings.redis_url
+    with authed(TestClient(create_app(settings, settings.redis_url, run_projector=False))) as c:
+        for i in range(5):
+            ok(c.post(f"{SALES}/orders/rows", json=[{"id": i}]))
+        before = seen(c, "sales", "orders")
+    out = tmp_path / "export"
+
+    async def export() -> None:
+        async with Services.open(settings) as services:
+            await export_data(services, "acme", None, out)
+
+    anyio.run(export)
+    target = msgspec.structs.replace(
+        settings, redis_prefix=f"t{uuid.uuid4().hex[:10]}", data_dir=tmp_path / "target"
+    )
+    exported = read_manifest(out).supers[0]
+    data = (out / "supers" / "sales" / "events.ndjson.gz").read_bytes()
+    info = SegmentInfo(
+        0, "", exported.first, exported.last, exported.events, exported.size, exported.sha256
+    )
+    entries = decode_segment(data, info)
+
+    async def half_then_whole() -> None:
+        async with Services.open(target) as services:
+            stream = services.keys.stream("acme", "sales")
+            await add_entries(services, stream, entries[:3])  # the first attempt stopped here
+            await import_data(services, out)
+            assert await services.redis.xlen(stream) == len(entries)
+
+    anyio.run(half_then_whole)
+    assert target.redis_url
+    with authed(TestClient(create_app(target, target.redis_url, run_projector=False))) as t:
+        assert seen(t, "sales", "orders") == before
