@@ -32,8 +32,10 @@ from app.services import Services
 from app.writes import IngestRequest
 from events.archive import ROOT as ARCHIVE_ROOT
 from events.errors import InvalidInput
+from events.model import stream_id_tuple
 from events.redis_log import guarded
 from mirrors.access import Access, access_for
+from mirrors.delta import POSITION
 
 _TABLE_DIR = re.compile(
     r"^(?P<org>[a-z_][a-z0-9_]*)/(?P<super>[a-z_][a-z0-9_]*)/(?P<table>[a-z_][a-z0-9_]*)/"
@@ -118,37 +120,55 @@ async def rebuild_from_storage(
 
 
 def _latest_rows(access: Access, prefix: str, found: _Found) -> tuple[pa.Table | None, str, str]:
-    """The table's latest rows, where they were read from, and what may be wrong."""
+    """The table's latest rows, where they were read from, and what may be wrong. Of
+    the two mirrors, the one whose last commit is the later change of the log (its
+    ``ledgerlake.position``) wins: a mirror can lag (a runner down, a failed publish)."""
+    from deltalake import DeltaTable
+    from pyiceberg.table import StaticTable
+
+    candidates: list[tuple[tuple[int, int], str, Callable[[], pa.Table]]] = []
     errors = []
     if found.delta:
         try:
-            from deltalake import DeltaTable
-
             dt = DeltaTable(access.uri(prefix), storage_options=access.delta_options or None)
-            return dt.to_pyarrow_table(), f"delta mirror, version {dt.version()}", ""
+            marks = dt.history(1)[0] if dt.version() >= 0 else {}
+            at = stream_id_tuple(str(marks.get(POSITION) or "0-0"))
+            candidates.append((at, f"delta mirror, version {dt.version()}", dt.to_pyarrow_table))
         except Exception as exc:  # a damaged mirror: try the next source
             errors.append(f"delta: {exc}")
     if found.iceberg:
         try:
-            from pyiceberg.table import StaticTable
-
             _version, key = max(found.iceberg)
             static = StaticTable.from_metadata(access.uri(key), properties=access.iceberg_props)
-            return static.scan().to_arrow(), f"iceberg mirror, {key.rsplit('/', 1)[-1]}", ""
+            at = stream_id_tuple(static.properties.get(POSITION) or "0-0")
+            name = f"iceberg mirror, {key.rsplit('/', 1)[-1]}"
+            candidates.append((at, name, lambda: static.scan().to_arrow()))
         except Exception as exc:  # as above
             errors.append(f"iceberg: {exc}")
+    if candidates:
+        candidates.sort(key=lambda c: (c[0], c[1].startswith("delta")))  # a tie: Delta
+        at, source, read = candidates[-1]
+        lossy = DROPPED_NOTE
+        if len(candidates) == 2 and candidates[0][0] != at:
+            lossy = (f"the mirrors disagreed: the {candidates[0][1]} was older and was not "
+                     "used; " + lossy)  # fmt: skip
+        return read(), source, lossy
     if found.data:
         fs, root = access.filesystem()
         parts = [pq.read_table(root + key, filesystem=fs) for key in sorted(found.data)]
         rows = pa.concat_tables(parts, promote_options="permissive")
         lossy = (
             "no mirror to say which files were current: the rows of every version "
-            "together (deleted, replaced and orphan rows included)"
+            "together (deleted, replaced and orphan rows included), without the rows of "
+            "small writes kept inline in the lost events; " + DROPPED_NOTE
         )
         if errors:
             lossy += f"; mirrors unreadable ({'; '.join(errors)})"
         return rows, f"{len(found.data)} data files", lossy
     return None, "; ".join(errors), ""
+
+
+DROPPED_NOTE = "a table dropped before the loss comes back while gc has not deleted its files"
 
 
 async def _write(services: Services, org: str, sup: str, table: str, rows: pa.Table) -> None:
