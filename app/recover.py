@@ -62,6 +62,7 @@ async def recover(
     report = RecoverReport()
     retention = services.settings.stream_retention_s
     cutoff = int((time.time() - retention) * 1000) if retention > 0 else 0
+    audit_cutoff = int((time.time() - services.settings.audit_retention_s) * 1000)
     for name in names:
         stream = _stream_key(services, name)
         batch: list[Entry] = []
@@ -72,6 +73,8 @@ async def recover(
         async for entry in archive.entries(name):
             last = entry[0]
             report.events += 1
+            if name == AUDIT and int(entry[0].split("-")[0]) < audit_cutoff:
+                continue  # past the audit retention: it would have been trimmed by now
             if name == REGISTRY:
                 await _register(services, entry)
             elif name.startswith("supers/"):

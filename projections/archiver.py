@@ -198,7 +198,9 @@ class Archiver:
             written += len(raw)
             if not full:
                 break
-        if self.retention_s > 0 and unit.org:
+        if self.retention_s > 0 and unit.org and written:
+            # (after a new segment only: an idle stream costs no script call; a cut held
+            # back by a projection moves on with the next segment)
             await self._trim_stream(unit, manifest)
         return written
 
