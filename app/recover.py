@@ -7,14 +7,17 @@ every projection is rebuilt by a replay. Mirror statuses are not restored: the m
 runners publish every table again when they start, a Delta mirror without a new commit
 (each publish compares with the log's last one) and an Iceberg mirror anew.
 
-Not recovered: idempotency keys (a client retrying a write that was acknowledged before
-the loss appends it again), leases, rate-limit counters and the mirror statuses above;
+The records of clients' Idempotency-Keys still within their time to live are rebuilt
+from the appends that carry them, so a retry after the recovery is answered, not
+written twice. Not recovered: leases, rate-limit counters and the mirror statuses above;
 and, by definition, the events acknowledged after the archive's last segment (see the
 durability notes in the README)."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +30,7 @@ from events.redis_log import guarded
 from projections.replay import replay
 
 BATCH = 1000
+MAX_APPEND = 64  # the most events one append writes (an overwrite, a restore...)
 
 
 @dataclass
@@ -70,6 +74,7 @@ async def recover(
         # With a stream retention, a super's old events stay in the archive only (as
         # they were before the loss): Redis gets the recent tail and the trimmed mark.
         first_kept, last, skipped = "", "", False
+        recent: deque[str] = deque(maxlen=MAX_APPEND)  # the ids of the latest entries
         async for entry in archive.entries(name):
             last = entry[0]
             report.events += 1
@@ -79,6 +84,9 @@ async def recover(
                 await _register(services, entry)
             elif name.startswith("supers/"):
                 track_version(versions, entry)
+                recent.append(entry[0])
+                if "i" in entry[1]:
+                    await _restore_idempotency(services, name, entry, recent)
                 if int(entry[0].split("-")[0]) < cutoff:
                     skipped = True
                     continue
@@ -104,6 +112,26 @@ async def recover(
         report.streams += 1
     await replay(services.log, services.store, verify=False)
     return report
+
+
+async def _restore_idempotency(
+    services: Services, name: str, entry: Entry, recent: deque[str]
+) -> None:
+    """The record of a client's Idempotency-Key that the append of ``entry`` (its last
+    event) made, if its time to live has not run out: a retry after the recovery gets
+    the first answer instead of writing again."""
+    record = json.loads(entry[1]["i"])
+    left_ms = int(entry[0].split("-")[0]) + int(record["ttl"]) * 1000 - int(time.time() * 1000)
+    if left_ms <= 0 or int(record["n"]) > len(recent):
+        return
+    org, sup = name.split("/")[1:]
+    key = f"{services.keys.tag(org, sup)}:idem:{record['key']}"
+    ids = list(recent)[-int(record["n"]) :]
+    version = _event(entry).version
+    mapping: dict[Any, Any] = {"fp": record["fp"], "version": version,
+                               "ids": ",".join(ids), "result": record["result"]}  # fmt: skip
+    await guarded(services.redis.hset(key, mapping=mapping))
+    await guarded(services.redis.pexpire(key, left_ms))
 
 
 def _stream_key(services: Services, name: str) -> str:

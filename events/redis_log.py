@@ -79,9 +79,17 @@ end
 local n = tonumber(ARGV[6])
 local ids = {}
 local i = 7
-for _ = 1, n do
-  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 't', ARGV[i], 'v', ARGV[i + 1],
-                             'tb', tbl, 'e', ARGV[i + 2])
+-- A client's Idempotency-Key rides on the append's last entry ('i'), so that a log
+-- recovered from the archive can answer its retries too.
+local idemf = ARGV[7 + 3 * n] or ''
+for k = 1, n do
+  if k == n and idemf ~= '' then
+    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 't', ARGV[i], 'v', ARGV[i + 1],
+                               'tb', tbl, 'e', ARGV[i + 2], 'i', idemf)
+  else
+    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 't', ARGV[i], 'v', ARGV[i + 1],
+                               'tb', tbl, 'e', ARGV[i + 2])
+  end
   i = i + 3
 end
 local newv = curv + n
@@ -306,6 +314,7 @@ class RedisEventLog:
         for event in events:
             fields = encode_event(event)
             args += [fields["t"], fields["v"], fields["e"]]
+        args.append(self._idempotency_field(idem_key, idempotency, len(events)))
         keys = [self.keys.stream(org, super_), self.keys.versions(org, super_), idem_key]
         reply = await guarded(self._append(keys=keys, args=args))
         status = _s(reply[0])
@@ -328,6 +337,19 @@ class RedisEventLog:
             event_ids=tuple(_s(reply[2]).split(",")),
             result=idempotency.result if idempotency else b"",
         )
+
+    def _idempotency_field(
+        self, idem_key: str, idempotency: Idempotency | None, count: int
+    ) -> bytes:
+        """What the append's last entry carries of a client's Idempotency-Key (our own
+        tokens only matter to the running process): the record's key, the fingerprint,
+        the result and the number of events, for ``recover`` to rebuild the record."""
+        if idempotency is None or idempotency.ttl_s is not None:
+            return b""
+        return msgspec.json.encode({
+            "key": idem_key.rsplit(":", 1)[-1], "fp": idempotency.fingerprint,
+            "result": idempotency.result.decode(), "n": count, "ttl": self.idempotency_ttl_s,
+        })  # fmt: skip
 
     @staticmethod
     def _replay(stored: StoredResult, idempotency: Idempotency | None) -> Appended:

@@ -28,6 +28,7 @@ from tests.mirrors.readers import (
 )
 
 SALES = "/v1/acme/sales/tables"
+IDEMPOTENT = [{"id": 77, "amount": 7.0}]
 TABLES = ("orders", "people", "gone")
 
 
@@ -57,6 +58,7 @@ def workload(c: TestClient[Any]) -> str:
     ok(c.post("/v1/grants", json={"principal_id": pid, "role": "reader", "org": "acme"}))
     token: str = ok(c.post(f"/v1/principals/{pid}/tokens", json={}))["token"]
     ok(c.post("/v1/acme/sales/query", json={"sql": "select count(*) from orders"}))
+    ok(c.post(f"{SALES}/orders/rows", json=IDEMPOTENT, headers={"Idempotency-Key": "k-1"}))
     return token
 
 
@@ -122,6 +124,16 @@ def test_a_lost_redis_is_recovered_from_the_archive(settings: Settings, tmp_path
             after = observe(c, reader, storage)
             for key in before:
                 assert after[key] == before[key], key
+            # A client retrying its write after the recovery gets the first answer.
+            retry = c.post(
+                f"{SALES}/orders/rows", json=IDEMPOTENT, headers={"Idempotency-Key": "k-1"}
+            )
+            assert retry.json()["replayed"] is True
+            assert retry.json()["version"] == versions["orders"]
+            reused = c.post(
+                f"{SALES}/orders/rows", json=[{"id": 1}], headers={"Idempotency-Key": "k-1"}
+            )
+            assert reused.status_code == 422  # the same key for another body, as before
             # Writes go on, with the versions the lost Redis would have given.
             r = c.post(f"{SALES}/orders/rows", json=[{"id": 50, "amount": 1.0}])
             assert r.json()["version"] == versions["orders"] + 1
