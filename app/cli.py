@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -167,24 +167,33 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         return anyio.run(main, url)
 
 
+def _with_services(settings: Settings, body: Callable[[Services], Awaitable[int]]) -> int:
+    """Run ``body`` with the services on the configured (or embedded) Redis."""
+
+    async def main(url: str) -> int:
+        async with Services.open(settings, url) as services:
+            return await body(services)
+
+    with redis_for(settings) as url:
+        return anyio.run(main, url)
+
+
 def cmd_recover(settings: Settings, args: argparse.Namespace) -> int:
     """Rebuild a lost Redis from the event archive, then every projection."""
     from app.recover import recover
 
-    async def main(url: str) -> int:
-        async with Services.open(settings, url) as services:
-            progress = Progress("recovered", "events")
-            report = await recover(services, progress=progress)
-            progress.finish(report.events)
-            print(
-                f"recovered {report.events} events in {report.streams} streams "
-                f"({len(report.supers)} supers) and rebuilt the projections; the mirror "
-                "runners will publish every table again"
-            )
-            return 0
+    async def main(services: Services) -> int:
+        progress = Progress("recovered", "events")
+        report = await recover(services, progress=progress)
+        progress.finish(report.events)
+        print(
+            f"recovered {report.events} events in {report.streams} streams "
+            f"({len(report.supers)} supers) and rebuilt the projections; the mirror "
+            "runners will publish every table again"
+        )
+        return 0
 
-    with redis_for(settings) as url:
-        return anyio.run(main, url)
+    return _with_services(settings, main)
 
 
 def cmd_rebuild_from_storage(settings: Settings, args: argparse.Namespace) -> int:
@@ -198,24 +207,22 @@ def cmd_rebuild_from_storage(settings: Settings, args: argparse.Namespace) -> in
         file=sys.stderr,
     )
 
-    async def main(url: str) -> int:
-        async with Services.open(settings, url) as services:
-            progress = Progress("rebuilt", "rows")
-            report = await rebuild_from_storage(
-                services, ignore_archive=args.ignore_archive, progress=progress
-            )
-            progress.finish(sum(t.rows for t in report.tables))
-            for t in report.tables:
-                print(f"{t.table}: {t.rows} rows from the {t.source}")
-                if t.lossy:
-                    print(f"  WARNING {t.table}: {t.lossy}", file=sys.stderr)
-            for line in report.skipped:
-                print(f"  SKIPPED {line}", file=sys.stderr)
-            print(f"rebuilt {len(report.tables)} tables (lossy: no history before this point)")
-            return 0
+    async def main(services: Services) -> int:
+        progress = Progress("rebuilt", "rows")
+        report = await rebuild_from_storage(
+            services, ignore_archive=args.ignore_archive, progress=progress
+        )
+        progress.finish(sum(t.rows for t in report.tables))
+        for t in report.tables:
+            print(f"{t.table}: {t.rows} rows from the {t.source}")
+            if t.lossy:
+                print(f"  WARNING {t.table}: {t.lossy}", file=sys.stderr)
+        for line in report.skipped:
+            print(f"  SKIPPED {line}", file=sys.stderr)
+        print(f"rebuilt {len(report.tables)} tables (lossy: no history before this point)")
+        return 0
 
-    with redis_for(settings) as url:
-        return anyio.run(main, url)
+    return _with_services(settings, main)
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
@@ -224,39 +231,35 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 
     org, _, sup = args.target.partition("/")
 
-    async def main(url: str) -> int:
-        async with Services.open(settings, url) as services:
-            progress = Progress("exported", "files")
-            report = await export_data(services, org, sup or None, Path(args.out),
-                                       progress=progress)  # fmt: skip
-            progress.finish(report.files)
-            print(
-                f"exported {', '.join(report.supers)}: {report.events} events, "
-                f"{report.files} files ({report.bytes:,} bytes) to {args.out}"
-            )
-            return 0
+    async def main(services: Services) -> int:
+        progress = Progress("exported", "files")
+        report = await export_data(services, org, sup or None, Path(args.out),
+                                   progress=progress)  # fmt: skip
+        progress.finish(report.files)
+        print(
+            f"exported {', '.join(report.supers)}: {report.events} events, "
+            f"{report.files} files ({report.bytes:,} bytes) to {args.out}"
+        )
+        return 0
 
-    with redis_for(settings) as url:
-        return anyio.run(main, url)
+    return _with_services(settings, main)
 
 
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     """Add an export to this deployment (refused if one of its supers exists)."""
     from app.transfer import import_data
 
-    async def main(url: str) -> int:
-        async with Services.open(settings, url) as services:
-            progress = Progress("imported", "files")
-            report = await import_data(services, Path(args.source), progress=progress)
-            progress.finish(report.files)
-            print(
-                f"imported {', '.join(report.supers)}: {report.events} events, "
-                f"{report.files} files; grant access to it in this deployment"
-            )
-            return 0
+    async def main(services: Services) -> int:
+        progress = Progress("imported", "files")
+        report = await import_data(services, Path(args.source), progress=progress)
+        progress.finish(report.files)
+        print(
+            f"imported {', '.join(report.supers)}: {report.events} events, "
+            f"{report.files} files; grant access to it in this deployment"
+        )
+        return 0
 
-    with redis_for(settings) as url:
-        return anyio.run(main, url)
+    return _with_services(settings, main)
 
 
 def _api_call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:

@@ -49,3 +49,21 @@ def test_recover_after_the_embedded_redis_is_deleted(
         r = http.post(f"{ORDERS}/rows", json=[{"id": 9, "v": 18}])
         assert r.json()["version"] == version + 1
     assert server.stop() == 0
+
+    # The org moves to another deployment (another data dir) with export and import.
+    out = tmp_path / "acme-export"
+    exported = procs.cli("export", "acme", "--out", out, "--data-dir", data_dir, env=env)
+    assert exported.returncode == 0 and "exported acme/sales" in exported.stdout, exported.stderr
+    other = tmp_path / "other"
+    procs.track_embedded(other)
+    imported = procs.cli("import", out, "--data-dir", other, env=env)
+    assert imported.returncode == 0 and "imported acme/sales" in imported.stdout, imported.stderr
+    again = procs.cli("import", out, "--data-dir", other, env=env)
+    assert again.returncode == 2 and "super_exists" in again.stderr
+    burst = procs.cli("worker", "--burst", "--data-dir", other, env=env)  # project it there
+    assert burst.returncode == 0, burst.stderr
+    verify = procs.cli("replay", "--verify", "--data-dir", other, env=env)
+    assert verify.returncode == 0 and "verified 1 supers" in verify.stdout, verify.stderr
+    query = procs.cli("query", "select * from orders order by id", "--super", "acme/sales",
+                      "--format", "json", "--data-dir", other, env=env)  # fmt: skip
+    assert query.returncode == 0 and '"id": 9' in query.stdout, query.stderr
