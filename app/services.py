@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 import redis.asyncio as aioredis
@@ -19,11 +20,7 @@ from app.writes import Writer
 from events.archive import Archive
 from events.errors import InvalidInput, LedgerError
 from events.redis_log import Keys, RedisEventLog, connect, guarded
-from events.s3_storage import S3Location, S3Storage
 from events.storage import LocalStorage, Storage
-from mirrors.access import access_for
-from mirrors.publisher import Publisher
-from mirrors.runner import MirrorRunner
 from mirrors.status import MirrorStatuses
 from mirrors.status import group as mirror_group
 from projections.archiver import ARCHIVE, Archiver
@@ -39,6 +36,9 @@ from projections.query import (
 from projections.reader import CatalogReader
 from projections.runner import CatalogProjector
 from projections.store import CATALOG, SnapshotStore
+
+if TYPE_CHECKING:
+    from mirrors.runner import MirrorRunner
 
 LAG_LUA = """
 local ckpt = redis.call('GET', KEYS[2]) or '0-0'
@@ -214,6 +214,12 @@ class Services:
     def mirror_runners(self) -> list[MirrorRunner]:
         """One runner per mirror format (each publishes only the tables that have its
         format enabled)."""
+        # Imported here: the mirror libraries take most of a second to load, which every
+        # short command (query, ingest...) would pay otherwise.
+        from mirrors.access import access_for
+        from mirrors.publisher import Publisher
+        from mirrors.runner import MirrorRunner
+
         access = access_for(self.storage)
         runners = []
         for fmt in MIRROR_FORMATS:
@@ -426,6 +432,8 @@ def open_storage(settings: Settings) -> Storage:
     """The local directory, or the S3 bucket of ``LEDGERLAKE_STORAGE_URL``."""
     if not settings.storage_url:
         return LocalStorage(settings.storage_root)
+    from events.s3_storage import S3Location, S3Storage  # (aioboto3 loads only for S3)
+
     location = S3Location.from_url(
         settings.storage_url,
         endpoint_url=settings.s3_endpoint_url,

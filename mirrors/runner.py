@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import redis.asyncio as aioredis
@@ -37,11 +37,13 @@ import redis.asyncio as aioredis
 from events.errors import Unavailable
 from events.model import decode_event, stream_id_tuple
 from events.redis_log import Keys, guarded
-from mirrors.publisher import Publisher
 from mirrors.status import MirrorStatus, MirrorStatuses, encode_status, group
 from projections.catalog import SuperState, TableState, apply_super
 from projections.runner import CatalogProjector, _Unit
 from projections.store import CommitOutcome, SnapshotStore
+
+if TYPE_CHECKING:  # (pyiceberg and deltalake load only where mirrors are published)
+    from mirrors.publisher import Publisher
 
 log = logging.getLogger("ledgerlake.mirrors")
 PAGE = 1000
