@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(BIN)/ledgerlake serve --host 127.0.0.1 --port 8000 --data-dir ./.ledgerlake
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
