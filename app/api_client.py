@@ -59,7 +59,7 @@ class LedgerlakeApi:
         except httpx.HTTPError as exc:
             raise ApiError(503, "api_unreachable", f"Ledgerlake is unreachable: {exc}") from exc
         if response.status_code >= 400:
-            raise _error(response)
+            raise api_error(response)
         return response.json()
 
     async def get(self, url: str, **params: Any) -> Any:
@@ -69,7 +69,9 @@ class LedgerlakeApi:
         return await self.request("POST", url, json=body)
 
 
-def _error(response: httpx.Response) -> ApiError:
+def api_error(response: httpx.Response) -> ApiError:
+    """The refusal in an API response: its ``{"error": {"code", "message"}}``, or the
+    status and the start of the body for anything else (a proxy's page, say)."""
     try:
         error = response.json()["error"]
         return ApiError(response.status_code, str(error["code"]), str(error["message"]))

@@ -279,12 +279,10 @@ def _api_call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -
     except httpx.HTTPError as exc:
         raise SystemExit(f"cannot reach {args.api}: {exc}") from exc
     if response.status_code >= 400:
-        try:
-            error = response.json()["error"]
-            message = f"{response.status_code} {error['code']}: {error['message']}"
-        except (ValueError, KeyError, TypeError):
-            message = f"{response.status_code}: {response.text[:500]}"
-        raise SystemExit(message)
+        from app.api_client import api_error
+
+        error = api_error(response)
+        raise SystemExit(f"{error.status} {error.code}: {error.message}")
     return response
 
 

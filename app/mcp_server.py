@@ -25,7 +25,7 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio
 import httpx
@@ -1129,6 +1129,3 @@ def run_stdio(settings: Settings, api_url: str, token: str) -> None:
             await server.run_stdio_async()
 
     anyio.run(main)
-
-
-Transport = Literal["stdio", "http"]

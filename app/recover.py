@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.services import Services
-from events.archive import AUDIT, AUTH, REGISTRY, Archive, Entry
+from events.archive import AUDIT, AUTH, REGISTRY, Archive, Entry, event_of
 from events.errors import InvalidInput
-from events.model import Event, OrgCreated, SuperCreated, TableDropped, decode_event
+from events.model import OrgCreated, SuperCreated, TableDropped
 from events.redis_log import guarded
 from projections.replay import replay
 
@@ -127,7 +127,7 @@ async def _restore_idempotency(
     org, sup = name.split("/")[1:]
     key = f"{services.keys.tag(org, sup)}:idem:{record['key']}"
     ids = list(recent)[-int(record["n"]) :]
-    version = _event(entry).version
+    version = event_of(entry).version
     mapping: dict[Any, Any] = {"fp": record["fp"], "version": version,
                                "ids": ",".join(ids), "result": record["result"]}  # fmt: skip
     await guarded(services.redis.hset(key, mapping=mapping))
@@ -158,15 +158,10 @@ async def add_entries(services: Services, stream: str, batch: list[Entry]) -> in
     return len(batch)
 
 
-def _event(entry: Entry) -> Event:
-    entry_id, fields = entry
-    return decode_event(entry_id, {k: v.encode() for k, v in fields.items()})
-
-
 async def _register(services: Services, entry: Entry) -> None:
     """The registry's sets, which the registry script checks before adding an org or a
     super."""
-    event = _event(entry)
+    event = event_of(entry)
     keys = services.keys
     if isinstance(event, OrgCreated):
         await guarded(services.redis.sadd(keys.registry_orgs, event.org))
@@ -176,7 +171,7 @@ async def _register(services: Services, entry: Entry) -> None:
 
 def track_version(versions: dict[str, str], entry: Entry) -> None:
     """Each table's version after its last event, as the append script keeps it."""
-    event = _event(entry)
+    event = event_of(entry)
     if event.table:
         dropped = isinstance(event, TableDropped)
         versions[event.table] = f"x{event.version}" if dropped else str(event.version)

@@ -52,6 +52,12 @@ class ExportedSuper(msgspec.Struct, frozen=True):
     sha256: str
     files: tuple[str, ...]
 
+    @property
+    def segment(self) -> SegmentInfo:
+        """What its events file must hold (checked as an archive segment is)."""
+        return SegmentInfo(0, f"supers/{self.name}/events.ndjson.gz", self.first, self.last,
+                           self.events, self.size, self.sha256)  # fmt: skip
+
 
 class ExportManifest(msgspec.Struct, frozen=True):
     format: str
@@ -182,8 +188,7 @@ async def import_data(
     for s in manifest.supers:
         path = src / "supers" / s.name / "events.ndjson.gz"
         data = await anyio.Path(path).read_bytes() if await anyio.Path(path).is_file() else b""
-        info = _segment_info(s, data)
-        logs[s.name] = decode_segment(data, info) if s.events else []
+        logs[s.name] = decode_segment(data, s.segment) if s.events else []
         for key in s.files:
             file = src / "files" / key
             if not await anyio.Path(file).is_file():
@@ -235,10 +240,3 @@ async def _not_yet_added(services: Services, stream: str, entries: list[Entry]) 
             code="super_exists",
         )
     return entries[ids.index(last_id) + 1 :]
-
-
-def _segment_info(s: ExportedSuper, data: bytes) -> SegmentInfo:
-    return SegmentInfo(
-        seq=0, key=f"supers/{s.name}/events.ndjson.gz", first=s.first, last=s.last,
-        count=s.events, size=s.size, sha256=s.sha256,
-    )  # fmt: skip

@@ -37,7 +37,7 @@ import anyio
 import msgspec
 
 from events.errors import Unavailable
-from events.model import stream_id_tuple
+from events.model import Event, decode_event, stream_id_tuple
 from events.storage import Storage
 
 ROOT = ".archive"
@@ -119,6 +119,12 @@ class ArchiveCorrupt(Unavailable):
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def event_of(entry: Entry) -> Event:
+    """The event an archived entry holds."""
+    entry_id, fields = entry
+    return decode_event(entry_id, {k: v.encode() for k, v in fields.items()})
 
 
 def entry_of(entry_id: bytes | str, fields: Mapping[Any, Any]) -> Entry:

@@ -33,7 +33,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from events.archive import Archive, super_stream
+from events.archive import Archive, event_of, super_stream
 from events.errors import ConflictError, IdempotencyMismatch, Unavailable
 from events.log import NEW_TABLE, Appended, Idempotency, StoredResult
 from events.model import Event, EventBase, decode_event, encode_event, stream_id_tuple
@@ -106,6 +106,13 @@ if fp ~= '' then
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
 end
 return {'ok', tostring(newv), joined}
+"""
+
+READ_LUA = """
+-- KEYS: a super's stream, its trimmed mark. ARGV: start (id or (id), count.
+-- The mark and the entries in one step, so that a trim cannot fall between them.
+return {redis.call('GET', KEYS[2]) or false,
+        redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
 """
 
 REGISTRY_LUA = """
@@ -248,6 +255,11 @@ def connect(target: RedisTarget | str) -> aioredis.Redis:
     return client
 
 
+def _pairs(flat: list[Any]) -> dict[Any, Any]:
+    """A stream entry's fields as Lua returns them (a flat list) as a mapping."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _b(value: bytes | str | None) -> bytes:
     if value is None:
         return b""
@@ -278,6 +290,7 @@ class RedisEventLog:
         self.idempotency_ttl_s = idempotency_ttl_s
         self._append: Callable[..., Awaitable[Any]] = client.register_script(APPEND_LUA)
         self._registry: Callable[..., Awaitable[Any]] = client.register_script(REGISTRY_LUA)
+        self._read_marked: Callable[..., Awaitable[Any]] = client.register_script(READ_LUA)
 
     async def append(
         self,
@@ -412,7 +425,7 @@ class RedisEventLog:
     async def _range_super(self, org: str, super_: str, start: str, count: int) -> list[Event]:
         """A super's events from ``start``, as one log: those trimmed from the stream
         come from the archive (events below the stream's ``trimmed`` mark), the rest
-        from Redis. Each Redis read takes the mark and the entries in one transaction;
+        from Redis. Each Redis read takes the mark and the entries in one script;
         if the mark moved while the archive was read (a trim in between), the archive
         is read again up to the new mark, so no event falls between the two."""
         stream = self.keys.stream(org, super_)
@@ -423,23 +436,22 @@ class RedisEventLog:
         exclusive = start.startswith("(")
         position = start.lstrip("(") if start not in ("-", "(-") else "0-0"
         while True:
-            pipe: Any = self.client.pipeline(transaction=True)
-            pipe.get(self.keys.trimmed(org, super_))
-            pipe.xrange(stream, min=f"({position}" if exclusive else position, max="+",
-                        count=count - len(out))  # fmt: skip
-            mark, entries = await guarded(pipe.execute())
+            first = f"({position}" if exclusive else position
+            keys = [stream, self.keys.trimmed(org, super_)]
+            mark, entries = await guarded(
+                self._read_marked(keys=keys, args=[first, count - len(out)])
+            )
+            entries = [(entry_id, _pairs(fields)) for entry_id, fields in entries]
             if mark is None or stream_id_tuple(position) >= stream_id_tuple(_s(mark)):
                 out += [decode_event(entry_id, fields) for entry_id, fields in entries]
                 return out
             # Part of the range was trimmed: the archive has it (everything below the
             # mark); then the loop reads Redis again from there.
             limit = stream_id_tuple(_s(mark))
-            async for entry_id, fields in self.archive.entries(
-                name, position, inclusive=not exclusive
-            ):
-                if stream_id_tuple(entry_id) >= limit or len(out) == count:
+            async for entry in self.archive.entries(name, position, inclusive=not exclusive):
+                if stream_id_tuple(entry[0]) >= limit or len(out) == count:
                     break
-                out.append(decode_event(entry_id, {k: v.encode() for k, v in fields.items()}))
+                out.append(event_of(entry))
             if len(out) == count:
                 return out
             # Everything below the mark is in ``out`` now: go on from the mark itself.

@@ -137,7 +137,7 @@ def test_an_import_that_failed_half_way_is_resumed(settings: Settings, tmp_path:
     run again (the ids were taken, yet the super was not registered)."""
     from app.recover import add_entries
     from app.transfer import read_manifest
-    from events.archive import SegmentInfo, decode_segment
+    from events.archive import decode_segment
 
     assert settings.redis_url
     with authed(TestClient(create_app(settings, settings.redis_url, run_projector=False))) as c:
@@ -156,10 +156,7 @@ def test_an_import_that_failed_half_way_is_resumed(settings: Settings, tmp_path:
     )
     exported = read_manifest(out).supers[0]
     data = (out / "supers" / "sales" / "events.ndjson.gz").read_bytes()
-    info = SegmentInfo(
-        0, "", exported.first, exported.last, exported.events, exported.size, exported.sha256
-    )
-    entries = decode_segment(data, info)
+    entries = decode_segment(data, exported.segment)
 
     async def half_then_whole() -> None:
         async with Services.open(target) as services:
