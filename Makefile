@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format typecheck lock clean
+.PHONY: install run test bench bench-full lint format typecheck lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2
+
+# Benchmarks against the raw limits (docs/BENCHMARKS.md): a few minutes at the default
+# sizes; bench-full uses the full sizes (10M rows, 1M events) and takes much longer.
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+bench-full: $(STAMP)
+	$(BIN)/python -m bench --full
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -9,9 +9,11 @@ orphan no event references, invisible to every reader).
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,17 @@ def _replayed(result: bytes, version: int, event_ids: tuple[str, ...]) -> Ingest
     )
 
 
+class _Turn:
+    """The commit turn of one table among this process's writers, and how many commits
+    they made (a writer that read the table before the last one must read again)."""
+
+    __slots__ = ("__weakref__", "commits", "lock")
+
+    def __init__(self) -> None:
+        self.lock = anyio.Lock()
+        self.commits = 0
+
+
 class Writer:
     """Turns ingest requests into files plus events."""
 
@@ -166,6 +179,10 @@ class Writer:
         # forgets one, so a write within a minute skips the round trip. (Bounded in time
         # so that a Redis that lost its data is repaired by the next write.)
         self._registered: dict[tuple[str, str], float] = {}
+        # Tables with writers in flight here (an entry lives while a writer holds it).
+        self._turns: weakref.WeakValueDictionary[tuple[str, str, str], _Turn] = (
+            weakref.WeakValueDictionary()
+        )
         self._grace_recorded = False
 
     async def ingest(
@@ -181,6 +198,12 @@ class Writer:
             earlier = await self._earlier_result(req)
             if earlier is not None:
                 return earlier
+        # Writers of one table in this process take turns to commit, so that they do
+        # not fail each other's compare-and-set: a writer that sees another commit
+        # since its read folds the tail again under the turn, and appends at once
+        # unless the schema moved. Other processes' writes are still retried below.
+        turn = self._turn(req)
+        seen = turn.commits
         table = (await self.reader.super_state(req.org, req.super_)).tables.get(req.table)
         self._check_if_match(req, table)
         known = {f.name: f.type for f in table.columns} if table else {}
@@ -195,7 +218,7 @@ class Writer:
         # event may or may not be in the log, so the file must stay (an orphan at worst).
         unsure = False
         try:
-            for _attempt in range(self.retries + 1):
+            for attempt in range(self.retries + 1):
                 plan = plan_schema(
                     table.columns if table else None, source.fields, text=source.text
                 )
@@ -217,9 +240,18 @@ class Writer:
                 if time.monotonic() - published_at > self.max_file_age_s:
                     continue  # it waited too long (slow registry?): upload it again first
                 try:
-                    unsure = True
-                    result = await self._append(req, table, plan, written, data_file, token)
-                    unsure = False
+                    async with turn.lock:
+                        if turn.commits != seen and req.if_match is None:
+                            seen = turn.commits
+                            state = await self.reader.super_state(req.org, req.super_)
+                            now_ = state.tables.get(req.table)
+                            if now_ is None or table is None or now_.columns != table.columns:
+                                raise ConflictError("the schema moved", current_version=-1)
+                            table = now_
+                        unsure = True
+                        result = await self._append(req, table, plan, written, data_file, token)
+                        unsure = False
+                        turn.commits += 1
                     if data_file.is_inline and self.on_inline is not None and not result.replayed:
                         kept = table.inline_files if table and req.mode == "append" else ()
                         await self.on_inline(req.org, req.super_, req.table, (*kept, data_file))
@@ -231,6 +263,10 @@ class Writer:
                     unsure = False
                     if req.if_match is not None:
                         raise
+                    if attempt:
+                        # Another process keeps winning: back off a little, at random.
+                        await anyio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+                    seen = turn.commits
                     table = (await self.reader.super_state(req.org, req.super_)).tables.get(
                         req.table
                     )
@@ -254,6 +290,13 @@ class Writer:
                 with anyio.CancelScope(shield=True):
                     await self.discard(data_file)
             raise
+
+    def _turn(self, req: IngestRequest) -> _Turn:
+        key = (req.org, req.super_, req.table)
+        turn = self._turns.get(key)
+        if turn is None:
+            turn = self._turns[key] = _Turn()
+        return turn
 
     async def record_grace(self) -> None:
         """Before this writer's first append: gc must never use a shorter grace than

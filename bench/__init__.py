@@ -1,0 +1,1 @@
+"""Benchmarks of Ledgerlake against the raw limits of its parts (``make bench``)."""
