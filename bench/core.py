@@ -160,13 +160,15 @@ def markdown(measures: Sequence[Measure]) -> str:
         if m.ratio is not None:
             ratio = f"{m.ratio:.0%}" if m.better == "higher" else f"{m.ratio:.2f}x"
             if m.better == "lower" and m.overhead is not None:
-                ratio += f" (+{fmt(m.overhead)} {m.unit})"
+                sign = "+" if m.overhead >= 0 else ""
+                ratio += f" ({sign}{fmt(m.overhead)} {m.unit})"
         met = {True: "yes", False: "**no**", None: ""}[m.met]
         lines.append(
             f"| {m.scenario} | {m.case} | {m.metric} | {fmt(m.median)} {m.unit} | {spread} "
             f"| {raw} | {ratio} | {m.target} | {met} |"
         )
-    return head + "\n".join(lines) + "\n"
+    notes = [f"- {m.scenario}, {m.case}: {m.note}" for m in measures if m.note and m.values]
+    return head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 # -- data -------------------------------------------------------------------------------
@@ -278,9 +280,11 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def reset_peak_rss(pid: int) -> None:
-    """Start a new peak: writing 5 to clear_refs resets VmHWM to the current RSS."""
+def reset_peak_rss(pid: int) -> float:
+    """Start a new peak (writing 5 to clear_refs resets VmHWM to the current RSS);
+    returns that RSS in MiB."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return peak_rss_mb(pid)
 
 
 @dataclass

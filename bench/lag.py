@@ -8,7 +8,7 @@ event, watched in Redis every 2 ms. A mirror's checkpoint moves in the same atom
 that records the table as published, after the Delta or Iceberg commit is on storage.
 
 The raw limit is the delivery floor: how long a raw consumer blocked in ``XREADGROUP``
-takes to see an entry after its ``XADD`` returns, on the same Redis.
+takes to see an entry from the moment its ``XADD`` is sent, on the same Redis.
 """
 
 from __future__ import annotations
@@ -85,10 +85,10 @@ def _raw_floor(server: Server, count: int = 200) -> list[float]:
             thread = threading.Thread(target=consume)
             thread.start()
             time.sleep(0.003)  # let the consumer block first (load pacing, not a wait)
+            sent = time.perf_counter()
             writer.xadd(stream, {"e": b"x" * 700})
-            added = time.perf_counter()
             thread.join()
-            latencies.append((box[0] - added) * 1000)
+            latencies.append((box[0] - sent) * 1000)
     finally:
         writer.delete(stream)
         writer.close()

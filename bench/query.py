@@ -108,7 +108,7 @@ def run(server: Server, runs: int, full: bool) -> list[Measure]:
                     return check(client.post("/v1/bench/q/query", json={"sql": text}))
 
                 def raw(it=it_raw, sql=sql) -> object:  # type: ignore[no-untyped-def]
-                    return con.execute(sql.format(key=next(it))).fetchall()
+                    return con.execute(sql.format(key=next(it))).to_arrow_table()
 
                 a, b = _timed(ours, reps), _timed(raw, reps)
                 m.add(percentile(a, 50), percentile(b, 50))
@@ -160,7 +160,7 @@ def _planning(
                         return post_json(client, url, sql)
 
                     def raw(raw_sql: str = raw_sql) -> object:
-                        return con.execute(raw_sql).fetchall()
+                        return con.execute(raw_sql).to_arrow_table()
 
                     a, b = _timed(ours, 30), _timed(raw, 30)
                     m.add(percentile(a, 50), percentile(b, 50))
