@@ -21,7 +21,7 @@ import msgspec
 CURRENT_VERSION = 1
 
 
-class DataType(msgspec.Struct, frozen=True, omit_defaults=True):
+class DataType(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """A column type, independent of Arrow so that events stay pure data.
 
     ``kind`` is one of: null, bool, int8, int16, int32, int64, uint8, uint16, uint32,
@@ -39,7 +39,7 @@ class DataType(msgspec.Struct, frozen=True, omit_defaults=True):
     fields: tuple[Field, ...] | None = None
 
 
-class Field(msgspec.Struct, frozen=True, omit_defaults=True):
+class Field(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """A named, nullable column."""
 
     name: str
@@ -47,7 +47,7 @@ class Field(msgspec.Struct, frozen=True, omit_defaults=True):
     nullable: bool = True
 
 
-class ColumnStats(msgspec.Struct, frozen=True, omit_defaults=True):
+class ColumnStats(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """Per-file column statistics. ``min``/``max`` are JSON values (temporal values
     and decimals as ISO / decimal strings); absent when not meaningful."""
 
@@ -56,7 +56,7 @@ class ColumnStats(msgspec.Struct, frozen=True, omit_defaults=True):
     max: Any = None
 
 
-class DataFile(msgspec.Struct, frozen=True, omit_defaults=True):
+class DataFile(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """An immutable batch of rows: a Parquet file addressed by its key relative to the
     storage root, or, for a tiny write, rows *inlined* in the event itself.
 
@@ -76,7 +76,9 @@ class DataFile(msgspec.Struct, frozen=True, omit_defaults=True):
         return self.inline is not None
 
 
-class EventBase(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
+class EventBase(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", gc=False
+):
     """Fields every event carries.
 
     ``id`` is the stream entry id; it is not part of the stored payload and is filled in
@@ -196,7 +198,7 @@ class MirrorsChanged(EventBase, frozen=True, tag="MirrorsChanged"):
     formats: tuple[str, ...]
 
 
-class Policy(msgspec.Struct, frozen=True, omit_defaults=True):
+class Policy(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """What principals with ``role`` on a table see of it: rows where ``row_filter``
     holds (a restricted SQL boolean expression; ``:principal.<attr>`` is the querying
     principal's attribute), without ``hidden`` columns, with ``masks`` applied

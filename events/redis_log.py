@@ -115,6 +115,9 @@ return {redis.call('GET', KEYS[2]) or false,
         redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
 """
 
+# Reads of more entries than this take the mark with a MULTI instead of the script.
+LONG_READ = 200
+
 REGISTRY_LUA = """
 -- KEYS: registry stream, orgs set, supers set
 -- ARGV: org, org/super, (type, version, payload) for OrgCreated, then for SuperCreated
@@ -422,6 +425,23 @@ class RedisEventLog:
         entries: list[Any] = await guarded(call)
         return [decode_event(entry_id, fields) for entry_id, fields in entries]
 
+    async def _marked_range(
+        self, keys: list[str], start: str, count: int
+    ) -> tuple[Any, list[tuple[Any, dict[Any, Any]]]]:
+        """The trimmed mark and up to ``count`` entries from ``start``, atomically. A
+        short read (a request's tail) is one script call; a long one (replay,
+        catch-up) is a MULTI of GET and XRANGE, which Redis serves at about half the
+        cost per entry of a script returning thousands of entries, and without
+        blocking other clients for as long."""
+        if count <= LONG_READ:
+            mark, flat = await self._read_marked(keys=keys, args=[start, count])
+            return mark, [(entry_id, _pairs(fields)) for entry_id, fields in flat]
+        pipe: Any = self.client.pipeline(transaction=True)
+        pipe.get(keys[1])
+        pipe.xrange(keys[0], min=start, max="+", count=count)
+        mark, entries = await pipe.execute()
+        return mark, entries
+
     async def _range_super(self, org: str, super_: str, start: str, count: int) -> list[Event]:
         """A super's events from ``start``, as one log: those trimmed from the stream
         come from the archive (events below the stream's ``trimmed`` mark), the rest
@@ -438,10 +458,7 @@ class RedisEventLog:
         while True:
             first = f"({position}" if exclusive else position
             keys = [stream, self.keys.trimmed(org, super_)]
-            mark, entries = await guarded(
-                self._read_marked(keys=keys, args=[first, count - len(out)])
-            )
-            entries = [(entry_id, _pairs(fields)) for entry_id, fields in entries]
+            mark, entries = await guarded(self._marked_range(keys, first, count - len(out)))
             if mark is None or stream_id_tuple(position) >= stream_id_tuple(_s(mark)):
                 out += [decode_event(entry_id, fields) for entry_id, fields in entries]
                 return out

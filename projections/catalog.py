@@ -39,7 +39,7 @@ from events.model import (
 )
 
 
-class TableState(msgspec.Struct, frozen=True):
+class TableState(msgspec.Struct, frozen=True, gc=False):
     """One table at one version."""
 
     name: str
@@ -144,6 +144,17 @@ def apply_super(state: SuperState, event: Event) -> SuperState:
         updated = _apply_table(event, tables.get(event.table))
         tables = {**tables, event.table: updated}
     return msgspec.structs.replace(state, tables=tables, position=event.id)
+
+
+def fold_into(tables: dict[str, TableState], event: Event) -> None:
+    """``apply_super`` on a mutable dict of tables, for long folds (replay): the same
+    result without copying every table's entry for every event."""
+    if isinstance(event, TABLE_EVENTS):
+        updated = apply_table(event, tables.get(event.table))
+        if updated is None:
+            tables.pop(event.table, None)
+        else:
+            tables[event.table] = updated
 
 
 def fold_super(state: SuperState, events: list[Event]) -> SuperState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,8 +11,9 @@ from events.redis_log import RedisEventLog
 from projections.catalog import (
     RegistryState,
     SuperState,
+    TableState,
     apply_registry,
-    apply_super,
+    fold_into,
 )
 from projections.store import CommitOutcome, SnapshotStore, encode_table
 
@@ -45,20 +47,43 @@ async def rebuild_super(
     upto: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[SuperState, int]:
-    """Fold a super's stream from the start (up to ``upto`` inclusive, if given)."""
-    state = SuperState(org=org, name=sup)
-    count = 0
+    """Fold a super's stream from the start (up to ``upto`` inclusive, if given).
+
+    The next page is read while this one is folded: Redis and the fold overlap."""
+    tables: dict[str, TableState] = {}
+    position, count = "0-0", 0
+
+    def state() -> SuperState:
+        return SuperState(org=org, name=sup, tables=tables, position=position)
+
+    events = await log.read(org, sup, after=position, count=PAGE)
     while True:
-        events = await log.read(org, sup, after=state.position, count=PAGE)
-        for event in events:
-            if upto is not None and stream_id_tuple(event.id) > stream_id_tuple(upto):
-                return state, count
-            state = apply_super(state, event)
-            count += 1
-        if progress is not None:
-            progress(count)
-        if len(events) < PAGE:
-            return state, count
+        ahead = None
+        if len(events) == PAGE and (upto is None or _before(events[-1].id, upto)):
+            ahead = asyncio.ensure_future(log.read(org, sup, after=events[-1].id, count=PAGE))
+        try:
+            for event in events:
+                if upto is not None and not _before(event.id, upto, inclusive=True):
+                    if ahead is not None:
+                        ahead.cancel()
+                    return state(), count
+                fold_into(tables, event)
+                position = event.id
+                count += 1
+            if progress is not None:
+                progress(count)
+            if ahead is None:
+                return state(), count
+            events = await ahead
+        except BaseException:
+            if ahead is not None:
+                ahead.cancel()
+            raise
+
+
+def _before(event_id: str, upto: str, *, inclusive: bool = False) -> bool:
+    a, b = stream_id_tuple(event_id), stream_id_tuple(upto)
+    return a <= b if inclusive else a < b
 
 
 def diff_supers(live: SuperState, rebuilt: SuperState) -> list[str]:
