@@ -316,6 +316,7 @@ class Services:
             await services.close()
 
     async def close(self) -> None:
+        self.engine.close()
         await self.storage.close()
         await self.redis.aclose()
 

@@ -65,6 +65,7 @@ def raw_connection() -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute(f"SET threads = {DEFAULTS.query_threads}")
     con.execute(f"SET memory_limit = '{DEFAULTS.query_memory_limit}'")
+    con.execute("SET parquet_metadata_cache = true")  # as the server does
     return con
 
 
