@@ -50,6 +50,11 @@ LAG_CAP = 10_000
 log = logging.getLogger("ledgerlake.services")
 
 
+# The catalog projector commits a snapshot at most this long after the first event it
+# folds (requests fold the tail past the snapshot, so nobody waits for it).
+PROJECTION_COMMIT_DELAY_S = 0.25
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -208,7 +213,11 @@ class Services:
 
     def projector(self) -> CatalogProjector:
         return CatalogProjector(
-            self.redis, self.keys, self.store, batch=self.settings.projection_batch
+            self.redis,
+            self.keys,
+            self.store,
+            batch=self.settings.projection_batch,
+            commit_delay_s=PROJECTION_COMMIT_DELAY_S,
         )
 
     def mirror_runners(self) -> list[MirrorRunner]:

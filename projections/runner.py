@@ -24,9 +24,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -70,6 +71,26 @@ class _Unit:
     commit: Commit
     # Where to continue reading this consumer's pending entries; None once drained.
     pending_from: str | None = "0"
+    # When the lease was last renewed (monotonic): it is renewed a third of the way.
+    renewed_at: float = field(default_factory=time.monotonic)
+    # Events folded but not committed yet (``CatalogProjector.commit_delay_s``).
+    staged: _Staged | None = None
+
+    @property
+    def folded(self) -> Any:
+        """The state with every event read so far, committed or not."""
+        return self.staged.state if self.staged is not None else self.state
+
+
+@dataclass
+class _Staged:
+    """A commit waiting to be made: what was folded since the stored checkpoint."""
+
+    state: Any
+    since: float
+    changed: set[str] = field(default_factory=set)
+    acks: list[str] = field(default_factory=list)
+    folded: int = 0
 
 
 def default_consumer_name() -> str:
@@ -89,10 +110,16 @@ class CatalogProjector:
         batch: int = 1000,
         lease_ms: int = 15_000,
         block_ms: int = 1_000,
+        commit_delay_s: float = 0.0,
     ) -> None:
         self.client = client
         self.keys = keys
         self.store = store
+        # While blocking (``run``), events are committed at most this long after the
+        # first one folded: one snapshot write for many events. Readers fold the tail
+        # past the snapshot themselves, so the delay is invisible to them; what it
+        # saves is a rewrite of every changed table (2 MB for 10,000 files) per event.
+        self.commit_delay_s = commit_delay_s
         self.consumer = consumer or default_consumer_name()
         self.batch = batch
         self.lease_ms = lease_ms
@@ -134,6 +161,11 @@ class CatalogProjector:
                     await self._pause(stop)
         finally:
             with anyio.CancelScope(shield=True):
+                for unit in list(self.units.values()):
+                    try:
+                        await self._flush(unit)
+                    except Exception:  # best effort: the entries stay pending
+                        log.debug("could not commit %s on shutdown", unit.name)
                 await self.release_all()
 
     async def release_all(self) -> None:
@@ -163,8 +195,17 @@ class CatalogProjector:
         progressed = False
         for unit in list(self.units.values()):
             progressed |= await self._step(unit)
+        due = None
+        for unit in list(self.units.values()):
+            if unit.staged is None:
+                continue
+            left = unit.staged.since + self.commit_delay_s - time.monotonic()
+            if not block or left <= 0 or unit.staged.folded >= self.batch:
+                await self._flush(unit)
+            else:
+                due = left if due is None else min(due, left)
         if not progressed and block:
-            await self._wait_for_entries()
+            await self._wait_for_entries(due)
         return progressed
 
     def _specs(self) -> list[tuple[str, str, str]]:
@@ -184,25 +225,34 @@ class CatalogProjector:
         self._registry_view = fold_registry(self._registry_view, events)
 
     async def _renew_held(self) -> None:
+        """Renew each lease held once a third of it has passed (not every cycle: each
+        renewal is a write, fsync'd with the rest of Redis's writes)."""
         for name, unit in list(self.units.items()):
+            now = time.monotonic()
+            if now - unit.renewed_at < self.lease_ms / 3000:
+                continue
             if not await guarded(
                 self._renew(keys=[unit.lease], args=[self.consumer, self.lease_ms])
             ):
                 log.warning("lease on %s lost; dropping it", name)
                 del self.units[name]
                 self._leases.discard(unit.lease)
+            else:
+                unit.renewed_at = now
 
-    async def _wait_for_entries(self) -> None:
-        """Block until a held stream (or the registry) has new entries, or ``block_ms``.
+    async def _wait_for_entries(self, due: float | None = None) -> None:
+        """Block until a held stream (or the registry) has new entries, or ``block_ms``
+        (or ``due`` seconds, when a staged commit is due sooner).
 
         XREAD, not XREADGROUP, so nothing is delivered here: the next cycle reads."""
-        ids: dict[Any, Any] = {u.stream: u.state.position for u in self.units.values()}
+        ids: dict[Any, Any] = {u.stream: u.folded.position for u in self.units.values()}
         ids.setdefault(self.keys.registry_stream, self._registry_view.position)
         if isinstance(self.client, RedisCluster):
             # One XREAD may not span slots on a Cluster: wait on the registry only,
             # which bounds the projection delay of other streams by block_ms.
             ids = {self.keys.registry_stream: self._registry_view.position}
-        await guarded(self.client.xread(ids, count=1, block=self.block_ms))
+        block = self.block_ms if due is None else max(1, min(self.block_ms, int(due * 1000)))
+        await guarded(self.client.xread(ids, count=1, block=block))
 
     async def _step(self, unit: _Unit) -> bool:
         if unit.pending_from is not None:
@@ -226,7 +276,7 @@ class CatalogProjector:
     async def _behind(self, unit: _Unit) -> bool:
         newest: Any = await guarded(self.client.xrevrange(unit.stream, count=1))
         return bool(newest) and stream_id_tuple(_decode(newest[0][0])) > stream_id_tuple(
-            unit.state.position
+            unit.folded.position
         )
 
     async def _read(self, unit: _Unit, start: str) -> list[tuple[Any, Any]]:
@@ -241,34 +291,45 @@ class CatalogProjector:
         return [(eid, fields) for eid, fields in entries if fields]
 
     async def _apply(self, unit: _Unit, entries: list[tuple[Any, Any]]) -> bool:
-        expected = unit.state.position
-        base = stream_id_tuple(expected)
-        state = unit.state
-        acks: list[str] = []
-        changed: set[str] = set()
-        folded = 0
+        staged = unit.staged or _Staged(unit.state, time.monotonic())
+        base = stream_id_tuple(staged.state.position)
+        state = staged.state
         for raw_id, fields in entries:
             eid = _decode(raw_id)
-            acks.append(eid)
+            staged.acks.append(eid)
             if stream_id_tuple(eid) <= base:
-                continue  # folded in before a crash; only the ack was lost
+                continue  # folded in before a crash, or already staged; ack it again
             event = decode_event(eid, fields)
             state = unit.fold(state, event)
-            folded += 1
+            staged.folded += 1
             if event.table:
-                changed.add(event.table)
-        outcome = await unit.commit(state, expected, changed, acks, folded)
+                staged.changed.add(event.table)
+        staged.state = state
+        unit.staged = staged
+        if self.commit_delay_s <= 0:
+            await self._flush(unit)
+        return True
+
+    async def _flush(self, unit: _Unit) -> None:
+        """Commit what ``unit`` has staged."""
+        staged = unit.staged
+        if staged is None:
+            return
+        unit.staged = None
+        expected = unit.state.position
+        outcome = await unit.commit(
+            staged.state, expected, staged.changed, staged.acks, staged.folded
+        )
         if outcome is CommitOutcome.DONE:
-            unit.state = state
-            self.applied += folded
-            return True
+            unit.state = staged.state
+            self.applied += staged.folded
+            return
         # The checkpoint moved (another runner committed), or our batch skipped entries
         # delivered to another consumer: start over from the stored snapshot, with every
         # pending entry claimed so they are read again, in order.
         log.warning("%s: commit refused (%s); reloading", unit.name, outcome.name)
         del self.units[unit.name]
         await self._acquire((unit.name, unit.stream, unit.lease))
-        return True
 
     async def _claim_pending(self, stream: str) -> None:
         start = "0-0"

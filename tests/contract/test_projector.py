@@ -207,3 +207,81 @@ async def test_entries_left_pending_by_another_consumer_are_claimed(
     assert await runner.run_until_caught_up() == 1
     assert (await services.store.load_super("o", "s")).tables["t"].version == 2
     assert await pending(services) == 0
+
+
+async def test_while_running_the_projector_commits_many_events_in_one_snapshot_write(
+    services: Services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 9): every event used to be a snapshot commit, which rewrites
+    each changed table (2 MB for a table of 10,000 files). While running, folded events
+    wait up to ``commit_delay_s`` and are committed together; a burst (no blocking) and
+    a shutdown commit what is staged at once."""
+    await write(services, tmp_path, "t", [{"x": 0}])
+    projector = CatalogProjector(services.redis, services.keys, services.store, commit_delay_s=3600)
+    await projector.run_until_caught_up()  # a burst commits at once, delay or not
+    await assert_snapshot_is_fold_of_log(services)
+    commits: list[int] = []
+    original = services.store.commit_super
+
+    async def counting(*args: Any, **kwargs: Any) -> CommitOutcome:
+        commits.append(kwargs["folded"])
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(services.store, "commit_super", counting)
+    committed = (await services.store.load_super("o", "s")).position
+    for i in range(1, 4):
+        await write(services, tmp_path, "t", [{"x": i}])
+        assert await projector._cycle(block=True)  # folded and staged, not committed
+    assert commits == []
+    assert (await services.store.load_super("o", "s")).position == committed
+    assert await pending(services) == 3  # not acknowledged before the commit
+    stop = anyio.Event()
+    stop.set()
+    await projector.run(stop)  # shutting down commits what is staged
+    assert commits == [3]
+    await assert_snapshot_is_fold_of_log(services)
+    assert (await services.store.load_super("o", "s")).tables["t"].row_count == 4
+    assert await pending(services) == 0
+
+
+async def test_a_staged_commit_is_made_once_its_delay_has_passed(
+    services: Services, tmp_path: Path
+) -> None:
+    await write(services, tmp_path, "t", [{"x": 0}])
+    projector = CatalogProjector(services.redis, services.keys, services.store, commit_delay_s=60)
+    await projector.run_until_caught_up()
+    await write(services, tmp_path, "t", [{"x": 1}])
+    assert await projector._cycle(block=True)
+    unit = projector.units["o/s"]
+    assert unit.staged is not None and unit.staged.folded == 1
+    unit.staged.since -= 60  # as if the delay had passed
+    await projector._cycle(block=True)
+    assert unit.staged is None
+    await assert_snapshot_is_fold_of_log(services)
+
+
+async def test_leases_are_renewed_a_third_of_the_way_not_every_cycle(
+    services: Services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 9): every cycle renewed every lease, a write that Redis
+    fsyncs, several times per event."""
+    await write(services, tmp_path, "t", [{"x": 0}])
+    projector = CatalogProjector(services.redis, services.keys, services.store, lease_ms=30_000)
+    await projector.run_until_caught_up()
+    renewed: list[str] = []
+    original = projector._renew
+
+    async def counting(*, keys: list[str], args: list[Any]) -> Any:
+        renewed.append(keys[0])
+        return await original(keys=keys, args=args)
+
+    monkeypatch.setattr(projector, "_renew", counting)
+    for i in range(1, 4):
+        await write(services, tmp_path, "t", [{"x": i}])
+        await projector.run_until_caught_up()
+    assert renewed == []
+    unit = projector.units["o/s"]
+    unit.renewed_at -= 10.1  # a third of the lease has passed
+    await projector.run_until_caught_up()
+    assert renewed == [unit.lease]
+    assert 25_000 < await services.redis.pttl(unit.lease) <= 30_000
