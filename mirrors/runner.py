@@ -39,7 +39,7 @@ from events.model import decode_event, stream_id_tuple
 from events.redis_log import Keys, guarded
 from mirrors.status import MirrorStatus, MirrorStatuses, encode_status, group
 from projections.catalog import SuperState, TableState, apply_super
-from projections.runner import CatalogProjector, _Unit
+from projections.runner import CatalogProjector, _Staged, _Unit
 from projections.store import CommitOutcome, SnapshotStore
 
 if TYPE_CHECKING:  # (pyiceberg and deltalake load only where mirrors are published)
@@ -49,6 +49,8 @@ log = logging.getLogger("ledgerlake.mirrors")
 PAGE = 1000
 RETRY_S = 1.0
 MAX_RETRY_S = 300.0
+# A commit that publishes nothing (no table of this format changed) waits this long.
+IDLE_COMMIT_DELAY_S = 1.0
 
 
 class LeaseLost(Exception):
@@ -92,6 +94,15 @@ class MirrorRunner(CatalogProjector):
     def enabled(self, table: TableState) -> bool:
         formats = table.mirrors if table.mirrors is not None else self.default_formats
         return self.fmt in formats
+
+    def _commit_delay(self, staged: _Staged) -> float:
+        """Publish at once when a table of this format changed (or went away); when
+        none did, the commit only moves the checkpoint, and can wait to cover more
+        events (it was a Redis write per event of every table without a mirror)."""
+        tables = staged.state.tables
+        if any(name not in tables or self.enabled(tables[name]) for name in staged.changed):
+            return 0.0
+        return IDLE_COMMIT_DELAY_S
 
     def _specs(self) -> list[tuple[str, str, str]]:
         specs = []

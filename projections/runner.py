@@ -199,7 +199,7 @@ class CatalogProjector:
         for unit in list(self.units.values()):
             if unit.staged is None:
                 continue
-            left = unit.staged.since + self.commit_delay_s - time.monotonic()
+            left = unit.staged.since + self._commit_delay(unit.staged) - time.monotonic()
             if not block or left <= 0 or unit.staged.folded >= self.batch:
                 await self._flush(unit)
             else:
@@ -306,9 +306,13 @@ class CatalogProjector:
                 staged.changed.add(event.table)
         staged.state = state
         unit.staged = staged
-        if self.commit_delay_s <= 0:
+        if self._commit_delay(staged) <= 0:
             await self._flush(unit)
         return True
+
+    def _commit_delay(self, staged: _Staged) -> float:
+        """How long ``staged`` may wait for its commit while the runner blocks."""
+        return self.commit_delay_s
 
     async def _flush(self, unit: _Unit) -> None:
         """Commit what ``unit`` has staged."""

@@ -12,8 +12,10 @@ import msgspec
 import pytest
 
 from app.services import Services
+from app.settings import Settings
 from app.writes import IngestRequest
 from events.model import DataFile, DataType, Field, RowsAppended, TableCreated
+from mirrors.runner import IDLE_COMMIT_DELAY_S
 from projections.replay import rebuild_super
 from projections.runner import CatalogProjector
 from projections.store import CATALOG, CommitOutcome, encode_table
@@ -285,3 +287,44 @@ async def test_leases_are_renewed_a_third_of_the_way_not_every_cycle(
     await projector.run_until_caught_up()
     assert renewed == [unit.lease]
     assert 25_000 < await services.redis.pttl(unit.lease) <= 30_000
+
+
+async def _mirror_checkpoint(services: Services, fmt: str) -> str:
+    raw = await services.redis.get(services.keys.checkpoint("o", "s", f"mirror-{fmt}"))
+    return raw.decode() if raw else "0-0"
+
+
+async def _last_id(services: Services) -> str:
+    (entry,) = await services.redis.xrevrange(services.keys.stream("o", "s"), count=1)
+    return str(entry[0].decode())
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+async def test_a_mirror_runner_defers_only_commits_that_publish_nothing(
+    settings: Settings, tmp_path: Path, mirrored: bool
+) -> None:
+    """Regression (issue 9): a mirror runner made a Redis write per event even for
+    tables without its format (the default with LEDGERLAKE_MIRRORS=none). Such commits
+    now wait (IDLE_COMMIT_DELAY_S); a change to a mirrored table is published at once."""
+    settings = msgspec.structs.replace(settings, mirrors="delta" if mirrored else "none")
+    async with Services.open(settings) as services:
+        await write(services, tmp_path, "t", [{"x": 0}])
+        runner = next(r for r in services.mirror_runners() if r.fmt == "delta")
+        await runner.run_until_caught_up()
+        assert await _mirror_checkpoint(services, "delta") == await _last_id(services)
+        await write(services, tmp_path, "t", [{"x": 1}])
+        assert await runner._cycle(block=True)
+        unit = runner.units["o/s"]
+        if mirrored:
+            assert unit.staged is None
+            assert await _mirror_checkpoint(services, "delta") == await _last_id(services)
+            assert runner.published == 2
+        else:
+            assert unit.staged is not None and unit.staged.folded == 1
+            assert await _mirror_checkpoint(services, "delta") != await _last_id(services)
+            unit.staged.since -= IDLE_COMMIT_DELAY_S  # as if the delay had passed
+            await runner._cycle(block=True)
+            assert unit.staged is None
+            assert await _mirror_checkpoint(services, "delta") == await _last_id(services)
+            assert runner.published == 0
+        await runner.release_all()
