@@ -50,6 +50,10 @@ class TooManyRequests(LedgerError):
 
 
 RATE_LUA = """
+-- A counter of the current second only: it is neither written to the AOF nor sent to
+-- replicas (lost on a restart or failover, harmlessly), so that, with appendfsync
+-- always, counting a request is not an fsync every request waits for.
+redis.set_repl(redis.REPL_NONE)
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('EXPIRE', KEYS[1], 2) end
 return n

@@ -120,6 +120,7 @@ class CatalogProjector:
         # past the snapshot themselves, so the delay is invisible to them; what it
         # saves is a rewrite of every changed table (2 MB for 10,000 files) per event.
         self.commit_delay_s = commit_delay_s
+        self._stopping: anyio.Event | None = None  # set while ``run`` runs
         self.consumer = consumer or default_consumer_name()
         self.batch = batch
         self.lease_ms = lease_ms
@@ -147,6 +148,7 @@ class CatalogProjector:
 
     async def run(self, stop: anyio.Event) -> None:
         """Project until ``stop`` is set, riding out Redis outages."""
+        self._stopping = stop
         try:
             while not stop.is_set():
                 try:
@@ -204,7 +206,12 @@ class CatalogProjector:
                 await self._flush(unit)
             else:
                 due = left if due is None else min(due, left)
-        if not progressed and block:
+        if block and progressed and due is not None and self._stopping is not None:
+            # Events keep coming and a commit is staged: let them gather until it is
+            # due (one read and one commit per delay, not two cycles per event).
+            with anyio.move_on_after(due):
+                await self._stopping.wait()
+        elif not progressed and block:
             await self._wait_for_entries(due)
         return progressed
 
