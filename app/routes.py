@@ -840,7 +840,9 @@ async def validate_query(
     that ``/query`` gives."""
     caller = caller_of(request)
     recording, _, restricted = await _query_views(caller, services, org, super_name, data)
-    plan = await services.engine.plan(recording, data.sql, timeout_s=data.timeout_s)
+    plan = await services.engine.plan(
+        recording, data.sql, timeout_s=data.timeout_s, scope=f"{org}/{super_name}"
+    )
     columns = _result_columns(plan.schema.empty_table())
     text = plan.plan
     if restricted:
@@ -890,7 +892,12 @@ async def run_query(
 
     try:
         result = await services.engine.run(
-            recording, data.sql, limit=data.limit, timeout_s=data.timeout_s, offset=data.offset
+            recording,
+            data.sql,
+            limit=data.limit,
+            timeout_s=data.timeout_s,
+            offset=data.offset,
+            scope=f"{org}/{super_name}",
         )
     except LedgerError as exc:
         await audit(0, exc.code)

@@ -21,6 +21,8 @@ files beyond the last ``METADATA_KEEP``. Manifests of expired snapshots are dele
 from __future__ import annotations
 
 import itertools
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -111,6 +113,30 @@ def committed(props: dict[str, str], metadata_location: str | None) -> dict[str,
     return {k: v for k, v in table.metadata.properties.items() if k.startswith("ledgerlake.")}
 
 
+class _Published:
+    """The data file paths of the snapshots this process published, by metadata
+    location (a location names one immutable metadata file), most recent last."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.paths: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, location: str | None) -> frozenset[str] | None:
+        with self.lock:
+            return self.paths.get(location) if location else None
+
+    def put(self, location: str, paths: frozenset[str]) -> None:
+        with self.lock:
+            self.paths[location] = paths
+            self.paths.move_to_end(location)
+            while len(self.paths) > self.size:
+                self.paths.popitem(last=False)
+
+
+_PUBLISHED = _Published(256)
+
+
 def publish(
     props: dict[str, str],
     identifier: tuple[str, ...],
@@ -136,7 +162,6 @@ def publish(
         if current.metadata.properties.get(INCARNATION) != incarnation:
             current = None  # the table was dropped and created again: start over
     catalog.current = current
-    existing: dict[str, Any] = {}
     if current is None:
         tx: Any = catalog.create_table_transaction(
             identifier,
@@ -151,18 +176,26 @@ def publish(
         )
     else:
         tx = current.transaction()
+    wanted = {uri(f.key): f for f in files}
+    # Which files the current snapshot holds: known from our last publish of it when
+    # only files were added since (listing them reads every manifest, which grew with
+    # each commit: most of a publish's time after a few hundred versions).
+    paths = _PUBLISHED.get(metadata_location) if current is not None else frozenset()
+    existing: dict[str, Any] = {}
+    if current is not None and (paths is None or not paths <= wanted.keys()):
         existing = {task.file.file_path: task.file for task in current.scan().plan_files()}
+        paths = frozenset(existing)
+    assert paths is not None
     io = load_file_io(props, location)
     _evolve_schema(tx, schema)
     tx.set_properties(
         **{TableProperties.DEFAULT_NAME_MAPPING: _name_mapping(tx).model_dump_json(), **marks}
     )
-    wanted = {uri(f.key): f for f in files}
     removed = [df for path, df in existing.items() if path not in wanted]
     added = [
         parquet_file_to_data_file(io, tx.table_metadata, path)
         for path in wanted
-        if path not in existing
+        if path not in paths
     ]
     if removed:
         with tx.update_snapshot(snapshot_properties=marks).overwrite() as overwrite:
@@ -182,7 +215,9 @@ def publish(
     assert catalog.current is not None
     if expired:
         prune_manifests(catalog.current, retention_s)
-    return str(catalog.current.metadata_location)
+    published = str(catalog.current.metadata_location)
+    _PUBLISHED.put(published, frozenset(wanted))
+    return published
 
 
 def _evolve_schema(tx: Any, schema: pa.Schema) -> None:

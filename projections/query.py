@@ -318,12 +318,16 @@ class _Job:
     timeout: float
     offset: int
     plan_only: bool
+    # The org/super the views belong to: part of the pool key (stream ids, hence the
+    # views' versions, repeat across supers). None: the connection is not pooled.
+    scope: str | None = None
 
 
 def _views_key(views: dict[str, ViewSource]) -> tuple[object, ...]:
     """What a query connection shows: each view's name, its table version (the event
-    that made it, in its incarnation) and its policy. Two queries with equal keys see
-    exactly the same data through exactly the same views."""
+    that made it, in its incarnation) and its policy. Two queries of one super with
+    equal keys see exactly the same data through exactly the same views (the pool key
+    adds the super: stream ids repeat across supers)."""
     out: list[object] = []
     for name in sorted(views):
         source = views[name]
@@ -362,6 +366,7 @@ class _ConnectionPool:
         self.size = size
         self.idle: OrderedDict[tuple[object, ...], list[_Pooled]] = OrderedDict()
         self.count = 0
+        self.closed = False
         self.lock = threading.Lock()
 
     def take(self, key: tuple[object, ...]) -> _Pooled | None:
@@ -385,6 +390,8 @@ class _ConnectionPool:
             return False
         evicted: list[_Pooled] = []
         with self.lock:
+            if self.closed:
+                return False  # the engine closed: a query that ended late closes its own
             self.idle.setdefault(key, []).append(pooled)
             self.idle.move_to_end(key)
             self.count += 1
@@ -400,6 +407,7 @@ class _ConnectionPool:
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             idle = [p for free in self.idle.values() for p in free]
             self.idle.clear()
             self.count = 0
@@ -463,19 +471,27 @@ class QueryEngine:
         limit: int | None = None,
         timeout_s: float | None = None,
         offset: int = 0,
+        scope: str | None = None,
     ) -> QueryResult:
         """Run ``sql`` over the tables of a super's state, or over the table versions a
         resolver picks for the query's table references: at most ``limit`` rows after
         the first ``offset``."""
-        result = await self._execute(source, sql, limit, timeout_s, offset, plan_only=False)
+        result = await self._execute(
+            source, sql, limit, timeout_s, offset, plan_only=False, scope=scope
+        )
         assert isinstance(result, QueryResult)
         return result
 
     async def plan(
-        self, source: SuperState | Resolver, sql: str, *, timeout_s: float | None = None
+        self,
+        source: SuperState | Resolver,
+        sql: str,
+        *,
+        timeout_s: float | None = None,
+        scope: str | None = None,
     ) -> QueryPlan:
         """Check, bind and plan ``sql`` exactly as ``run`` would, without running it."""
-        result = await self._execute(source, sql, None, timeout_s, 0, plan_only=True)
+        result = await self._execute(source, sql, None, timeout_s, 0, plan_only=True, scope=scope)
         assert isinstance(result, QueryPlan)
         return result
 
@@ -488,6 +504,7 @@ class QueryEngine:
         offset: int,
         *,
         plan_only: bool,
+        scope: str | None,
     ) -> QueryResult | QueryPlan:
         rows, timeout = self.clamp(limit, timeout_s)
         if offset < 0 or offset > self.limits.max_offset:
@@ -503,7 +520,9 @@ class QueryEngine:
         views = await resolve(analysis)
         # `timeout` waiting for a slot and running, then the grace period.
         with anyio.move_on_after(timeout + self.limits.grace_s):
-            job = _Job(views, analysis, rows, timeout, offset, plan_only)
+            if scope is None and isinstance(source, SuperState):
+                scope = f"{source.org}/{source.name}"
+            job = _Job(views, analysis, rows, timeout, offset, plan_only, scope)
             return await anyio.to_thread.run_sync(
                 self._run_slot,
                 job,
@@ -614,17 +633,23 @@ class QueryEngine:
             job.views, job.analysis, job.limit, job.timeout, job.offset
         )  # fmt: skip
         started = time.perf_counter()
-        key = _views_key(views)
-        pooled = self._pool.take(key)
+        key = (job.scope, _views_key(views))
+        pooled = self._pool.take(key) if job.scope is not None else None
         if pooled is None:
             temp_dir = self.temp_root / uuid.uuid4().hex
             pooled = _Pooled(self._connect(views, temp_dir), temp_dir)
         con = pooled.con
-        fired = threading.Event()
+        # Whether the timer interrupted this query, decided under a lock: a connection
+        # the timer may still reach must not serve another query.
+        guard = threading.Lock()
+        state = {"done": False, "fired": False}
 
         def interrupt() -> None:
-            fired.set()
-            con.interrupt()
+            with guard:
+                if state["done"]:
+                    return
+                state["fired"] = True
+                con.interrupt()
 
         timer = threading.Timer(run_for, interrupt)
         timer.start()
@@ -682,9 +707,12 @@ class QueryEngine:
             raise InvalidInput(f"SQL error: {_first_line(exc)}", code="sql_error") from exc
         finally:
             timer.cancel()
+            with guard:
+                state["done"] = True
             # A connection goes back to the pool only after a query that ended well and
             # was never interrupted (an interrupt could reach its next query).
-            if not (reusable and not fired.is_set() and self._pool.give(key, pooled)):
+            keep = reusable and not state["fired"] and job.scope is not None
+            if not (keep and self._pool.give(key, pooled)):
                 pooled.close()
         return QueryResult(
             table=table, truncated=truncated, elapsed_ms=(time.perf_counter() - started) * 1000

@@ -576,3 +576,41 @@ def test_gc_removes_the_mirror_copies_of_a_dropped_table(inline_lake: Lake) -> N
     left = {p for p in copies.rglob("*.parquet")}
     assert len(left) == 2 and not (old & left)  # only the new table's copies remain
     assert delta_ids(settings) == iceberg_ids(lake) == [7]
+
+
+def test_iceberg_appends_do_not_list_the_current_files_again(
+    local_lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 9): every Iceberg publish listed the current snapshot's files
+    by reading every manifest (one more per commit), most of its time after a few
+    hundred versions. A runner now remembers what it published; it lists the files only
+    when it does not know the snapshot (a new process) or when files were removed."""
+    from pyiceberg.table import DataScan
+
+    import mirrors.iceberg as iceberg
+
+    listings: list[int] = []
+    original = DataScan.plan_files
+
+    def counting(self: Any) -> Any:
+        listings.append(1)
+        return original(self)
+
+    monkeypatch.setattr(DataScan, "plan_files", counting)
+    c = local_lake.client
+    append(c, ids(2))
+    local_lake.sync()
+    first = len(listings)
+    for n in range(3):
+        append(c, ids(1, 10 + n))
+        local_lake.sync()  # the same process's runner: it knows the snapshot
+    assert iceberg_ids(local_lake) == [0, 1, 10, 11, 12]
+    assert len(listings) - first <= 1  # (the test's own reader scans once)
+    iceberg._PUBLISHED.paths.clear()  # a new process
+    append(c, ids(1, 20))
+    before = len(listings)
+    local_lake.sync()
+    assert len(listings) > before  # unknown snapshot: listed
+    delete_call(c, {"keys": {"id": [10]}})
+    local_lake.sync()
+    assert iceberg_ids(local_lake) == [0, 1, 11, 12, 20]
