@@ -6,6 +6,7 @@ import hashlib
 import io
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -241,6 +242,42 @@ def _parse_if_match(value: str | None) -> int | None:
         ) from None
 
 
+# A body is written to its staging file in blocks of this size, each in one worker
+# thread call (chunk by chunk, the thread hops were a third of a 5 MB ingest); a body
+# that fits in one small block is written at once, on the event loop.
+STAGE_BLOCK = 8 * 1024 * 1024
+STAGE_INLINE = 256 * 1024
+
+
+async def _stage_body(
+    request: Request[Any, Any, Any], staged: Path, digest: Any, limit: int
+) -> int:
+    """Stream the request body into ``staged`` (and ``digest``); its size."""
+    size, buffered = 0, 0
+    pending: list[bytes] = []
+
+    def flush(blocks: list[bytes], mode: str) -> None:
+        with open(staged, mode) as fh:
+            fh.writelines(blocks)
+
+    mode = "wb"
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is larger than the limit of {limit} bytes")
+        digest.update(chunk)
+        pending.append(chunk)
+        buffered += len(chunk)
+        if buffered >= STAGE_BLOCK:
+            await anyio.to_thread.run_sync(flush, pending, mode)
+            pending, buffered, mode = [], 0, "ab"
+    if buffered <= STAGE_INLINE and mode == "wb":
+        flush(pending, mode)
+    else:
+        await anyio.to_thread.run_sync(flush, pending, mode)
+    return size
+
+
 @post(
     "/v1/{org:str}/{super:str}/tables/{table:str}/rows",
     status_code=200,
@@ -285,14 +322,7 @@ async def ingest_rows(
     staged = services.storage.staging_file(".body")
     digest = hashlib.sha256(f"{org}/{super_name}/{table}|{mode}|{key}|{newer_than}|{fmt}|".encode())
     try:
-        size = 0
-        async with await anyio.open_file(staged, "wb") as fh:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"the body is larger than the limit of {limit} bytes")
-                digest.update(chunk)
-                await fh.write(chunk)
+        size = await _stage_body(request, staged, digest, limit)
         if size == 0:
             raise InvalidInput("the request body is empty", code="empty_body")
         if mode == "upsert":
