@@ -90,6 +90,8 @@ class Source:
     fields: list[Field]
     batches: Callable[[], Iterator[pa.RecordBatch]]
     text: bool
+    # The number of rows, when the format tells it without reading them (None: unknown).
+    rows: int | None = None
 
 
 def open_source(path: Path, fmt: str, known: dict[str, DataType]) -> Source:
@@ -131,7 +133,12 @@ def check_column_names(names: list[str]) -> None:
 
 def _from_table(table: pa.Table, *, text: bool) -> Source:
     fields = _fields(table.schema)
-    return Source(fields=fields, batches=lambda: iter(table.to_batches(BATCH_ROWS)), text=text)
+    return Source(
+        fields=fields,
+        batches=lambda: iter(table.to_batches(BATCH_ROWS)),
+        text=text,
+        rows=table.num_rows,
+    )
 
 
 def _read_json(path: Path, *, ndjson: bool) -> pa.Table:
@@ -250,7 +257,8 @@ def _first_bad_csv_value(path: Path, name: str, target: pa.DataType) -> str | No
 
 def _read_parquet(path: Path) -> Source:
     try:
-        schema = pq.ParquetFile(path).schema_arrow
+        parquet = pq.ParquetFile(path)
+        schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise InvalidInput(f"malformed Parquet: {exc}", code="invalid_parquet") from exc
 
@@ -260,7 +268,7 @@ def _read_parquet(path: Path) -> Source:
         except (pa.ArrowInvalid, OSError) as exc:
             raise InvalidInput(f"malformed Parquet: {exc}", code="invalid_parquet") from exc
 
-    return Source(fields=_fields(schema), batches=batches, text=False)
+    return Source(fields=_fields(schema), batches=batches, text=False, rows=rows)
 
 
 def _read_arrow(path: Path) -> Source:

@@ -338,7 +338,8 @@ class Writer:
         progress: Callable[[int], None] | None,
     ) -> tuple[WrittenFile, DataFile]:
         """An inlined batch for a tiny write, else a published Parquet file."""
-        if self.fits_inline(req.source.stat().st_size):
+        small = source.rows is None or source.rows <= self.inline_max_rows
+        if small and self.fits_inline(req.source.stat().st_size):
             table, written = await anyio.to_thread.run_sync(conform_table, source, plan)
             inline = self.inline_file(table, written)
             if inline is not None:
