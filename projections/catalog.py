@@ -146,15 +146,51 @@ def apply_super(state: SuperState, event: Event) -> SuperState:
     return msgspec.structs.replace(state, tables=tables, position=event.id)
 
 
-def fold_into(tables: dict[str, TableState], event: Event) -> None:
-    """``apply_super`` on a mutable dict of tables, for long folds (replay): the same
-    result without copying every table's entry for every event."""
-    if isinstance(event, TABLE_EVENTS):
-        updated = apply_table(event, tables.get(event.table))
+class SuperFolder:
+    """``apply_super`` for long folds (replay): the same tables, without copying every
+    table's entry for every event, nor a table's file list for every append (appended
+    files are gathered and joined to the table once, when something else needs it)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, TableState] = {}
+        self.appended: dict[str, list[DataFile]] = {}
+
+    def add(self, event: Event) -> None:
+        if not isinstance(event, TABLE_EVENTS):
+            return
+        name = event.table
+        table = self.tables.get(name)
+        if type(event) is RowsAppended and table is not None:
+            # What the RowsAppended handler does, but for the files.
+            self.appended.setdefault(name, []).extend(event.files)
+            self.tables[name] = msgspec.structs.replace(
+                table,
+                version=event.version,
+                updated_at=event.time,
+                updated_by=event.actor,
+                last_event_id=event.id,
+            )
+            return
+        table = self._settled(name)
+        updated = apply_table(event, table)
         if updated is None:
-            tables.pop(event.table, None)
+            self.tables.pop(name, None)
         else:
-            tables[event.table] = updated
+            self.tables[name] = updated
+
+    def _settled(self, name: str) -> TableState | None:
+        table = self.tables.get(name)
+        files = self.appended.pop(name, None)
+        if table is not None and files:
+            table = self.tables[name] = msgspec.structs.replace(
+                table, files=table.files + tuple(files)
+            )
+        return table
+
+    def result(self) -> dict[str, TableState]:
+        for name in list(self.appended):
+            self._settled(name)
+        return self.tables
 
 
 def fold_super(state: SuperState, events: list[Event]) -> SuperState:
