@@ -15,7 +15,7 @@ from app.services import Services
 from app.settings import Settings
 from app.writes import IngestRequest
 from events.model import DataFile, DataType, Field, RowsAppended, TableCreated
-from mirrors.runner import IDLE_COMMIT_DELAY_S
+from mirrors.runner import IDLE_COMMIT_DELAY_S, PUBLISH_DELAY_S
 from projections.replay import rebuild_super
 from projections.runner import CatalogProjector
 from projections.store import CATALOG, CommitOutcome, encode_table
@@ -300,31 +300,34 @@ async def _last_id(services: Services) -> str:
 
 
 @pytest.mark.parametrize("mirrored", [False, True])
-async def test_a_mirror_runner_defers_only_commits_that_publish_nothing(
+async def test_a_mirror_runner_gathers_events_before_it_publishes(
     settings: Settings, tmp_path: Path, mirrored: bool
 ) -> None:
-    """Regression (issue 9): a mirror runner made a Redis write per event even for
-    tables without its format (the default with LEDGERLAKE_MIRRORS=none). Such commits
-    now wait (IDLE_COMMIT_DELAY_S); a change to a mirrored table is published at once."""
+    """Regression (issue 9): a mirror runner made a Delta or Iceberg commit per write,
+    and a Redis write per event even for tables without its format (the default with
+    LEDGERLAKE_MIRRORS=none). Events now gather for PUBLISH_DELAY_S before a publish
+    (mirrors are latest-only), and IDLE_COMMIT_DELAY_S when they publish nothing; a
+    burst (no blocking) still commits at once."""
     settings = msgspec.structs.replace(settings, mirrors="delta" if mirrored else "none")
     async with Services.open(settings) as services:
         await write(services, tmp_path, "t", [{"x": 0}])
         runner = next(r for r in services.mirror_runners() if r.fmt == "delta")
         await runner.run_until_caught_up()
         assert await _mirror_checkpoint(services, "delta") == await _last_id(services)
-        await write(services, tmp_path, "t", [{"x": 1}])
-        assert await runner._cycle(block=True)
+        published = runner.published
+        assert published == (1 if mirrored else 0)
+        for i in (1, 2):
+            await write(services, tmp_path, "t", [{"x": i}])
+            assert await runner._cycle(block=True)
         unit = runner.units["o/s"]
-        if mirrored:
-            assert unit.staged is None
-            assert await _mirror_checkpoint(services, "delta") == await _last_id(services)
-            assert runner.published == 2
-        else:
-            assert unit.staged is not None and unit.staged.folded == 1
-            assert await _mirror_checkpoint(services, "delta") != await _last_id(services)
-            unit.staged.since -= IDLE_COMMIT_DELAY_S  # as if the delay had passed
-            await runner._cycle(block=True)
-            assert unit.staged is None
-            assert await _mirror_checkpoint(services, "delta") == await _last_id(services)
-            assert runner.published == 0
+        assert unit.staged is not None and unit.staged.folded == 2
+        delay = PUBLISH_DELAY_S if mirrored else IDLE_COMMIT_DELAY_S
+        assert runner._commit_delay(unit.staged) == delay
+        assert await _mirror_checkpoint(services, "delta") != await _last_id(services)
+        assert runner.published == published
+        unit.staged.since -= delay  # as if the delay had passed
+        await runner._cycle(block=True)
+        assert unit.staged is None
+        assert await _mirror_checkpoint(services, "delta") == await _last_id(services)
+        assert runner.published == published + (1 if mirrored else 0)  # one for both
         await runner.release_all()
