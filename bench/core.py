@@ -39,6 +39,7 @@ from app.embedded_redis import EmbeddedRedis
 from app.settings import Settings
 
 TOKEN = "bench-admin-token-0123456789abcdef"
+ROOT = Path(__file__).resolve().parents[1]
 ARROW = "application/vnd.apache.arrow.stream"
 PARQUET = "application/vnd.apache.parquet"
 JSON = "application/json"
@@ -372,11 +373,15 @@ def serve(
         **(env or {}),
     }
     log = root / "serve.log"
-    exe = Path(sys.executable).with_name("ledgerlake")
+    # The code of the checkout the benchmark runs from (not whichever one the
+    # environment installed): a worktree of an older commit benchmarks that commit.
+    full_env["PYTHONPATH"] = str(ROOT)
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [
-                str(exe),
+                sys.executable,
+                "-c",
+                "from app.cli import main; raise SystemExit(main())",
                 "serve",
                 "--host",
                 "127.0.0.1",
