@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -47,13 +48,21 @@ def machine() -> dict[str, str]:
             cpu = line.split(":", 1)[1].strip()
             break
     mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    from app.embedded_redis import find_redis_server
+
     redis_version = (
-        subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False)
+        subprocess.run(
+            [find_redis_server(None), "--version"], capture_output=True, text=True, check=False
+        )
         .stdout.split(" v=")[-1]
         .split()[0]
-        if _has("redis-server")
-        else "?"
     )
+    disk = subprocess.run(
+        ["df", "-h", "--output=fstype,size", tempfile.gettempdir()],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()[-2:]
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -64,14 +73,9 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "redis": redis_version,
+        "temp_disk": " ".join(disk),
         "commit": commit,
     }
-
-
-def _has(binary: str) -> bool:
-    from shutil import which
-
-    return which(binary) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
