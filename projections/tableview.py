@@ -79,6 +79,21 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _same_layout(files: Sequence[DataFile], present: set[str]) -> bool:
+    """Whether DuckDB can read ``files`` without ``union_by_name`` (which reads every
+    file's footer whenever a query is bound: a third of a point lookup over 100 files).
+    It can when every file has the same columns (DuckDB then matches them by name) of
+    the same types. A column's type only ever changes from null to a real type (an
+    all-null column getting one), so a file where a column is all nulls, which may be
+    of the null type, keeps ``union_by_name``."""
+    for f in files:
+        if f.columns.keys() != present:
+            return False
+        if any(stats.null_count >= f.rows for stats in f.columns.values()):
+            return False
+    return True
+
+
 def version_sql(
     con: duckdb.DuckDBPyConnection,
     columns: Sequence[Field],
@@ -96,9 +111,9 @@ def version_sql(
         for f in parquet:
             present.update(f.columns)
         paths = ", ".join(_literal(resolve_path(f.path)) for f in parquet)
+        union = "" if _same_layout(parquet, present) else ", union_by_name = true"
         parts.append(
-            f"SELECT {', '.join(_casts(columns, present))} "
-            f"FROM read_parquet([{paths}], union_by_name = true)"
+            f"SELECT {', '.join(_casts(columns, present))} FROM read_parquet([{paths}]{union})"
         )
     if inline:
         merged = pa.concat_tables([conform_to(inline_table(f), columns) for f in inline])

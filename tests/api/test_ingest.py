@@ -114,6 +114,21 @@ def test_all_null_column_takes_its_type_later(client: TestClient[Any]) -> None:
     assert client.post(ROWS, json=[{"id": 3, "maybe": "x"}]).status_code == 422
 
 
+def test_files_with_the_same_columns_in_another_order_read_by_name(
+    client: TestClient[Any],
+) -> None:
+    """Files with the same, non-null columns are read without union_by_name (issue 9):
+    DuckDB must still match their columns by name, whatever their order in each file."""
+    client.post(ROWS, json=[{"id": 1, "name": "a", "amount": 1.5}])
+    client.post(ROWS, json=[{"amount": 2.5, "name": "b", "id": 2}])
+    client.post(ROWS, content=arrow_bytes(pa.table({"name": ["c"], "id": [3], "amount": [3.5]})),
+                headers={"Content-Type": "application/vnd.apache.arrow.stream"})  # fmt: skip
+    assert query(client, "select id, name, amount from orders order by id") == [
+        [1, "a", 1.5], [2, "b", 2.5], [3, "c", 3.5],
+    ]  # fmt: skip
+    assert query(client, "select name from orders where id = 2") == [["b"]]
+
+
 def test_overwrite_replaces_the_table(client: TestClient[Any]) -> None:
     client.post(ROWS, json=[{"id": 1}, {"id": 2}])
     r = client.post(ROWS + "?mode=overwrite", json=[{"id": 9}])

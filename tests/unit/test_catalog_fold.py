@@ -190,3 +190,17 @@ def test_the_replay_folder_gives_exactly_what_apply_super_gives(data: st.DataObj
     assert {k: encode_table(v) for k, v in got.items()} == {
         k: encode_table(v) for k, v in expected.tables.items()
     }
+
+
+def test_files_are_read_without_union_by_name_only_when_their_layouts_agree() -> None:
+    from projections.tableview import _same_layout
+
+    def g(cols: dict[str, int], rows: int = 3) -> DataFile:
+        stats = {c: ColumnStats(null_count=n) for c, n in cols.items()}
+        return DataFile(path="p", rows=rows, size_bytes=1, columns=stats)
+
+    both = {"x", "y"}
+    assert _same_layout([g({"x": 0, "y": 1}), g({"y": 0, "x": 2})], both)
+    assert not _same_layout([g({"x": 0, "y": 0}), g({"x": 0})], both)  # a column missing
+    assert not _same_layout([g({"x": 0, "y": 3}), g({"x": 0, "y": 0})], both)  # all null
+    assert not _same_layout([g({"x": 0, "y": 0}, rows=0)], both)  # an empty file
