@@ -2,7 +2,8 @@
 
 Each run starts a fresh server. Its peak resident set (VmHWM) is reset before each step
 and read after it: the figures are that peak, and its growth over the resident set the
-step started from (most of an idle server's RSS is its libraries). The ingest is one Parquet body of 1M rows (10M with ``--full``) posted in one request;
+step started from (most of an idle server's RSS is its libraries). The ingest is one
+Parquet body of 1M rows (10M with ``--full``) posted in one request;
 the query is the group-by of the query benchmark over all of those rows. The raw
 limits run in a fresh Python process each, measured the same way (growth is over the
 process's RSS once its libraries are imported): pyarrow reading the
