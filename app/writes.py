@@ -9,6 +9,7 @@ orphan no event references, invisible to every reader).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import time
@@ -17,7 +18,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -53,6 +54,7 @@ from projections.reader import CatalogReader
 from projections.tableview import inline_bytes
 
 log = logging.getLogger("ledgerlake.writes")
+T = TypeVar("T")
 
 NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 MODES = ("append", "overwrite")
@@ -128,6 +130,18 @@ def _replayed(result: bytes, version: int, event_ids: tuple[str, ...]) -> Ingest
         mode=extra.mode,
         replayed=True,
     )
+
+
+# Bodies up to this size are parsed on the event loop: a worker thread's round trip
+# cost more than the work (a single-row write made two of them).
+SMALL_BODY = 16 * 1024
+
+
+async def _off_loop(body: Path, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread, or at once for a small body."""
+    if os.stat(body).st_size <= SMALL_BODY:  # the staged body's inode: no disk access
+        return fn(*args)
+    return await anyio.to_thread.run_sync(fn, *args)
 
 
 class _Turn:
@@ -207,7 +221,7 @@ class Writer:
         table = (await self.reader.super_state(req.org, req.super_)).tables.get(req.table)
         self._check_if_match(req, table)
         known = {f.name: f.type for f in table.columns} if table else {}
-        source = await anyio.to_thread.run_sync(open_source, req.source, req.fmt, known)
+        source = await _off_loop(req.source, open_source, req.source, req.fmt, known)
 
         written: WrittenFile | None = None
         data_file: DataFile | None = None
@@ -340,7 +354,7 @@ class Writer:
         """An inlined batch for a tiny write, else a published Parquet file."""
         small = source.rows is None or source.rows <= self.inline_max_rows
         if small and self.fits_inline(req.source.stat().st_size):
-            table, written = await anyio.to_thread.run_sync(conform_table, source, plan)
+            table, written = await _off_loop(req.source, conform_table, source, plan)
             inline = self.inline_file(table, written)
             if inline is not None:
                 return written, inline
