@@ -255,6 +255,9 @@ class Writer:
                     continue  # it waited too long (slow registry?): upload it again first
                 try:
                     async with turn.lock:
+                        if time.monotonic() - published_at > self.max_file_age_s:
+                            # It waited too long for its turn: upload it again first.
+                            raise ConflictError("the file is too old", current_version=-1)
                         if turn.commits != seen and req.if_match is None:
                             seen = turn.commits
                             state = await self.reader.super_state(req.org, req.super_)

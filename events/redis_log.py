@@ -430,11 +430,13 @@ class RedisEventLog:
     ) -> tuple[Any, list[tuple[Any, dict[Any, Any]]]]:
         """The trimmed mark and up to ``count`` entries from ``start``, atomically. A
         short read (a request's tail) is one script call; a long one (replay,
-        catch-up) is a MULTI of GET and XRANGE, which Redis serves at about half the
-        cost per entry of a script returning thousands of entries, and without
-        blocking other clients for as long."""
-        if count <= LONG_READ:
-            mark, flat = await self._read_marked(keys=keys, args=[start, count])
+        catch-up: the script found at least ``LONG_READ`` entries) is then a MULTI of
+        GET and XRANGE, which Redis serves at about half the cost per entry of a
+        script returning thousands of entries, and without blocking other clients
+        for as long."""
+        mark, flat = await self._read_marked(keys=keys, args=[start, min(count, LONG_READ)])
+        if count <= LONG_READ or len(flat) < LONG_READ:
+            # All there is (a request's tail is usually empty): one script call.
             return mark, [(entry_id, _pairs(fields)) for entry_id, fields in flat]
         pipe: Any = self.client.pipeline(transaction=True)
         pipe.get(keys[1])

@@ -126,8 +126,12 @@ class _Published:
         with self.lock:
             return self.paths.get(location) if location else None
 
-    def put(self, location: str, paths: frozenset[str]) -> None:
+    def put(self, location: str, paths: frozenset[str], previous: str | None) -> None:
+        """Record ``location``'s files; ``previous`` (the location it replaces) is
+        forgotten: only the newest snapshot of a table is ever published again."""
         with self.lock:
+            if previous:
+                self.paths.pop(previous, None)
             self.paths[location] = paths
             self.paths.move_to_end(location)
             while len(self.paths) > self.size:
@@ -216,7 +220,7 @@ def publish(
     if expired:
         prune_manifests(catalog.current, retention_s)
     published = str(catalog.current.metadata_location)
-    _PUBLISHED.put(published, frozenset(wanted))
+    _PUBLISHED.put(published, frozenset(wanted), metadata_location)
     return published
 
 

@@ -683,7 +683,9 @@ class QueryEngine:
                     truncated = truncated or size > self.limits.max_result_bytes
                     break
             table = pa.Table.from_batches(batches, schema=reader.schema)
-            reusable = True
+            # A truncated result leaves the query unfinished on the connection (its
+            # state, maybe spill files): such a connection is not kept.
+            reusable = not truncated
         except duckdb.InterruptException as exc:
             raise QueryTimeout(
                 f"the query ran longer than its timeout of {timeout:g}s and was stopped"

@@ -1,11 +1,11 @@
 """The projection runner: folds each stream into its stored snapshot.
 
 One *unit* is one stream with its snapshot: the registry, and each super. A runner holds
-a lease on a unit before it projects it (renewed every cycle; a unit whose renewal fails
-is dropped at once), so that with several ``worker`` processes each unit has one writer
-at a time. Entries are read through a consumer group (``catalog``) and acknowledged
-inside the same atomic commit that writes the snapshot and moves the checkpoint
-(``SnapshotStore``).
+a lease on a unit before it projects it (renewed once a third of it has passed; a unit
+whose renewal fails is dropped at once), so that with several ``worker`` processes
+each unit has one writer at a time. Entries are read through a consumer group
+(``catalog``) and acknowledged inside the same atomic commit that writes the snapshot
+and moves the checkpoint (``SnapshotStore``).
 
 Two checks in that commit make it safe even when leases overlap (a paused process whose
 lease lapsed): the stored checkpoint must be the one the runner started from, and the
@@ -15,7 +15,9 @@ of the group (``XAUTOCLAIM``) and reads them again in order. Entries at or befor
 checkpoint are only acknowledged. So a crash or an overlap at any point neither loses an
 event nor applies one twice.
 
-``run_until_caught_up`` is burst mode: it drains every stream and returns, for tests and
+While running, folded events are staged and committed at most ``commit_delay_s`` after
+the first (one snapshot write for many events); ``run_until_caught_up`` is burst mode:
+it drains every stream, committing as it goes, and returns, for tests and
 ``worker --burst``.
 """
 
@@ -56,6 +58,8 @@ return 0
 """
 
 REGISTRY = "registry"
+# How long a stopping runner may spend committing what it staged.
+SHUTDOWN_FLUSH_S = 10.0
 Commit = Callable[[Any, str, set[str], list[str], int], Awaitable[CommitOutcome]]
 
 
@@ -121,6 +125,7 @@ class CatalogProjector:
         # saves is a rewrite of every changed table (2 MB for 10,000 files) per event.
         self.commit_delay_s = commit_delay_s
         self._stopping: anyio.Event | None = None  # set while ``run`` runs
+        self._full_read = False
         self.consumer = consumer or default_consumer_name()
         self.batch = batch
         self.lease_ms = lease_ms
@@ -163,11 +168,14 @@ class CatalogProjector:
                     await self._pause(stop)
         finally:
             with anyio.CancelScope(shield=True):
-                for unit in list(self.units.values()):
-                    try:
-                        await self._flush(unit)
-                    except Exception:  # best effort: the entries stay pending
-                        log.debug("could not commit %s on shutdown", unit.name)
+                # Best effort, and bounded (a mirror's flush publishes to storage):
+                # what is not committed stays pending for the next runner.
+                with anyio.move_on_after(SHUTDOWN_FLUSH_S):
+                    for unit in list(self.units.values()):
+                        try:
+                            await self._flush(unit)
+                        except Exception:
+                            log.debug("could not commit %s on shutdown", unit.name)
                 await self.release_all()
 
     async def release_all(self) -> None:
@@ -195,6 +203,7 @@ class CatalogProjector:
             if spec[0] not in self.units:
                 await self._acquire(spec)
         progressed = False
+        self._full_read = False  # a full batch: more is waiting, gather nothing
         for unit in list(self.units.values()):
             progressed |= await self._step(unit)
         due = None
@@ -206,7 +215,13 @@ class CatalogProjector:
                 await self._flush(unit)
             else:
                 due = left if due is None else min(due, left)
-        if block and progressed and due is not None and self._stopping is not None:
+        if (
+            block
+            and progressed
+            and not self._full_read
+            and due is not None
+            and self._stopping is not None
+        ):
             # Events keep coming and a commit is staged: let them gather until it is
             # due (one read and one commit per delay, not two cycles per event).
             with anyio.move_on_after(due):
@@ -298,6 +313,8 @@ class CatalogProjector:
         return [(eid, fields) for eid, fields in entries if fields]
 
     async def _apply(self, unit: _Unit, entries: list[tuple[Any, Any]]) -> bool:
+        if len(entries) >= self.batch:
+            self._full_read = True
         staged = unit.staged or _Staged(unit.state, time.monotonic())
         base = stream_id_tuple(staged.state.position)
         state = staged.state

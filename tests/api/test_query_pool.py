@@ -570,3 +570,23 @@ def test_pool_close_closes_every_idle_connection(tmp_path: Path) -> None:
     assert all(is_closed(p) for p in conns)
     assert not any((tmp_path / n).exists() for n in ("a1", "a2", "b"))
     assert pool.count == 0 and pool.take(("a",)) is None and pool.take(("b",)) is None
+
+
+def test_a_truncated_result_does_not_leave_its_connection_in_the_pool(tmp_path: Path) -> None:
+    """Regression (review): a result cut at its limit leaves the query unfinished on
+    its connection (its state, maybe spill files); such a connection is not kept."""
+    engine = QueryEngine(lambda p: p, QueryLimits(), tmp_path / "q")
+
+    async def nothing(analysis: Analysis) -> dict[str, ViewSource]:
+        return {}
+
+    async def main(limit: int) -> tuple[int, bool]:
+        sql = "select * from range(10) t(i)"
+        result = await engine.run(nothing, sql, limit=limit, scope="o/s")
+        return result.table.num_rows, result.truncated
+
+    assert anyio.run(main, 3) == (3, True)
+    assert engine._pool.count == 0
+    assert anyio.run(main, 100) == (10, False)
+    assert engine._pool.count == 1
+    engine.close()

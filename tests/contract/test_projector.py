@@ -331,3 +331,26 @@ async def test_a_mirror_runner_gathers_events_before_it_publishes(
         assert await _mirror_checkpoint(services, "delta") == await _last_id(services)
         assert runner.published == published + (1 if mirrored else 0)  # one for both
         await runner.release_all()
+
+
+async def test_a_runner_behind_by_a_full_batch_does_not_wait_to_gather(
+    services: Services, tmp_path: Path
+) -> None:
+    """Regression (review): while one super had a commit staged, the runner slept until
+    it was due after every cycle, even one that read a full batch of another super:
+    catch-up after an outage went at one batch per delay."""
+    await write(services, tmp_path, "t", [{"x": 0}], sup="a")
+    await write(services, tmp_path, "t", [{"x": 0}], sup="b")
+    projector = CatalogProjector(
+        services.redis, services.keys, services.store, batch=2, commit_delay_s=3600
+    )
+    await projector.run_until_caught_up()
+    await write(services, tmp_path, "t", [{"x": 1}], sup="a")  # staged, due in an hour
+    for i in range(1, 5):
+        await write(services, tmp_path, "t", [{"x": i}], sup="b")  # a backlog of b
+    projector._stopping = anyio.Event()  # as while running (never set here)
+    with anyio.fail_after(10):  # it would sleep for an hour if it gathered
+        assert await projector._cycle(block=True)  # a: 1 (staged), b: 2 of 4
+        assert await projector._cycle(block=True)  # b: the other 2
+    assert projector.units["o/a"].staged is not None
+    await assert_snapshot_is_fold_of_log(services, "b")
