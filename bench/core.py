@@ -464,18 +464,21 @@ def append_copies(
     count: int,
     *,
     copy_files: bool = False,
+    compact_every: int = 0,
 ) -> None:
     """Append ``count`` copies of the super's last ``RowsAppended`` event, spread over
     ``tables`` (which exist), each with the table's next version and a new file name:
     a log as the API would write it, made in seconds instead of hours. With
-    ``copy_files`` each new name is a real copy of the template's file.
-    """
+    ``copy_files`` each new name is a real copy of the template's file. With
+    ``compact_every``, every that many appends to a table are followed by a
+    ``TableCompacted`` event merging its files into one, as compaction would (a table
+    then holds at most that many files)."""
     import shutil
     import uuid
 
     import msgspec
 
-    from events.model import RowsAppended, decode_event, encode_event
+    from events.model import RowsAppended, TableCompacted, decode_event, encode_event
     from events.redis_log import Keys
 
     keys = Keys(server.settings().redis_prefix)
@@ -486,24 +489,43 @@ def append_copies(
         template = decode_event(*entries[0])
         assert isinstance(template, RowsAppended), template
         source = template.files[0]
-        current = raw.hmget(keys.versions(org, sup), list(tables))
-        versions = {t: int(v) for t, v in zip(tables, current, strict=True)}
+        stored = raw.hmget(keys.versions(org, sup), list(tables))
+        versions = {t: int(v) for t, v in zip(tables, stored, strict=True)}
+        current: dict[str, list[Any]] = {t: [] for t in tables}
         done, batch = 0, 2000
         while done < count:
             pipe = raw.pipeline(transaction=False)
-            for n in range(min(batch, count - done)):
+            step = min(batch, count - done)
+            for n in range(step):
                 table = tables[(done + n) % len(tables)]
                 versions[table] += 1
                 path = f"{org}/{sup}/{table}/data/{uuid.uuid4().hex}.parquet"
                 if copy_files:
                     shutil.copyfile(server.files / source.path, server.files / path)
                 file = msgspec.structs.replace(source, path=path)
-                event = msgspec.structs.replace(
+                event: Any = msgspec.structs.replace(
                     template, table=table, version=versions[table], files=(file,)
                 )
+                current[table].append(file)
+                if compact_every and len(current[table]) >= compact_every:
+                    pipe.xadd(stream, encode_event(event))
+                    versions[table] += 1
+                    merged = msgspec.structs.replace(
+                        source,
+                        path=f"{org}/{sup}/{table}/data/{uuid.uuid4().hex}.parquet",
+                        rows=sum(f.rows for f in current[table]),
+                        size_bytes=sum(f.size_bytes for f in current[table]),
+                    )
+                    event = TableCompacted(
+                        org=org, super_=sup, table=table, version=versions[table],
+                        actor="ledgerlake", time=template.time, files=(merged,),
+                        removed_files=tuple(f.path for f in current[table]),
+                        rows=merged.rows,
+                    )  # fmt: skip
+                    current[table] = [merged]
                 pipe.xadd(stream, encode_event(event))
             pipe.hset(keys.versions(org, sup), mapping=versions)
             pipe.execute()
-            done += min(batch, count - done)
+            done += step
     finally:
         raw.close()

@@ -3,7 +3,8 @@
 The log is made of real events: a table is written through the API, and its
 ``RowsAppended`` event (a Parquet file with its column statistics) is then appended
 again and again, with the next versions, to 100 tables of one super (100k events by
-default, 1M with ``--full``). Replay is ``projections.replay.replay``, the code behind
+default, 1M with ``--full``); every 100 appends to a table, a ``TableCompacted`` event
+merges its files, as compaction does. Replay is ``projections.replay.replay``, the code behind
 ``ledgerlake replay``, run in the benchmark process against the server's Redis. The raw
 limit is ``XRANGE`` of the same entries in pages of the same size, without decoding.
 """
@@ -28,6 +29,10 @@ from events.redis_log import Keys
 from projections.replay import PAGE, replay
 
 TABLES = 100
+# Every 100 appends to a table, a compaction merges its files (as background compaction
+# does): without it, 1M appends would leave tables of 10,000 files each, and a catalog
+# snapshot of 200 MB to rewrite on every commit (see docs/BENCHMARKS.md).
+COMPACT_EVERY = 100
 
 
 def _fill(server: Server, events: int) -> None:
@@ -49,7 +54,7 @@ def _fill(server: Server, events: int) -> None:
         have = int(raw.xlen(Keys(server.settings().redis_prefix).stream("bench", "r")))
     finally:
         raw.close()
-    append_copies(server, "bench", "r", names, events - have)
+    append_copies(server, "bench", "r", names, events - have, compact_every=COMPACT_EVERY)
 
 
 def _raw_read(server: Server) -> tuple[int, float]:
