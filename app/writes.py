@@ -144,6 +144,10 @@ async def _off_loop(body: Path, fn: Callable[..., T], *args: Any) -> T:
     return await anyio.to_thread.run_sync(fn, *args)
 
 
+class _WaitedTooLong(Exception):
+    """A staged file waited for its table's turn past ``max_file_age_s``."""
+
+
 class _Turn:
     """The commit turn of one table among this process's writers, and how many commits
     they made (a writer that read the table before the last one must read again)."""
@@ -256,8 +260,7 @@ class Writer:
                 try:
                     async with turn.lock:
                         if time.monotonic() - published_at > self.max_file_age_s:
-                            # It waited too long for its turn: upload it again first.
-                            raise ConflictError("the file is too old", current_version=-1)
+                            raise _WaitedTooLong
                         if turn.commits != seen and req.if_match is None:
                             seen = turn.commits
                             state = await self.reader.super_state(req.org, req.super_)
@@ -273,6 +276,8 @@ class Writer:
                         kept = table.inline_files if table and req.mode == "append" else ()
                         await self.on_inline(req.org, req.super_, req.table, (*kept, data_file))
                     return result
+                except _WaitedTooLong:
+                    continue  # it waited too long for its turn: upload it again first
                 except IdempotencyMismatch:
                     unsure = False
                     raise
