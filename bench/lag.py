@@ -17,6 +17,8 @@ import asyncio
 import threading
 import time
 
+import redis
+
 from bench.core import ARROW, Measure, Server, arrow_body, check, percentile, rows_table
 from events.model import stream_id_tuple
 from events.redis_log import Keys
@@ -71,8 +73,13 @@ class Watcher(threading.Thread):
 def _raw_floor(server: Server, count: int = 200) -> list[float]:
     """XADD → XREADGROUP (blocking) delivery, in ms, ``count`` times."""
     stream = "bench:lag:raw"
-    writer, reader = server.raw_redis(), server.raw_redis()
+    writer = server.raw_redis()
+    # One connection, so that its id is the one that blocks.
+    reader = redis.Redis(
+        unix_socket_path=str(server.embedded.socket), single_connection_client=True
+    )
     reader.xgroup_create(stream, "g", id="0", mkstream=True)
+    reader_id = reader.client_id()
     latencies: list[float] = []
     try:
         for _ in range(count):
@@ -84,7 +91,8 @@ def _raw_floor(server: Server, count: int = 200) -> list[float]:
 
             thread = threading.Thread(target=consume)
             thread.start()
-            time.sleep(0.003)  # let the consumer block first (load pacing, not a wait)
+            while b"flags=b" not in writer.execute_command("CLIENT", "LIST", "ID", reader_id):
+                time.sleep(0.0005)  # until the consumer is blocked in XREADGROUP
             sent = time.perf_counter()
             writer.xadd(stream, {"e": b"x" * 700})
             thread.join()

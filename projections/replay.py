@@ -51,31 +51,6 @@ async def rebuild_super(
     """Fold a super's stream from the start (up to ``upto`` inclusive, if given).
 
     The next page is read while this one is folded: Redis and the fold overlap."""
-    with _gc_paused():
-        return await _rebuild_super(log, org, sup, upto, progress)
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """A fold keeps every table's files alive: the cyclic collector's full passes over
-    them (one per so many allocations) took a third of a replay. Reference counting
-    still frees everything a fold drops (its objects hold no cycles)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-async def _rebuild_super(
-    log: RedisEventLog,
-    org: str,
-    sup: str,
-    upto: str | None,
-    progress: Callable[[int], None] | None,
-) -> tuple[SuperState, int]:
     folder = SuperFolder()
     position, count = "0-0", 0
 
@@ -90,8 +65,6 @@ async def _rebuild_super(
         try:
             for event in events:
                 if upto is not None and not _before(event.id, upto, inclusive=True):
-                    if ahead is not None:
-                        ahead.cancel()
                     return state(), count
                 folder.add(event)
                 position = event.id
@@ -101,10 +74,23 @@ async def _rebuild_super(
             if ahead is None:
                 return state(), count
             events = await ahead
-        except BaseException:
-            if ahead is not None:
-                ahead.cancel()
-            raise
+        finally:
+            if ahead is not None and not ahead.done():
+                ahead.cancel()  # an early return or an error: the page is not needed
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """A fold keeps every table's files alive: the cyclic collector's full passes over
+    them (one per so many allocations) took a third of a replay. Reference counting
+    still frees everything a fold drops (its objects hold no cycles)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _before(event_id: str, upto: str, *, inclusive: bool = False) -> bool:
