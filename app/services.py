@@ -12,20 +12,21 @@ from typing import TYPE_CHECKING
 import anyio
 import redis.asyncio as aioredis
 
-from app.auth import AuthStore, JwtConfig
-from app.mutations import Mutator, Target
-from app.schemas import MirrorInfo
+from app.access.auth import AuthStore, JwtConfig
+from app.api.schemas import MirrorInfo
 from app.settings import MIRROR_FORMATS, Settings
-from app.writes import Writer
+from app.write.append import Writer
+from app.write.changes.mutator import Mutator, Target
 from events.archive import Archive
 from events.errors import InvalidInput, LedgerError
 from events.redis_log import Keys, RedisEventLog, connect, guarded
-from events.storage import LocalStorage, Storage
+from events.storage.local import LocalStorage
+from events.storage.port import Storage
 from mirrors.status import MirrorStatuses
 from mirrors.status import group as mirror_group
 from projections.archiver import ARCHIVE, Archiver
 from projections.catalog import SuperState, TableState
-from projections.query import (
+from projections.query.engine import (
     Analysis,
     QueryEngine,
     QueryLimits,
@@ -442,7 +443,7 @@ def open_storage(settings: Settings) -> Storage:
     """The local directory, or the S3 bucket of ``LEDGERLAKE_STORAGE_URL``."""
     if not settings.storage_url:
         return LocalStorage(settings.storage_root)
-    from events.s3_storage import S3Location, S3Storage  # (aioboto3 loads only for S3)
+    from events.storage.s3 import S3Location, S3Storage  # (aioboto3 loads only for S3)
 
     location = S3Location.from_url(
         settings.storage_url,

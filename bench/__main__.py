@@ -48,7 +48,7 @@ def machine() -> dict[str, str]:
             cpu = line.split(":", 1)[1].strip()
             break
     mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-    from app.embedded_redis import find_redis_server
+    from app.ops.embedded_redis import find_redis_server
 
     redis_version = (
         subprocess.run(

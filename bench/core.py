@@ -35,7 +35,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import redis
 
-from app.embedded_redis import EmbeddedRedis
+from app.ops.embedded_redis import EmbeddedRedis
 from app.settings import Settings
 
 TOKEN = "bench-admin-token-0123456789abcdef"
@@ -381,7 +381,7 @@ def serve(
             [
                 sys.executable,
                 "-c",
-                "from app.cli import main; raise SystemExit(main())",
+                "from app.cli.main import main; raise SystemExit(main())",
                 "serve",
                 "--host",
                 "127.0.0.1",

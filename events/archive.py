@@ -38,7 +38,7 @@ import msgspec
 
 from events.errors import Unavailable
 from events.model import Event, decode_event, stream_id_tuple
-from events.storage import Storage
+from events.storage.port import Storage
 
 ROOT = ".archive"
 REGISTRY = "registry"

@@ -170,7 +170,7 @@ class Keys:
 
     @property
     def auth_stream(self) -> str:
-        """Principals, tokens, grants and roles (``app/auth.py``)."""
+        """Principals, tokens, grants and roles (``app/access/auth.py``)."""
         return f"{self.auth_tag}:events"
 
     @property
@@ -179,7 +179,7 @@ class Keys:
 
     @property
     def audit_stream(self) -> str:
-        """The query audit records (``app/audit.py``)."""
+        """The query audit records (``app/access/audit.py``)."""
         return f"{self.audit_tag}:reads"
 
     @property

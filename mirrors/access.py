@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from events.storage import Storage
+from events.storage.port import Storage
 
 
 @dataclass(frozen=True)

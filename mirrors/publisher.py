@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from events.model import DataFile, stream_id_tuple
-from events.storage import Storage
+from events.storage.port import Storage
 from mirrors import delta, iceberg
 from mirrors.access import Access
 from mirrors.plan import (
@@ -31,7 +31,7 @@ from mirrors.plan import (
 )
 from mirrors.status import MirrorStatus
 from projections.catalog import TableState
-from projections.tableview import inline_table
+from projections.query.views import inline_table
 
 log = logging.getLogger("ledgerlake.mirrors")
 

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from events.archive import AUDIT, AUTH, REGISTRY, Archive, Manifest, entry_of, super_stream
 from events.errors import Unavailable
 from events.redis_log import Keys, guarded
-from events.storage import Storage
+from events.storage.port import Storage
 from projections.runner import RELEASE_LUA, RENEW_LUA, default_consumer_name
 
 log = logging.getLogger("ledgerlake.archive")

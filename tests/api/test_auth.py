@@ -10,8 +10,8 @@ import anyio
 import pytest
 from litestar.testing import TestClient
 
-from app.auth import AuthStore, hash_secret
-from app.http import create_app
+from app.access.auth import AuthStore, hash_secret
+from app.api.app import create_app
 from app.settings import Settings
 from events.model import TokenIssued, now
 from events.redis_log import Keys, connect

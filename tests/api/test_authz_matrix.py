@@ -35,10 +35,10 @@ import pytest
 import redis
 from litestar.testing import TestClient
 
-from app.admin_routes import ADMIN_HANDLERS
-from app.auth import AuthStore, hash_secret
-from app.http import create_app
-from app.routes import V1_HANDLERS
+from app.access.auth import AuthStore, hash_secret
+from app.api.app import create_app
+from app.api.routes.catalog import V1_HANDLERS
+from app.api.routes.principals import ADMIN_HANDLERS
 from app.settings import Settings
 from events.model import TokenIssued, now
 from events.redis_log import Keys, connect

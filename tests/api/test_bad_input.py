@@ -14,7 +14,7 @@ import pytest
 import redis
 from litestar.testing import TestClient
 
-from app.http import create_app
+from app.api.app import create_app
 from app.settings import Settings
 from tests.bodies import arrow_bytes, parquet_bytes
 from tests.conftest import authed

@@ -7,7 +7,7 @@ from typing import Any
 
 from litestar.testing import TestClient
 
-from app.http import create_app
+from app.api.app import create_app
 from app.settings import Settings
 from tests.conftest import authed
 

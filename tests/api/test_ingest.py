@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from litestar.testing import AsyncTestClient, TestClient
 
-from app.http import create_app
+from app.api.app import create_app
 from app.settings import Settings
 from tests.bodies import arrow_bytes, parquet_bytes
 from tests.conftest import ADMIN_TOKEN, authed

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from litestar.testing import TestClient
 
-from app.http import create_app
+from app.api.app import create_app
 from app.settings import Settings
 from tests.api.lake import assert_error, ok
 from tests.conftest import authed

@@ -27,8 +27,8 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver.exceptions import ToolError
 
-from app.http import create_app
-from app.mcp_server import (
+from app.api.app import create_app
+from app.mcp.server import (
     PRM_PATH,
     Backend,
     McpConfig,

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from litestar.testing import TestClient
 
-from app.http import create_app
+from app.api.app import create_app
 from app.settings import Settings
 from tests.api.lake import (
     ARROW,

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from app.http import create_app
+from app.api.app import create_app
 from app.settings import Settings
 from tests.api.lake import assert_error, ok
 from tests.conftest import authed

@@ -1,4 +1,4 @@
-"""Pooled query connections (``projections.query._ConnectionPool``): a reused DuckDB
+"""Pooled query connections (``projections.query.engine._ConnectionPool``): a reused DuckDB
 connection never shows a query anything but the table versions and policies it asked
 for, whatever was written, restricted, timed out or failed before."""
 
@@ -18,10 +18,10 @@ import pytest
 import redis
 from litestar.testing import TestClient
 
-import projections.query as query_module
+import projections.query.engine as query_module
 from app.settings import Settings
 from events.redis_log import Keys
-from projections.query import (
+from projections.query.engine import (
     Analysis,
     QueryEngine,
     QueryLimits,

@@ -497,7 +497,7 @@ def test_concurrent_spilling_queries_do_not_collide(settings: Settings) -> None:
 
     import msgspec
 
-    from app.http import create_app
+    from app.api.app import create_app
 
     small = msgspec.structs.replace(settings, query_memory_limit="64MB", query_threads=1)
     assert small.redis_url

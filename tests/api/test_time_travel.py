@@ -14,11 +14,11 @@ import anyio
 import pytest
 from litestar.testing import TestClient
 
-from app.gc import collect_garbage
-from app.http import create_app
-from app.mutations import Outcome, Target
+from app.api.app import create_app
+from app.ops.gc import collect_garbage
 from app.services import Services
 from app.settings import Settings
+from app.write.changes.mutator import Outcome, Target
 from tests.api.lake import (
     ORG,
     SUP,

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from litestar.testing import TestClient
 
-from app.http import create_app
+from app.api.app import create_app
 from app.services import Services
 from app.settings import Settings
 from events.archive import (
@@ -206,7 +206,7 @@ async def all_events(services: Services) -> list[Any]:
 async def test_trimmed_events_come_from_the_archive(trimming: Services) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from app.gc import collect_garbage
+    from app.ops.gc import collect_garbage
     from projections.replay import replay
 
     services = trimming
@@ -389,7 +389,7 @@ async def test_recovery_keeps_redis_as_small_as_the_retention_did(
 ) -> None:
     """Regression (review): recover put the whole history back into Redis, defeating
     the retention. Old events stay in the archive only, behind a mark."""
-    from app.recover import recover
+    from app.ops.recover import recover
     from tests.conftest import start_redis
 
     services = trimming

@@ -14,11 +14,11 @@ import anyio.lowlevel
 import msgspec
 import pytest
 
-from app.gc import GcRefused, collect_garbage, parse_duration
+from app.ops.gc import GcRefused, collect_garbage, parse_duration
 from app.services import Services
 from app.settings import Settings
-from app.writes import IngestRequest
-from events.storage import data_file_key
+from app.write.append import IngestRequest
+from events.storage.port import data_file_key
 
 pytestmark = pytest.mark.anyio
 HOUR = timedelta(hours=1)

@@ -14,7 +14,7 @@ import pytest
 
 from app.services import Services
 from app.settings import Settings
-from app.writes import IngestRequest
+from app.write.append import IngestRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -126,7 +126,7 @@ async def test_an_append_that_fails_after_the_upload_leaves_an_invisible_orphan(
 ) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from app.gc import collect_garbage
+    from app.ops.gc import collect_garbage
     from events.errors import Unavailable
 
     services, proxy = flaky

@@ -27,15 +27,15 @@ import msgspec
 import pyarrow as pa
 import pytest
 
-from app.ingest import Source, open_source
-from app.mutations import Mutator, Outcome, Target
 from app.services import Services
 from app.settings import Settings
-from app.writes import IngestRequest, IngestResult
+from app.write.append import IngestRequest, IngestResult
+from app.write.bodies import Source, open_source
+from app.write.changes.mutator import Mutator, Outcome, Target
 from events.errors import ConflictError
 from events.model import DataFile, Event, Field, RowsDeleted, RowsUpserted, TableCompacted
 from projections.catalog import SuperState, TableState
-from projections.query import Analysis
+from projections.query.engine import Analysis
 from projections.reader import CatalogReader
 
 pytestmark = pytest.mark.anyio

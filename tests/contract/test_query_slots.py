@@ -9,7 +9,7 @@ import pytest
 
 from events.errors import QueryTimeout, Unavailable
 from projections.catalog import SuperState
-from projections.query import QueryEngine, QueryLimits
+from projections.query.engine import QueryEngine, QueryLimits
 
 pytestmark = pytest.mark.anyio
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from app.http import create_app
+from app.api.app import create_app
 from app.services import open_storage
 from app.settings import Settings
-from events.storage import Storage
+from events.storage.port import Storage
 from tests.conftest import authed
 
 pytestmark = pytest.mark.anyio

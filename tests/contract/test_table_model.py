@@ -38,15 +38,15 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from app.ingest import open_source
-from app.mutations import Outcome, Target
 from app.services import Services
 from app.settings import Settings
-from app.writes import IngestRequest, IngestResult
+from app.write.append import IngestRequest, IngestResult
+from app.write.bodies import open_source
+from app.write.changes.mutator import Outcome, Target
 from events.errors import Gone, InvalidInput, NotFound
 from events.model import Event, now
 from projections.catalog import SuperState, TableState
-from projections.query import Analysis
+from projections.query.engine import Analysis
 from projections.reader import CatalogReader
 from projections.replay import replay
 from projections.store import encode_table

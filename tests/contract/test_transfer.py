@@ -13,10 +13,10 @@ import msgspec
 import pytest
 from litestar.testing import TestClient
 
-from app.http import create_app
+from app.api.app import create_app
+from app.ops.transfer import export_data, import_data
 from app.services import Services
 from app.settings import Settings
-from app.transfer import export_data, import_data
 from events.errors import InvalidInput, NotFound
 from projections.replay import replay
 from tests.conftest import authed
@@ -135,8 +135,8 @@ def test_an_org_moves_with_its_history_and_names_never_merge(
 def test_an_import_that_failed_half_way_is_resumed(settings: Settings, tmp_path: Path) -> None:
     """Regression (review): an import that stopped after adding some events could not be
     run again (the ids were taken, yet the super was not registered)."""
-    from app.recover import add_entries
-    from app.transfer import read_manifest
+    from app.ops.recover import add_entries
+    from app.ops.transfer import read_manifest
     from events.archive import decode_segment
 
     assert settings.redis_url

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.services import Services
-from app.writes import IngestRequest, Writer
+from app.write.append import IngestRequest, Writer
 from events.errors import TypeMismatch
 
 pytestmark = pytest.mark.anyio

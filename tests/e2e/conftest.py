@@ -24,7 +24,7 @@ from typing import IO, Any
 import httpx
 import pytest
 
-from app.embedded_redis import EmbeddedRedis
+from app.ops.embedded_redis import EmbeddedRedis
 from tests.conftest import free_port
 
 LEDGERLAKE = str(Path(sys.executable).with_name("ledgerlake"))

@@ -16,8 +16,8 @@ import pytest
 import redis
 from litestar.testing import TestClient
 
-from app.embedded_redis import find_redis_server
-from app.http import create_app
+from app.api.app import create_app
+from app.ops.embedded_redis import find_redis_server
 from app.services import Services
 from app.settings import Settings
 from projections.replay import rebuild_super

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 from litestar.testing import TestClient
 
-from app.http import create_app
+from app.api.app import create_app
 from app.services import Services
 from app.settings import Settings
 from tests.conftest import authed

@@ -22,10 +22,10 @@ import pytest
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError, UnauthorizedError
 
-from app.http import create_app
+from app.api.app import create_app
 from app.services import Services
 from app.settings import Settings
-from projections.query import install_extensions
+from projections.query.engine import install_extensions
 from tests.threaded_server import ThreadedServer
 
 ORG, SUP, TBL = "acme", "sales", "orders"

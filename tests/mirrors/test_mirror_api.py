@@ -21,7 +21,7 @@ import polars as pl
 import pytest
 from deltalake import DeltaTable
 
-from app.gc import collect_garbage
+from app.ops.gc import collect_garbage
 from app.services import Services
 from app.settings import Settings
 from tests.api.lake import (

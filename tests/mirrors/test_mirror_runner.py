@@ -21,7 +21,7 @@ import pytest
 from deltalake import DeltaTable
 from pyiceberg.table import StaticTable
 
-from app.gc import collect_garbage
+from app.ops.gc import collect_garbage
 from app.services import Services
 from app.settings import Settings
 from mirrors.runner import MirrorRunner

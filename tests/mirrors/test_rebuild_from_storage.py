@@ -12,8 +12,8 @@ import msgspec
 import pytest
 from litestar.testing import TestClient
 
-from app.http import create_app
-from app.rebuild import RebuildReport, rebuild_from_storage
+from app.api.app import create_app
+from app.ops.rebuild import RebuildReport, rebuild_from_storage
 from app.services import Services
 from app.settings import Settings
 from events.errors import InvalidInput

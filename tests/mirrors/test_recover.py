@@ -13,8 +13,8 @@ import msgspec
 import pytest
 from litestar.testing import TestClient
 
-from app.http import create_app
-from app.recover import NotEmpty, recover
+from app.api.app import create_app
+from app.ops.recover import NotEmpty, recover
 from app.services import Services
 from app.settings import Settings
 from projections.replay import replay

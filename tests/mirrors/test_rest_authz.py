@@ -26,8 +26,8 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
-from app.http import create_app
-from app.iceberg_rest import ICEBERG_HANDLERS
+from app.api.app import create_app
+from app.api.iceberg_rest import ICEBERG_HANDLERS
 from app.settings import Settings
 from tests.conftest import ADMIN_TOKEN
 from tests.mirrors.conftest import Lake

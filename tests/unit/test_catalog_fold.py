@@ -193,7 +193,7 @@ def test_the_replay_folder_gives_exactly_what_apply_super_gives(data: st.DataObj
 
 
 def test_files_are_read_without_union_by_name_only_when_their_layouts_agree() -> None:
-    from projections.tableview import _same_layout
+    from projections.query.views import _same_layout
 
     def g(cols: dict[str, int], rows: int = 3) -> DataFile:
         stats = {c: ColumnStats(null_count=n) for c, n in cols.items()}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from app.admin_routes import ADMIN_HANDLERS
-from app.iceberg_rest import ICEBERG_HANDLERS
-from app.routes import V1_HANDLERS, health, metrics
+from app.api.iceberg_rest import ICEBERG_HANDLERS
+from app.api.routes.catalog import V1_HANDLERS, health, metrics
+from app.api.routes.principals import ADMIN_HANDLERS
 from app.settings import SETTINGS_DOC, Settings
 
 README = (Path(__file__).parents[2] / "README.md").read_text()

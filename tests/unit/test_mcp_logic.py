@@ -1,4 +1,4 @@
-"""Pure logic of the MCP server (app/mcp_server.py): the token budget (estimate_tokens,
+"""Pure logic of the MCP server (app/mcp/server.py): the token budget (estimate_tokens,
 fit, _paged, _rows_page), cursors, the concurrency limiter, error texts, SQL quoting,
 column choice and the RFC 9728 metadata. No Redis, no sockets."""
 
@@ -19,8 +19,8 @@ import pytest
 from anyio.abc import TaskStatus
 from mcp.server.mcpserver.exceptions import ToolError
 
-from app.api_client import ApiError
-from app.mcp_server import (
+from app.mcp.client import ApiError
+from app.mcp.server import (
     CallLimiter,
     _choose,
     _page_offset,
@@ -455,7 +455,7 @@ def test_rows_page_cursor_keeps_the_page_size() -> None:
 
 
 class FakeQueryApi:
-    """The query endpoint's paging (projections/query.py): rows[offset:offset+limit],
+    """The query endpoint's paging (projections/query/engine.py): rows[offset:offset+limit],
     truncated when rows exist past them; the server default limit when none is given."""
 
     def __init__(self, rows: list[list[Any]], default_limit: int = 1000) -> None:

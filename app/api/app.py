@@ -23,9 +23,11 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
-from app.auth import Forbidden, TooManyRequests, bootstrap_admin
-from app.iceberg_rest import ICEBERG_HANDLERS, iceberg_error_body
-from app.mcp_server import (
+from app.access.auth import Forbidden, TooManyRequests, bootstrap_admin
+from app.api.iceberg_rest import ICEBERG_HANDLERS, iceberg_error_body
+from app.api.routes.catalog import DEPENDENCIES, ROUTES, require_token
+from app.api.schemas import ErrorBody, ErrorResponse
+from app.mcp.server import (
     METADATA_PATHS,
     Backend,
     BearerGate,
@@ -35,8 +37,6 @@ from app.mcp_server import (
     protected_resource_metadata,
     streamable_app,
 )
-from app.routes import DEPENDENCIES, ROUTES, require_token
-from app.schemas import ErrorBody, ErrorResponse
 from app.services import Services
 from app.settings import Settings
 from events.errors import (

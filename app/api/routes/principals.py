@@ -15,9 +15,9 @@ from litestar import Request, delete, get, patch, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
-from app.auth import Caller, Forbidden, new_id, new_token
+from app.access.auth import Caller, Forbidden, new_id, new_token
 from app.services import Services
-from app.writes import check_name
+from app.write.append import check_name
 from events.errors import AlreadyExists, InvalidInput, NotFound
 from events.model import (
     GrantAdded,
@@ -135,7 +135,7 @@ async def _principal(services: Services, caller: Caller, principal_id: str) -> P
 
 
 def _base(request: Request[Any, Any, Any], org: str, **scope: str) -> dict[str, Any]:
-    from app.routes import request_id
+    from app.api.routes.catalog import request_id
 
     return {
         "org": org,

@@ -37,7 +37,7 @@ from sqlglot import exp
 from events.errors import InvalidInput, QueryRejected, QueryTimeout, Unavailable
 from projections.arrow import quote_ident
 from projections.catalog import SuperState, TableState
-from projections.tableview import version_sql
+from projections.query.views import version_sql
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
-from app.ingest import Plan, Source, WrittenFile, conform_table, plan_schema, table_source
-from app.writes import Writer, append_token
+from app.write.append import Writer, append_token
+from app.write.bodies import Plan, Source, WrittenFile, conform_table, plan_schema, table_source
 from events.errors import (
     ConflictError,
     IdempotencyMismatch,
@@ -59,9 +59,9 @@ from events.model import (
 )
 from projections.arrow import conform, normalize_array, quote_ident, to_arrow, type_name
 from projections.catalog import TableState
-from projections.predicate import check_predicate
-from projections.query import QueryEngine
-from projections.tableview import conform_to, ordered_files_sql
+from projections.query.engine import QueryEngine
+from projections.query.predicate import check_predicate
+from projections.query.views import conform_to, ordered_files_sql
 
 log = logging.getLogger("ledgerlake.mutations")
 
@@ -630,7 +630,7 @@ class Mutator:
     ) -> Outcome:
         """Replace the table's row filters and column masks (validated against its
         schema); a no-op if unchanged."""
-        from app.policies import check_policies
+        from app.access.policies import check_policies
 
         async def prepare(table: TableState | None) -> Change | None:
             assert table is not None

@@ -1,5 +1,5 @@
 """Row-level security and column masking: a table's policies, compiled per caller into
-the view its queries read (``projections.query.Restricted``).
+the view its queries read (``projections.query.engine.Restricted``).
 
 A caller with no role but policy-bound ones on a table reads it through them. Several
 such roles: the rows any of their filters allows, and a column hidden or masked only if
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import re
 
-from app.auth import Caller
+from app.access.auth import Caller
 from events.errors import InvalidInput
 from events.model import Field, Policy
 from projections.arrow import duckdb_type, quote_ident
 from projections.auth import ROLES
 from projections.catalog import TableState
-from projections.predicate import check_predicate
-from projections.query import Restricted, ViewSource
+from projections.query.engine import Restricted, ViewSource
+from projections.query.predicate import check_predicate
 
 MASKS = ("null", "hash")
 _PLACEHOLDER = re.compile(r":principal\.([A-Za-z_][A-Za-z0-9_]*)")

@@ -31,8 +31,8 @@ from typing import Any
 import anyio
 import msgspec
 
-from app.gc import referenced_files
-from app.recover import add_entries, track_version
+from app.ops.gc import referenced_files
+from app.ops.recover import add_entries, track_version
 from app.services import Services
 from events.archive import Entry, SegmentInfo, decode_segment, encode_segment
 from events.errors import InvalidInput, NotFound

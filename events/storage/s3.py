@@ -21,7 +21,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from events.errors import Unavailable
-from events.storage import StoredObject
+from events.storage.port import StoredObject
 
 MIN_PART = 5 * 1024 * 1024
 GLOB_CHARACTERS = "*?[]{}"  # S3's smallest allowed part (except the last)

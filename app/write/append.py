@@ -24,8 +24,8 @@ import anyio
 import msgspec
 import pyarrow as pa
 
-from app.gc import record_writer_grace
-from app.ingest import (
+from app.ops.gc import record_writer_grace
+from app.write.bodies import (
     Plan,
     Source,
     WrittenFile,
@@ -48,10 +48,10 @@ from events.model import (
     now,
 )
 from events.redis_log import RedisEventLog
-from events.storage import Storage, data_file_key
+from events.storage.port import Storage, data_file_key
 from projections.catalog import TableState
+from projections.query.views import inline_bytes
 from projections.reader import CatalogReader
-from projections.tableview import inline_bytes
 
 log = logging.getLogger("ledgerlake.writes")
 T = TypeVar("T")

@@ -23,8 +23,8 @@ from litestar import Request, Response, get, head, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 
-from app.auth import Caller
-from app.policies import binds
+from app.access.auth import Caller
+from app.access.policies import binds
 from app.services import Services
 from events.errors import InvalidInput, LedgerError, NotFound
 from mirrors.access import access_for

@@ -1,7 +1,7 @@
 """The MCP server: catalog and query tools for LLM clients (official ``mcp`` SDK).
 
 Every tool is a client of Ledgerlake's HTTP API with the caller's own bearer token
-(``app/api_client.py``): inside ``serve`` through the app in process, for ``ledgerlake
+(``app/mcp/client.py``): inside ``serve`` through the app in process, for ``ledgerlake
 mcp`` through a running server. Authentication, tenancy, grants, row-level security,
 query limits, rate limits and the audit are therefore the API's, with no second
 implementation to drift. This module adds what is particular to LLM clients: tool
@@ -38,7 +38,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSI
 from pydantic import Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api_client import ApiError, LedgerlakeApi, path
+from app.mcp.client import ApiError, LedgerlakeApi, path
 from app.settings import Settings, package_version
 
 log = logging.getLogger("ledgerlake.mcp")

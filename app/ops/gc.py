@@ -1,7 +1,7 @@
 """Garbage collection of orphan data files.
 
 A data file is published before the event that references it is appended (see
-``app/writes.py``), so a failed or abandoned write can leave a file no event references:
+``app/write/append.py``), so a failed or abandoned write can leave a file no event references:
 an orphan, invisible to readers. ``collect_garbage`` deletes orphans older than a grace
 period and never touches a file that any retained version references.
 
@@ -37,7 +37,7 @@ from typing import Any
 
 from events.model import DataFile, Event, stream_id_tuple
 from events.redis_log import Keys, RedisEventLog, guarded
-from events.storage import Storage, StoredObject
+from events.storage.port import Storage, StoredObject
 from projections.catalog import TableState, apply_table
 from projections.reader import CatalogReader
 

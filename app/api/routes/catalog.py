@@ -22,8 +22,7 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, PathParameter, QueryParameter
 
-from app.admin_routes import ADMIN_HANDLERS
-from app.audit import (
+from app.access.audit import (
     ReadRecord,
     audit_entries,
     check_cursor,
@@ -32,11 +31,10 @@ from app.audit import (
     scan_org,
     scan_super,
 )
-from app.auth import Caller, Forbidden
-from app.ingest import format_for_content_type, open_source
-from app.mutations import Outcome, Target
-from app.policies import binds, hidden_columns, restrict
-from app.schemas import (
+from app.access.auth import Caller, Forbidden
+from app.access.policies import binds, hidden_columns, restrict
+from app.api.routes.principals import ADMIN_HANDLERS
+from app.api.schemas import (
     CompactResponse,
     DeleteRequest,
     DeleteResponse,
@@ -72,13 +70,15 @@ from app.schemas import (
 )
 from app.services import Services
 from app.settings import MIRROR_FORMATS, package_version
-from app.writes import IngestRequest, check_name
+from app.write.append import IngestRequest, check_name
+from app.write.bodies import format_for_content_type, open_source
+from app.write.changes.mutator import Outcome, Target
 from events.errors import InvalidInput, LedgerError, NotFound, PayloadTooLarge
 from events.model import Policy, now, to_builtins
 from events.redis_log import guarded
 from projections.arrow import from_arrow, normalize_type, type_name
 from projections.catalog import SuperState
-from projections.query import Analysis, Resolver, Restricted, ViewSource, parse_time
+from projections.query.engine import Analysis, Resolver, Restricted, ViewSource, parse_time
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 SuperName = Annotated[str, PathParameter(name="super", description="the super table (catalog)")]

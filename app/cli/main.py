@@ -18,8 +18,8 @@ from typing import Any
 
 import anyio
 
-from app.embedded_redis import EmbeddedRedis
 from app.logs import setup_logging
+from app.ops.embedded_redis import EmbeddedRedis
 from app.services import Services
 from app.settings import Settings
 from events.errors import LedgerError
@@ -97,7 +97,7 @@ def _split(value: str, parts: int, what: str) -> list[str]:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.http import create_app
+    from app.api.app import create_app
 
     jwt_configured = (
         settings.jwt_hs256_secret or settings.jwt_public_key_file or settings.jwt_jwks_url
@@ -180,7 +180,7 @@ def _with_services(settings: Settings, body: Callable[[Services], Awaitable[int]
 
 def cmd_recover(settings: Settings, args: argparse.Namespace) -> int:
     """Rebuild a lost Redis from the event archive, then every projection."""
-    from app.recover import recover
+    from app.ops.recover import recover
 
     async def main(services: Services) -> int:
         progress = Progress("recovered", "events")
@@ -198,7 +198,7 @@ def cmd_recover(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_rebuild_from_storage(settings: Settings, args: argparse.Namespace) -> int:
     """LOSSY: each table's latest rows from the storage, into an empty Redis."""
-    from app.rebuild import rebuild_from_storage
+    from app.ops.rebuild import rebuild_from_storage
 
     print(
         "rebuild-from-storage is LOSSY: the history (versions, time travel, the audit "
@@ -227,7 +227,7 @@ def cmd_rebuild_from_storage(settings: Settings, args: argparse.Namespace) -> in
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     """Write an org or a super, with its history and data files, to a directory."""
-    from app.transfer import export_data
+    from app.ops.transfer import export_data
 
     org, _, sup = args.target.partition("/")
 
@@ -247,7 +247,7 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     """Add an export to this deployment (refused if one of its supers exists)."""
-    from app.transfer import import_data
+    from app.ops.transfer import import_data
 
     async def main(services: Services) -> int:
         progress = Progress("imported", "files")
@@ -279,7 +279,7 @@ def _api_call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -
     except httpx.HTTPError as exc:
         raise SystemExit(f"cannot reach {args.api}: {exc}") from exc
     if response.status_code >= 400:
-        from app.api_client import api_error
+        from app.mcp.client import api_error
 
         error = api_error(response)
         raise SystemExit(f"{error.status} {error.code}: {error.message}")
@@ -290,7 +290,7 @@ def cmd_mcp(settings: Settings, args: argparse.Namespace) -> int:
     """The MCP server as a client of a running Ledgerlake: over stdio with one token
     (``LEDGERLAKE_TOKEN``), or over streamable HTTP, where each MCP client brings its own
     bearer token. Either way the API decides what each call may do."""
-    from app.mcp_server import run_stdio, standalone_app
+    from app.mcp.server import run_stdio, standalone_app
 
     url = (args.url or os.environ.get("LEDGERLAKE_URL") or "http://127.0.0.1:8000").rstrip("/")
     if args.transport == "stdio":
@@ -369,8 +369,8 @@ def _print_table(table: Any, fmt: str) -> None:
 
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
-    from app.ingest import format_for_path
-    from app.writes import IngestRequest
+    from app.write.append import IngestRequest
+    from app.write.bodies import format_for_path
 
     org, sup, table = _split(args.table, 3, "--table")
     path = Path(args.file)
@@ -384,7 +384,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     if args.mode != "upsert" and (args.key or args.newer_than):
         raise SystemExit("--key and --newer-than apply to --mode upsert only")
     if args.api:
-        from app.ingest import CONTENT_TYPES
+        from app.write.bodies import CONTENT_TYPES
 
         media = next(m for m, f in CONTENT_TYPES.items() if f == fmt)
         params = {"mode": args.mode, "key": args.key, "newer_than": args.newer_than}
@@ -436,9 +436,9 @@ async def _upsert_file(
     fmt: str,
     args: argparse.Namespace,
 ) -> int:
-    from app.ingest import open_source
-    from app.mutations import Target
-    from app.writes import check_name
+    from app.write.append import check_name
+    from app.write.bodies import open_source
+    from app.write.changes.mutator import Target
 
     for kind, name in (("org", org), ("super", sup), ("table", table)):
         check_name(kind, name)
@@ -455,7 +455,7 @@ async def _upsert_file(
 
 
 def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
-    from app.gc import GcRefused, collect_garbage, parse_duration
+    from app.ops.gc import GcRefused, collect_garbage, parse_duration
 
     try:
         grace = parse_duration(args.grace) if args.grace else None
@@ -490,7 +490,7 @@ def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
-    from app.mutations import Target
+    from app.write.changes.mutator import Target
 
     async def main(url: str) -> int:
         async with Services.open(settings, url) as services:
@@ -516,8 +516,8 @@ def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_expire(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from app.gc import parse_duration
-    from app.mutations import Target
+    from app.ops.gc import parse_duration
+    from app.write.changes.mutator import Target
 
     try:
         cutoff = datetime.now(UTC) - parse_duration(args.older_than)
