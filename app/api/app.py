@@ -24,8 +24,9 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from app.access.auth import Forbidden, TooManyRequests, bootstrap_admin
+from app.api.guards import require_token
 from app.api.iceberg_rest import ICEBERG_HANDLERS, iceberg_error_body
-from app.api.routes.catalog import DEPENDENCIES, ROUTES, require_token
+from app.api.routes import DEPENDENCIES, ROUTES
 from app.api.schemas import ErrorBody, ErrorResponse
 from app.mcp.server import (
     METADATA_PATHS,

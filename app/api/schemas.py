@@ -350,3 +350,75 @@ def version_detail(t: TableState) -> VersionDetail:
         committed_by=t.updated_by,
         event_id=t.last_event_id,
     )
+
+
+# Principals, tokens, grants and roles (app/api/routes/principals.py).
+class PrincipalIn(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    org: str | None = None
+    kind: str = "user"
+    attributes: dict[str, str] = {}
+    admin: bool = False
+    external_id: str | None = None
+
+
+class PrincipalPatch(msgspec.Struct, forbid_unknown_fields=True):
+    name: str | None = None
+    attributes: dict[str, str] | None = None
+    disabled: bool | None = None
+
+
+class PrincipalOut(msgspec.Struct):
+    id: str
+    name: str
+    kind: str
+    org: str | None
+    attributes: dict[str, str]
+    admin: bool
+    disabled: bool
+    created_at: datetime
+    created_by: str
+    external_id: str | None = None
+
+
+class TokenIn(msgspec.Struct, forbid_unknown_fields=True):
+    name: str = ""
+    expires_in_s: float | None = None
+
+
+class TokenOut(msgspec.Struct):
+    id: str
+    principal_id: str
+    name: str
+    expires_at: datetime | None
+    token: str | None = None
+
+
+class GrantIn(msgspec.Struct, forbid_unknown_fields=True):
+    principal_id: str
+    role: str
+    org: str
+    super: str | None = None
+    table: str | None = None
+
+
+class GrantOut(msgspec.Struct):
+    id: str
+    principal_id: str
+    role: str
+    org: str
+    super: str | None
+    table: str | None
+
+
+class WhoAmI(msgspec.Struct):
+    """The caller: its principal, the token it used and its grants."""
+
+    principal: PrincipalOut
+    token_id: str | None
+    grants: list[GrantOut]
+
+
+class RoleIn(msgspec.Struct, forbid_unknown_fields=True):
+    org: str
+    permissions: list[str]

@@ -37,7 +37,7 @@ from litestar.testing import TestClient
 
 from app.access.auth import AuthStore, hash_secret
 from app.api.app import create_app
-from app.api.routes.catalog import V1_HANDLERS
+from app.api.routes import V1_HANDLERS
 from app.api.routes.principals import ADMIN_HANDLERS
 from app.settings import Settings
 from events.model import TokenIssued, now

@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 from app.api.iceberg_rest import ICEBERG_HANDLERS
-from app.api.routes.catalog import V1_HANDLERS, health, metrics
+from app.api.routes import V1_HANDLERS
+from app.api.routes.health import health, metrics
 from app.api.routes.principals import ADMIN_HANDLERS
 from app.settings import SETTINGS_DOC, Settings
 

@@ -7,15 +7,26 @@ tokens (issue and revoke). Everything else is 404 if the caller cannot see it.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any
 
-import msgspec
 from litestar import Request, delete, get, patch, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from app.access.auth import Caller, Forbidden, new_id, new_token
+from app.api.guards import caller_of, request_id
+from app.api.schemas import (
+    GrantIn,
+    GrantOut,
+    PrincipalIn,
+    PrincipalOut,
+    PrincipalPatch,
+    RoleIn,
+    TokenIn,
+    TokenOut,
+    WhoAmI,
+)
 from app.services import Services
 from app.write.append import check_name
 from events.errors import AlreadyExists, InvalidInput, NotFound
@@ -32,77 +43,6 @@ from events.model import (
 from projections.auth import ROLES, Grant, Principal
 
 KINDS = ("user", "service")
-
-
-class PrincipalIn(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
-    org: str | None = None
-    kind: str = "user"
-    attributes: dict[str, str] = {}
-    admin: bool = False
-    external_id: str | None = None
-
-
-class PrincipalPatch(msgspec.Struct, forbid_unknown_fields=True):
-    name: str | None = None
-    attributes: dict[str, str] | None = None
-    disabled: bool | None = None
-
-
-class PrincipalOut(msgspec.Struct):
-    id: str
-    name: str
-    kind: str
-    org: str | None
-    attributes: dict[str, str]
-    admin: bool
-    disabled: bool
-    created_at: datetime
-    created_by: str
-    external_id: str | None = None
-
-
-class TokenIn(msgspec.Struct, forbid_unknown_fields=True):
-    name: str = ""
-    expires_in_s: float | None = None
-
-
-class TokenOut(msgspec.Struct):
-    id: str
-    principal_id: str
-    name: str
-    expires_at: datetime | None
-    token: str | None = None
-
-
-class GrantIn(msgspec.Struct, forbid_unknown_fields=True):
-    principal_id: str
-    role: str
-    org: str
-    super: str | None = None
-    table: str | None = None
-
-
-class GrantOut(msgspec.Struct):
-    id: str
-    principal_id: str
-    role: str
-    org: str
-    super: str | None
-    table: str | None
-
-
-class WhoAmI(msgspec.Struct):
-    """The caller: its principal, the token it used and its grants."""
-
-    principal: PrincipalOut
-    token_id: str | None
-    grants: list[GrantOut]
-
-
-def _caller(request: Request[Any, Any, Any]) -> Caller:
-    caller: Caller = request.state.caller
-    return caller
 
 
 def _principal_out(p: Principal) -> PrincipalOut:
@@ -135,12 +75,10 @@ async def _principal(services: Services, caller: Caller, principal_id: str) -> P
 
 
 def _base(request: Request[Any, Any, Any], org: str, **scope: str) -> dict[str, Any]:
-    from app.api.routes.catalog import request_id
-
     return {
         "org": org,
         "super_": "",
-        "actor": _caller(request).actor,
+        "actor": caller_of(request).actor,
         "time": now(),
         "request_id": request_id(request),
         **scope,
@@ -155,7 +93,7 @@ async def create_principal(
 ) -> PrincipalOut:
     """Create a user or service principal of an org (``org``), or, for a platform
     admin only, another platform admin (``admin: true``, no org)."""
-    caller = _caller(request)
+    caller = caller_of(request)
     if data.kind not in KINDS:
         raise InvalidInput(f"kind must be one of {', '.join(KINDS)}", code="invalid_kind")
     if not data.name.strip() or len(data.name) > 200:
@@ -200,7 +138,7 @@ async def list_principals(
     request: Request[Any, Any, Any], services: NamedDependency[Services]
 ) -> list[PrincipalOut]:
     """The principals the caller manages (and itself)."""
-    caller = _caller(request)
+    caller = caller_of(request)
     state = await services.auth.state()
     shown = [
         p for p in state.principals.values() if _manages(caller, p) or p.id == caller.principal.id
@@ -217,7 +155,7 @@ async def change_principal(
 ) -> PrincipalOut:
     """Rename, set attributes (used by row filters) or disable/enable a principal. A
     disabled principal's tokens stop working at once."""
-    caller = _caller(request)
+    caller = caller_of(request)
     principal = await _principal(services, caller, principal_id)
     if not _manages(caller, principal):
         raise Forbidden("only an org admin changes a principal")
@@ -245,7 +183,7 @@ async def issue_token(
 ) -> TokenOut:
     """A new API token for the principal. The token is in this response only; the
     service keeps its hash."""
-    caller = _caller(request)
+    caller = caller_of(request)
     principal = await _principal(services, caller, principal_id)
     if data.expires_in_s is not None and data.expires_in_s <= 0:
         raise InvalidInput("expires_in_s must be positive", code="invalid_expiry")
@@ -282,7 +220,7 @@ async def revoke_token(
     request: Request[Any, Any, Any], services: NamedDependency[Services], token_id: FromPath[str]
 ) -> TokenOut:
     """Revoke a token: it stops working on every API pod with the next request."""
-    caller = _caller(request)
+    caller = caller_of(request)
     state = await services.auth.state()
     token = state.tokens.get(token_id)
     owner = state.principals.get(token.principal_id) if token is not None else None
@@ -303,7 +241,7 @@ async def add_grant(
     request: Request[Any, Any, Any], services: NamedDependency[Services], data: JSONBody[GrantIn]
 ) -> GrantOut:
     """Give a principal a role on an org, a super or a table of its own org."""
-    caller = _caller(request)
+    caller = caller_of(request)
     known = [*ROLES, *sorted((await services.auth.state()).roles.get(data.org, {}))]
     if data.role not in known:
         raise InvalidInput(
@@ -336,7 +274,7 @@ async def list_grants(
     request: Request[Any, Any, Any], services: NamedDependency[Services]
 ) -> list[GrantOut]:
     """The grants the caller manages, and its own."""
-    caller = _caller(request)
+    caller = caller_of(request)
     state = await services.auth.state()
     shown = [
         g
@@ -350,7 +288,7 @@ async def list_grants(
 async def remove_grant(
     request: Request[Any, Any, Any], services: NamedDependency[Services], grant_id: FromPath[str]
 ) -> GrantOut:
-    caller = _caller(request)
+    caller = caller_of(request)
     state = await services.auth.state()
     grant = state.grants.get(grant_id)
     if grant is None or not caller.sees(grant.org, grant.super_, grant.table):
@@ -365,11 +303,6 @@ async def remove_grant(
     return _grant_out(grant)
 
 
-class RoleIn(msgspec.Struct, forbid_unknown_fields=True):
-    org: str
-    permissions: list[str]
-
-
 PERMISSIONS = ("read", "write", "grant")
 
 
@@ -382,7 +315,7 @@ async def define_role(
 ) -> dict[str, Any]:
     """Define (or change) a custom role of an org: a name for a set of permissions
     (``read``, ``write``, ``grant``); ``[]`` retires it. For org admins."""
-    caller = _caller(request)
+    caller = caller_of(request)
     check_name("org", data.org)
     caller.require("grant", data.org)
     check_name("role", name)
@@ -408,7 +341,7 @@ async def list_roles(
     org: Annotated[str, QueryParameter()],
 ) -> list[dict[str, Any]]:
     """The built-in roles and the org's custom roles, with their permissions."""
-    _caller(request).require_visible(org)
+    caller_of(request).require_visible(org)
     state = await services.auth.state()
     roles = {**{r: p for r, p in ROLES.items()}, **state.roles.get(org, {})}
     return [
@@ -421,7 +354,7 @@ async def list_roles(
 async def whoami(request: Request[Any, Any, Any]) -> WhoAmI:
     """Who this credential is: the principal (with its attributes, which row filters
     may use), the token id (none for a JWT or the static token) and its grants."""
-    caller = _caller(request)
+    caller = caller_of(request)
     return WhoAmI(
         _principal_out(caller.principal),
         caller.token_id or None,

@@ -1,0 +1,84 @@
+"""Who is calling: the bearer-token guard of /v1 and /iceberg, the caller on the
+request, and the catalog as the caller may see or read it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.handlers import BaseRouteHandler
+
+from app.access.auth import Caller
+from app.services import Services
+from projections.catalog import SuperState
+
+
+def provide_services(state: State) -> Services:
+    services: Services = state.services
+    return services
+
+
+def actor_for(request: Request[Any, Any, Any]) -> str:
+    """The principal and token id of the request, as events record them."""
+    caller: Caller | None = getattr(request.state, "caller", None)
+    return caller.actor if caller is not None else "anonymous"
+
+
+def request_id(request: Request[Any, Any, Any]) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+async def require_token(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    """Every /v1 and /iceberg request needs ``Authorization: Bearer <token>``. The
+    caller is kept on the connection; a handler's ``opt["perm"]`` (``see``, ``read``,
+    ``write``, ``grant``) is checked against the org / super / table in its path: 404
+    for what the caller cannot see, 403 for what it cannot do."""
+    services: Services = connection.app.state.services
+    caller = await services.auth.authenticate(
+        connection.headers.get("authorization", ""), services.settings.api_token
+    )
+    connection.state.caller = caller
+    await services.auth.limit(caller, services.settings.rate_limit_per_s)
+    perm = handler.opt.get("perm")
+    org = connection.path_params.get("org")
+    if perm and org:
+        sup = connection.path_params.get("super", "")
+        table = connection.path_params.get("table", "")
+        if perm == "see":
+            caller.require_visible(org, sup, table)
+        else:
+            caller.require(perm, org, sup, table)
+
+
+def visible(caller: Caller, state: SuperState) -> SuperState:
+    """``state`` with only the tables the caller can see (the views a query gets)."""
+    if caller.admin:
+        return state
+    tables = {
+        name: t for name, t in state.tables.items() if caller.sees(state.org, state.name, name)
+    }
+    return msgspec.structs.replace(state, tables=tables)
+
+
+def readable(caller: Caller, state: SuperState) -> SuperState:
+    """``state`` with only the tables the caller may read (what a query can name; a
+    custom role may see a table without reading it)."""
+    if caller.admin:
+        return state
+    tables = {
+        name: t
+        for name, t in state.tables.items()
+        if caller.can("read", state.org, state.name, name)
+    }
+    return msgspec.structs.replace(state, tables=tables)
+
+
+def caller_of(request: Request[Any, Any, Any]) -> Caller:
+    caller: Caller = request.state.caller
+    return caller
