@@ -16,7 +16,8 @@ from app.access.auth import AuthStore, JwtConfig
 from app.api.schemas import MirrorInfo
 from app.settings import MIRROR_FORMATS, Settings
 from app.write.append import Writer
-from app.write.changes.mutator import Mutator, Target
+from app.write.changes.commit import Target
+from app.write.changes.mutator import Mutator
 from events.archive import Archive
 from events.errors import InvalidInput, LedgerError
 from events.redis_log import Keys, RedisEventLog, connect, guarded

@@ -18,7 +18,7 @@ from app.api.app import create_app
 from app.ops.gc import collect_garbage
 from app.services import Services
 from app.settings import Settings
-from app.write.changes.mutator import Outcome, Target
+from app.write.changes.commit import Outcome, Target
 from tests.api.lake import (
     ORG,
     SUP,

@@ -42,7 +42,7 @@ from app.services import Services
 from app.settings import Settings
 from app.write.append import IngestRequest, IngestResult
 from app.write.bodies import open_source
-from app.write.changes.mutator import Outcome, Target
+from app.write.changes.commit import Outcome, Target
 from events.errors import Gone, InvalidInput, NotFound
 from events.model import Event, now
 from projections.catalog import SuperState, TableState

@@ -17,7 +17,7 @@ from app.api.schemas import IngestResponse, UpsertResponse
 from app.services import Services
 from app.write.append import IngestRequest, check_name
 from app.write.bodies import format_for_content_type, open_source
-from app.write.changes.mutator import Outcome, Target
+from app.write.changes.commit import Outcome, Target
 from events.errors import InvalidInput, PayloadTooLarge
 
 # A body is written to its staging file in blocks of this size, each in one worker

@@ -1,0 +1,296 @@
+"""The commit loop every copy-on-write change shares, and the shape of a change.
+
+Each change is computed against one table version: the files it must rewrite are read
+(through DuckDB, like queries read them), the rewritten rows are published as a new
+file (or inlined, when tiny), and one event records the files removed and added. The
+event is appended only if the table is still at that version; if it moved on, the
+change is computed again against the new version (up to ``retries`` times, then 409),
+so no concurrent update is ever lost. Compaction alone may *rebase* without recomputing:
+its output is still right if every file it merged is still current.
+
+A failed or conflicting attempt deletes the files it published, except while an append's
+outcome is unknown (a lost connection): then they stay, referenced or orphans for gc.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import duckdb
+import msgspec
+import pyarrow as pa
+
+from app.write.append import Writer, append_token
+from app.write.bodies import Plan, conform_table, table_source
+from events.errors import ConflictError, IdempotencyMismatch, InvalidInput, Unavailable
+from events.log import NEW_TABLE, Idempotency
+from events.model import DataFile, EventBase, Field, now
+from projections.catalog import TableState
+from projections.query.engine import QueryEngine
+
+
+@dataclass(frozen=True)
+class Target:
+    """The table a change is for, and who asks."""
+
+    org: str
+    super_: str
+    table: str
+    actor: str = "anonymous"
+    request_id: str = ""
+    if_match: int | None = None
+    idempotency_key: str | None = None
+    fingerprint: str = ""
+
+    def base(self) -> dict[str, Any]:
+        return {
+            "org": self.org,
+            "super_": self.super_,
+            "table": self.table,
+            "actor": self.actor,
+            "time": now(),
+            "request_id": self.request_id,
+        }
+
+
+@dataclass
+class Change:
+    """One computed change: the events to append (given the version it was computed
+    against), the files it published, and the result to report."""
+
+    events: Callable[[int], list[EventBase]]
+    result: dict[str, Any]
+    added: list[DataFile] = field(default_factory=list)
+    inputs: tuple[str, ...] = ()
+    columns: tuple[Field, ...] = ()
+    published_at: float = field(default_factory=time.monotonic)
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """What a change did. ``event_id`` is None when there was nothing to change."""
+
+    table: str
+    version: int
+    event_id: str | None
+    result: dict[str, Any]
+    replayed: bool = False
+
+
+class _Stored(msgspec.Struct, frozen=True):
+    """Recorded with the idempotency token: the result, and the files of the attempt
+    that won (to tell our own re-run from a concurrent request with the same key)."""
+
+    result: dict[str, Any]
+    files: list[str] = []
+
+
+class ChangeLoop:
+    """What every change shares: the services it uses, the commit loop (compute against
+    a version, append with that version expected, compute again on a conflict), and
+    the publishing of rewritten rows."""
+
+    def __init__(
+        self,
+        writer: Writer,
+        engine: QueryEngine,
+        *,
+        retries: int = 10,
+        compact_small_bytes: int = 32 * 1024 * 1024,
+        compact_target_bytes: int = 256 * 1024 * 1024,
+        compact_min_files: int = 4,
+        inline_flush_rows: int = 10_000,
+        inline_flush_bytes: int = 4 * 1024 * 1024,
+        inline_flush_files: int = 256,
+    ) -> None:
+        self.writer = writer
+        self.reader = writer.reader
+        self.log = writer.log
+        self.engine = engine
+        self.retries = retries
+        self.compact_small_bytes = compact_small_bytes
+        self.compact_target_bytes = compact_target_bytes
+        self.compact_min_files = compact_min_files
+        self.inline_flush_rows = inline_flush_rows
+        self.inline_flush_bytes = inline_flush_bytes
+        self.inline_flush_files = inline_flush_files
+        self._flushing: set[tuple[str, str, str]] = set()
+
+    async def _commit(
+        self,
+        target: Target,
+        prepare: Callable[[TableState | None], Awaitable[Change | None]],
+        *,
+        allow_new: bool = False,
+        rebase: bool = False,
+    ) -> Outcome:
+        earlier = await self._earlier_outcome(target)
+        if earlier is not None:
+            return earlier
+        key, fingerprint, ttl = append_token(target.idempotency_key, target.fingerprint)
+        change: Change | None = None
+        unsure = False
+        try:
+            for _attempt in range(self.retries + 1):
+                state = await self.reader.super_state(target.org, target.super_)
+                table = state.tables.get(target.table)
+                if table is None and not allow_new:
+                    table = await self.reader.require_table(target.org, target.super_, target.table)
+                current = table.version if table else NEW_TABLE
+                if target.if_match is not None and target.if_match != current:
+                    raise ConflictError(
+                        f"If-Match: table is at version {current}, not {target.if_match}",
+                        current_version=current,
+                    )
+                if change is None or not (rebase and still_valid(change, table, self.writer)):
+                    if change is not None:
+                        await self._discard(change)
+                        change = None
+                    change = await prepare(table) or Change(lambda _: [], {})
+                events = change.events(current)
+                if not events and target.idempotency_key is None:
+                    return Outcome(target.table, current, None, change.result)
+                if table is None:
+                    await self.writer.register(
+                        target.org, target.super_, target.actor, target.request_id
+                    )
+                await self.writer.record_grace()
+                stored = _Stored(change.result, [f.path for f in change.added])
+                idem = Idempotency(
+                    key=key,
+                    fingerprint=fingerprint,
+                    result=msgspec.json.encode(stored),
+                    ttl_s=ttl,
+                )
+                try:
+                    unsure = True
+                    appended = await self.log.append(
+                        target.org,
+                        target.super_,
+                        target.table,
+                        events,
+                        expected_version=current,
+                        idempotency=idem,
+                    )
+                    unsure = False
+                except ConflictError:
+                    unsure = False
+                    if target.if_match is not None:
+                        raise
+                    continue
+                if appended.replayed:
+                    first = msgspec.json.decode(appended.result, type=_Stored)
+                    if first.files != stored.files:
+                        # A concurrent request with the same key won.
+                        await self._discard(change)
+                        return Outcome(
+                            target.table,
+                            appended.version,
+                            appended.event_ids[-1] or None,
+                            first.result,
+                            True,
+                        )
+                # No events (a change that changes nothing) only recorded the key.
+                return Outcome(
+                    target.table, appended.version, appended.event_ids[-1] or None, change.result
+                )
+            raise await self._gave_up(target)
+        except BaseException:
+            if change is not None and not unsure:
+                with anyio.CancelScope(shield=True):
+                    await self._discard(change)
+            raise
+
+    async def _earlier_outcome(self, target: Target) -> Outcome | None:
+        """The first outcome of a request whose Idempotency-Key was seen before."""
+        if target.idempotency_key is None:
+            return None
+        earlier = await self.log.stored_result(target.org, target.super_, target.idempotency_key)
+        if earlier is None:
+            return None
+        if earlier.fingerprint != target.fingerprint:
+            raise IdempotencyMismatch(
+                "this Idempotency-Key was already used for a different request"
+            )
+        stored = msgspec.json.decode(earlier.result, type=_Stored)
+        return Outcome(
+            target.table, earlier.version, earlier.event_ids[-1] or None, stored.result, True
+        )
+
+    async def _gave_up(self, target: Target) -> ConflictError:
+        """The 409 of a change whose table kept changing under every retry."""
+        latest = (await self.reader.super_state(target.org, target.super_)).tables
+        now_at = latest[target.table].version if target.table in latest else NEW_TABLE
+        return ConflictError(
+            f"table {target.org}/{target.super_}/{target.table} kept changing under "
+            f"this change; gave up after {self.retries} retries",
+            current_version=now_at,
+        )
+
+    async def _discard(self, change: Change) -> None:
+        for data_file in change.added:
+            await self.writer.discard(data_file)
+
+    async def _output(
+        self, target: Target, rows: pa.Table, columns: tuple[Field, ...], *, inline_ok: bool
+    ) -> DataFile | None:
+        """Publish the rows of a rewrite (or inline them when tiny); None if empty."""
+        if rows.num_rows == 0:
+            return None
+        source = table_source(rows)
+        plan = Plan(columns, (), (), {f.name: f.type for f in columns})
+        if inline_ok and self.writer.inline_max_rows:
+            conformed, written = await anyio.to_thread.run_sync(conform_table, source, plan)
+            inline = self.writer.inline_file(conformed, written)
+            if inline is not None:
+                return inline
+        _, data_file = await self.writer.write_file(
+            target.org, target.super_, target.table, source, plan
+        )
+        return data_file
+
+    def _run_sql(self, build: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        """Run ``build`` on an internal DuckDB connection, mapping engine errors."""
+        con = self.engine.connect_internal()
+        try:
+            return build(con)
+        except (duckdb.IOException, duckdb.HTTPException) as exc:
+            raise Unavailable(
+                f"a data file could not be read: {first_line(exc)}", code="data_unavailable"
+            ) from exc
+        except (
+            duckdb.ConversionException,
+            duckdb.OutOfRangeException,
+            duckdb.InvalidInputException,
+        ) as exc:
+            # Only a user's where condition or values can fail like this.
+            raise InvalidInput(
+                f"a value does not fit its column: {first_line(exc)}", code="invalid_where"
+            ) from exc
+        finally:
+            con.close()
+
+    async def after_inline_write(
+        self, org: str, super_: str, table: str, inline: tuple[DataFile, ...] | None = None
+    ) -> None:
+        """Flush a table's inlined rows once enough have accumulated: a change that may
+        inline its output calls it. Compaction (``compact.py``) implements it."""
+        raise NotImplementedError
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def still_valid(change: Change, table: TableState | None, writer: Writer) -> bool:
+    """Whether a computed compaction still applies to the table's new version."""
+    if table is None or change.columns != table.columns:
+        return False
+    if time.monotonic() - change.published_at > writer.max_file_age_s:
+        return False  # gc could take its files for orphans: compute again
+    current = {f.path for f in table.files}
+    return all(path in current for path in change.inputs)

@@ -1,0 +1,102 @@
+"""Upserts: merge incoming rows by key, copy-on-write."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+
+from app.write.bodies import Source, conform_table, plan_schema
+from app.write.changes.commit import Change, ChangeLoop, Outcome, Target
+from app.write.changes.rows import candidates, check_key_list, check_upsert_columns, merge_rows
+from events.errors import InvalidInput
+from events.model import EventBase, RowsUpserted, SchemaEvolved, TableCreated
+from projections.catalog import TableState
+
+
+class Upserts(ChangeLoop):
+    """Upserts: merge incoming rows by key, copy-on-write."""
+
+    async def upsert(
+        self,
+        target: Target,
+        source: Source,
+        key: Sequence[str],
+        newer_than: str | None = None,
+    ) -> Outcome:
+        """Merge ``source`` by ``key``: replace stored rows whose key matches an incoming
+        row, insert the rest. In-batch duplicates: the last occurrence wins, or the one
+        with the greatest ``newer_than``; with ``newer_than``, an incoming row that is not
+        newer than the stored row of its key is skipped (``unchanged``)."""
+        key = check_key_list(key)
+
+        async def prepare(table: TableState | None) -> Change | None:
+            plan = plan_schema(table.columns if table else None, source.fields, text=source.text)
+            check_upsert_columns(plan, source, key, newer_than)
+            incoming, _ = await anyio.to_thread.run_sync(conform_table, source, plan)
+            for name in key:
+                if incoming.column(name).null_count:
+                    raise InvalidInput(
+                        f"key column {name!r} has a null in the body", code="null_key"
+                    )
+            columns = plan.columns
+            files = candidates(table.files if table else (), columns, incoming, key)
+            merged = await anyio.to_thread.run_sync(
+                lambda: self._run_sql(
+                    lambda con: merge_rows(
+                        con, columns, files, incoming, key, newer_than, self.engine.resolve_path
+                    )
+                )
+            )
+            out_rows, counts, touched = merged
+            if counts["inserted"] + counts["updated"] == 0:
+                return Change(lambda _: [], {**counts, "key": list(key), "newer_than": newer_than})
+            out = await self._output(target, out_rows, columns, inline_ok=True)
+            added = [out] if out else []
+            removed = tuple(files[i].path for i in touched)
+            base = target.base()
+
+            def events(version: int) -> list[EventBase]:
+                out_events: list[EventBase] = []
+                if table is None:
+                    version += 1
+                    out_events.append(
+                        TableCreated(
+                            version=version,
+                            columns=columns,
+                            mirrors=self.writer.mirrors,
+                            **base,
+                        )
+                    )
+                elif plan.schema_changed:
+                    version += 1
+                    out_events.append(
+                        SchemaEvolved(
+                            version=version,
+                            columns=columns,
+                            added=plan.added,
+                            promoted=plan.promoted,
+                            **base,
+                        )
+                    )
+                out_events.append(
+                    RowsUpserted(
+                        version=version + 1,
+                        files=tuple(added),
+                        removed_files=removed,
+                        key=tuple(key),
+                        newer_than=newer_than,
+                        **counts,
+                        **base,
+                    )
+                )
+                return out_events
+
+            result = {**counts, "key": list(key), "newer_than": newer_than}
+            return Change(events, result, added, removed, columns)
+
+        outcome = await self._commit(target, prepare, allow_new=True)
+        if outcome.event_id is None:
+            return outcome  # every incoming row matched an identical or newer stored row
+        await self.after_inline_write(target.org, target.super_, target.table)
+        return outcome
