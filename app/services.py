@@ -27,14 +27,9 @@ from mirrors.status import MirrorStatuses
 from mirrors.status import group as mirror_group
 from projections.archiver import ARCHIVE, Archiver
 from projections.catalog import SuperState, TableState
-from projections.query.engine import (
-    Analysis,
-    QueryEngine,
-    QueryLimits,
-    Resolver,
-    ViewSource,
-    parse_time,
-)
+from projections.query.analysis import parse_time
+from projections.query.engine import QueryEngine
+from projections.query.types import Analysis, QueryLimits, Resolver, ViewSource
 from projections.reader import CatalogReader
 from projections.runner import CatalogProjector
 from projections.store import CATALOG, SnapshotStore

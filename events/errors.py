@@ -92,3 +92,10 @@ class Unavailable(LedgerError):
     """A backing service (Redis, storage) cannot be reached; retrying later may work."""
 
     code = "unavailable"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text (a library's message can be many lines
+    long), or its class name when it has none: for the message of a 4xx or 503."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

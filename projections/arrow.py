@@ -154,6 +154,11 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def sql_literal(value: str) -> str:
+    """``value`` as a SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def normalize_type(t: pa.DataType) -> pa.DataType:
     """The canonical representation of an Arrow type (same values, one layout)."""
     if pa.types.is_dictionary(t):

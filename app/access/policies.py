@@ -15,18 +15,18 @@ import re
 from app.access.auth import Caller
 from events.errors import InvalidInput
 from events.model import Field, Policy
-from projections.arrow import duckdb_type, quote_ident
+from projections.arrow import duckdb_type, quote_ident, sql_literal
 from projections.auth import ROLES
 from projections.catalog import TableState
-from projections.query.engine import Restricted, ViewSource
 from projections.query.predicate import check_predicate
+from projections.query.types import Restricted, ViewSource
 
 MASKS = ("null", "hash")
 _PLACEHOLDER = re.compile(r":principal\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def _literal(value: str | None) -> str:
-    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+    return "NULL" if value is None else sql_literal(value)
 
 
 def bind(text: str, attributes: dict[str, str]) -> str:

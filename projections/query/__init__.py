@@ -1,0 +1,7 @@
+"""The sandboxed DuckDB query engine: ``analysis`` (what a statement may do), ``views``
+(a table version as SQL), ``pool`` (reused connections), ``types`` (what the engine
+takes and gives), ``engine`` (running a query under its limits), ``predicate``
+(restricted ``where`` conditions) and ``extensions`` (installed offline).
+
+May import ``events`` and ``projections`` (catalog, arrow); nothing of ``app``.
+"""

@@ -15,7 +15,7 @@ import sqlglot
 import sqlglot.errors
 from sqlglot import exp
 
-from events.errors import InvalidInput
+from events.errors import InvalidInput, first_line
 from events.model import Field
 from projections.arrow import arrow_schema
 
@@ -45,7 +45,7 @@ def check_predicate(text: str, columns: tuple[Field, ...]) -> str:
     try:
         tree = sqlglot.parse_one(text, dialect="duckdb", into=exp.Condition)
     except (sqlglot.errors.SqlglotError, RecursionError) as exc:
-        raise _invalid(f"cannot parse the where expression: {_first_line(exc)}") from exc
+        raise _invalid(f"cannot parse the where expression: {first_line(exc)}") from exc
     names = {f.name.lower(): f.name for f in columns}
     for node in tree.walk():
         if not isinstance(node, _ALLOWED_NODES):
@@ -71,7 +71,7 @@ def _check_types(sql: str, columns: tuple[Field, ...]) -> None:
         con.register("t", row)
         (kind,) = con.execute(f"SELECT typeof(({sql})) FROM t").fetchall()[0]
     except duckdb.Error as exc:
-        raise _invalid(f"the where expression does not fit the table: {_first_line(exc)}") from exc
+        raise _invalid(f"the where expression does not fit the table: {first_line(exc)}") from exc
     finally:
         con.close()
     if kind not in ("BOOLEAN", '"NULL"', "NULL"):
@@ -80,8 +80,3 @@ def _check_types(sql: str, columns: tuple[Field, ...]) -> None:
 
 def _invalid(message: str) -> InvalidInput:
     return InvalidInput(message, code="invalid_where")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

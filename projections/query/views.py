@@ -14,7 +14,7 @@ import duckdb
 import pyarrow as pa
 
 from events.model import DataFile, Field
-from projections.arrow import arrow_schema, duckdb_type, quote_ident, to_arrow
+from projections.arrow import arrow_schema, duckdb_type, quote_ident, sql_literal, to_arrow
 
 _names = itertools.count()
 
@@ -75,10 +75,6 @@ def _casts(columns: Sequence[Field], present: set[str] | None) -> list[str]:
     return select
 
 
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _same_layout(files: Sequence[DataFile], present: set[str]) -> bool:
     """Whether DuckDB can read ``files`` without ``union_by_name`` (which reads every
     file's footer whenever a query is bound: a third of a point lookup over 100 files).
@@ -110,7 +106,7 @@ def version_sql(
         present: set[str] = set()
         for f in parquet:
             present.update(f.columns)
-        paths = ", ".join(_literal(resolve_path(f.path)) for f in parquet)
+        paths = ", ".join(sql_literal(resolve_path(f.path)) for f in parquet)
         union = "" if _same_layout(parquet, present) else ", union_by_name = true"
         parts.append(
             f"SELECT {', '.join(_casts(columns, present))} FROM read_parquet([{paths}]{union})"
@@ -142,7 +138,7 @@ def ordered_files_sql(
             select = ", ".join(_casts(columns, set(f.columns)))
             parts.append(
                 f"SELECT {select}, file_row_number AS __r, {i} AS __f "
-                f"FROM read_parquet({_literal(resolve_path(f.path))}, file_row_number = true)"
+                f"FROM read_parquet({sql_literal(resolve_path(f.path))}, file_row_number = true)"
             )
     if not parts:
         empty = arrow_schema(tuple(columns)).empty_table()

@@ -1,4 +1,4 @@
-"""Pooled query connections (``projections.query.engine._ConnectionPool``): a reused DuckDB
+"""Pooled query connections (``projections.query.engine.ConnectionPool``): a reused DuckDB
 connection never shows a query anything but the table versions and policies it asked
 for, whatever was written, restricted, timed out or failed before."""
 
@@ -18,17 +18,13 @@ import pytest
 import redis
 from litestar.testing import TestClient
 
-import projections.query.engine as query_module
+import projections.query.engine as engine_module
+import projections.query.pool as pool_module
 from app.settings import Settings
 from events.redis_log import Keys
-from projections.query.engine import (
-    Analysis,
-    QueryEngine,
-    QueryLimits,
-    ViewSource,
-    _ConnectionPool,
-    _Pooled,
-)
+from projections.query.engine import QueryEngine
+from projections.query.pool import ConnectionPool, Pooled
+from projections.query.types import Analysis, QueryLimits, ViewSource
 from tests.api.lake import assert_error, ok
 
 Client = TestClient[Any]
@@ -57,14 +53,14 @@ class Watch:
     """Records what the app's pool hands out, and checks that a connection is never
     handed to a query while another one holds it."""
 
-    def __init__(self, pool: _ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
-        self.hits: list[_Pooled] = []
-        self.in_use: dict[int, _Pooled] = {}  # strong refs: ids cannot be recycled
+        self.hits: list[Pooled] = []
+        self.in_use: dict[int, Pooled] = {}  # strong refs: ids cannot be recycled
         self.lock = threading.Lock()
         self.take_orig, self.give_orig = pool.take, pool.give
 
-    def take(self, key: tuple[object, ...]) -> _Pooled | None:
+    def take(self, key: tuple[object, ...]) -> Pooled | None:
         pooled = self.take_orig(key)
         if pooled is not None:
             with self.lock:
@@ -73,7 +69,7 @@ class Watch:
                 self.hits.append(pooled)
         return pooled
 
-    def give(self, key: tuple[object, ...], pooled: _Pooled) -> bool:
+    def give(self, key: tuple[object, ...], pooled: Pooled) -> bool:
         with self.lock:
             self.in_use.pop(id(pooled), None)
         return self.give_orig(key, pooled)
@@ -87,7 +83,7 @@ def watch(client: Client, monkeypatch: pytest.MonkeyPatch) -> Watch:
     return w
 
 
-def is_closed(pooled: _Pooled) -> bool:
+def is_closed(pooled: Pooled) -> bool:
     try:
         pooled.con.execute("select 1")
     except duckdb.ConnectionException:
@@ -435,14 +431,14 @@ def test_a_query_that_ends_after_close_does_not_stay_in_the_pool(tmp_path: Path)
     assert engine._pool.count == 0
 
 
-def pooled(tmp_path: Path, name: str) -> _Pooled:
+def pooled(tmp_path: Path, name: str) -> Pooled:
     temp = tmp_path / name
     temp.mkdir()
-    return _Pooled(duckdb.connect(":memory:"), temp)
+    return Pooled(duckdb.connect(":memory:"), temp)
 
 
 def test_pool_take_of_an_unknown_key_is_none(tmp_path: Path) -> None:
-    pool = _ConnectionPool(2)
+    pool = ConnectionPool(2)
     assert pool.take(("a",)) is None
     a = pooled(tmp_path, "a")
     assert pool.give(("a",), a)
@@ -454,7 +450,7 @@ def test_pool_take_of_an_unknown_key_is_none(tmp_path: Path) -> None:
 
 
 def test_pool_keeps_several_connections_per_key(tmp_path: Path) -> None:
-    pool = _ConnectionPool(4)
+    pool = ConnectionPool(4)
     a1, a2 = pooled(tmp_path, "a1"), pooled(tmp_path, "a2")
     pool.give(("a",), a1)
     pool.give(("a",), a2)
@@ -465,7 +461,7 @@ def test_pool_keeps_several_connections_per_key(tmp_path: Path) -> None:
 
 
 def test_pool_evicts_and_closes_the_least_recently_used(tmp_path: Path) -> None:
-    pool = _ConnectionPool(2)
+    pool = ConnectionPool(2)
     a, b, c = (pooled(tmp_path, n) for n in "abc")
     pool.give(("a",), a)
     pool.give(("b",), b)
@@ -485,7 +481,7 @@ def test_pool_evicts_and_closes_the_least_recently_used(tmp_path: Path) -> None:
 
 
 def test_pool_evicts_the_oldest_connection_of_the_least_recent_key(tmp_path: Path) -> None:
-    pool = _ConnectionPool(3)
+    pool = ConnectionPool(3)
     a1, a2, b1, c1 = (pooled(tmp_path, n) for n in ("a1", "a2", "b1", "c1"))
     pool.give(("a",), a1)
     pool.give(("a",), a2)
@@ -529,7 +525,7 @@ def test_a_connection_whose_timer_fired_is_not_kept(
 
     assert anyio.run(main) == [7]
     assert engine._pool.count == 1  # a query that ended well leaves its connection
-    monkeypatch.setattr(query_module.threading, "Timer", LateTimer)
+    monkeypatch.setattr(engine_module.threading, "Timer", LateTimer)
     assert anyio.run(main) == [7]
     assert engine._pool.count == 0
     engine.close()
@@ -538,21 +534,21 @@ def test_a_connection_whose_timer_fired_is_not_kept(
 def test_pool_does_not_reuse_an_old_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pool = _ConnectionPool(2)
+    pool = ConnectionPool(2)
     old, fresh = pooled(tmp_path, "old"), pooled(tmp_path, "fresh")
-    old.opened = time.monotonic() - query_module.POOLED_MAX_AGE_S - 1
+    old.opened = time.monotonic() - pool_module.POOLED_MAX_AGE_S - 1
     pool.give(("k",), old)
     assert pool.take(("k",)) is None
     assert is_closed(old) and not (tmp_path / "old").exists()
     assert pool.count == 0
-    monkeypatch.setattr(query_module, "POOLED_MAX_AGE_S", 0.0)
+    monkeypatch.setattr(pool_module, "POOLED_MAX_AGE_S", 0.0)
     fresh.opened -= 0.001  # any age is too old now
     pool.give(("k",), fresh)
     assert pool.take(("k",)) is None and is_closed(fresh)
 
 
 def test_pool_of_size_zero_keeps_nothing(tmp_path: Path) -> None:
-    pool = _ConnectionPool(0)
+    pool = ConnectionPool(0)
     a = pooled(tmp_path, "a")
     assert pool.give(("a",), a) is False
     assert pool.count == 0 and pool.take(("a",)) is None
@@ -561,7 +557,7 @@ def test_pool_of_size_zero_keeps_nothing(tmp_path: Path) -> None:
 
 
 def test_pool_close_closes_every_idle_connection(tmp_path: Path) -> None:
-    pool = _ConnectionPool(4)
+    pool = ConnectionPool(4)
     conns = [pooled(tmp_path, n) for n in ("a1", "a2", "b")]
     pool.give(("a",), conns[0])
     pool.give(("a",), conns[1])

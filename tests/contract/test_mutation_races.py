@@ -36,7 +36,7 @@ from app.write.changes.mutator import Mutator
 from events.errors import ConflictError
 from events.model import DataFile, Event, Field, RowsDeleted, RowsUpserted, TableCompacted
 from projections.catalog import SuperState, TableState
-from projections.query.engine import Analysis
+from projections.query.types import Analysis
 from projections.reader import CatalogReader
 
 pytestmark = pytest.mark.anyio

@@ -9,7 +9,8 @@ import pytest
 
 from events.errors import QueryTimeout, Unavailable
 from projections.catalog import SuperState
-from projections.query.engine import QueryEngine, QueryLimits
+from projections.query.engine import QueryEngine
+from projections.query.types import QueryLimits
 
 pytestmark = pytest.mark.anyio
 

@@ -46,7 +46,7 @@ from app.write.changes.commit import Outcome, Target
 from events.errors import Gone, InvalidInput, NotFound
 from events.model import Event, now
 from projections.catalog import SuperState, TableState
-from projections.query.engine import Analysis
+from projections.query.types import Analysis
 from projections.reader import CatalogReader
 from projections.replay import replay
 from projections.store import encode_table

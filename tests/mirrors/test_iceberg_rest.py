@@ -25,7 +25,7 @@ from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError, Unautho
 from app.api.app import create_app
 from app.services import Services
 from app.settings import Settings
-from projections.query.engine import install_extensions
+from projections.query.extensions import install_extensions
 from tests.threaded_server import ThreadedServer
 
 ORG, SUP, TBL = "acme", "sales", "orders"

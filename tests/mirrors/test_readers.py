@@ -38,7 +38,7 @@ import pyarrow as pa
 import pytest
 
 from app.settings import Settings
-from projections.query.engine import EXTENSIONS, install_extensions
+from projections.query.extensions import EXTENSIONS, install_extensions
 from tests.conftest import ADMIN_TOKEN
 from tests.mirrors import readers as rd
 from tests.mirrors.conftest import Lake, open_lake

@@ -8,7 +8,7 @@ import duckdb
 import pytest
 
 from app.settings import Settings
-from projections.query.engine import EXTENSIONS, install_extensions
+from projections.query.extensions import EXTENSIONS, install_extensions
 
 
 def test_aws_variables_work_and_ledgerlake_s3_settings_override_them() -> None:

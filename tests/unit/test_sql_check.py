@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from events.errors import InvalidInput, QueryRejected
-from projections.query.engine import check_sql
+from projections.query.analysis import check_sql
 
 ALLOWED = [
     "select 1",

@@ -18,7 +18,7 @@ from app.api.schemas import EventPage
 from app.services import Services
 from events.errors import InvalidInput, NotFound
 from events.model import to_builtins
-from projections.query.engine import parse_time
+from projections.query.analysis import parse_time
 
 # Event fields that carry row values (file statistics, deleted keys, filters).
 REDACTED_EVENT_FIELDS = frozenset({"files", "keys", "where", "removed_files", "policies"})

@@ -27,7 +27,7 @@ from app.services import Services
 from events.errors import InvalidInput, LedgerError
 from events.model import now
 from projections.arrow import from_arrow, normalize_type, type_name
-from projections.query.engine import Analysis, Resolver, Restricted, ViewSource
+from projections.query.types import Analysis, Resolver, Restricted, ViewSource
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from app.write.append import Writer, append_token
 from app.write.bodies import Plan, conform_table, table_source
-from events.errors import ConflictError, IdempotencyMismatch, InvalidInput, Unavailable
+from events.errors import ConflictError, IdempotencyMismatch, InvalidInput, Unavailable, first_line
 from events.log import NEW_TABLE, Idempotency
 from events.model import DataFile, EventBase, Field, now
 from projections.catalog import TableState
@@ -279,11 +279,6 @@ class ChangeLoop:
         """Flush a table's inlined rows once enough have accumulated: a change that may
         inline its output calls it. Compaction (``compact.py``) implements it."""
         raise NotImplementedError
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def still_valid(change: Change, table: TableState | None, writer: Writer) -> bool:
