@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.services import Services
-from app.write.append import IngestRequest
+from app.write.request import IngestRequest
 from events.archive import ROOT as ARCHIVE_ROOT
 from events.errors import InvalidInput
 from events.model import stream_id_tuple

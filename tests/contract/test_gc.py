@@ -17,7 +17,7 @@ import pytest
 from app.ops.gc import GcRefused, collect_garbage, parse_duration
 from app.services import Services
 from app.settings import Settings
-from app.write.append import IngestRequest
+from app.write.request import IngestRequest
 from events.storage.port import data_file_key
 
 pytestmark = pytest.mark.anyio

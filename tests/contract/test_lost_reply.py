@@ -14,7 +14,7 @@ import pytest
 
 from app.services import Services
 from app.settings import Settings
-from app.write.append import IngestRequest
+from app.write.request import IngestRequest
 
 pytestmark = pytest.mark.anyio
 

@@ -29,10 +29,10 @@ import pytest
 
 from app.services import Services
 from app.settings import Settings
-from app.write.append import IngestRequest, IngestResult
 from app.write.bodies import Source, open_source
 from app.write.changes.commit import Outcome, Target
 from app.write.changes.mutator import Mutator
+from app.write.request import IngestRequest, IngestResult
 from events.errors import ConflictError
 from events.model import DataFile, Event, Field, RowsDeleted, RowsUpserted, TableCompacted
 from projections.catalog import SuperState, TableState

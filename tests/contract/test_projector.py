@@ -13,7 +13,7 @@ import pytest
 
 from app.services import Services
 from app.settings import Settings
-from app.write.append import IngestRequest
+from app.write.request import IngestRequest
 from events.model import DataFile, DataType, Field, RowsAppended, TableCreated
 from mirrors.runner import IDLE_COMMIT_DELAY_S, PUBLISH_DELAY_S
 from projections.replay import rebuild_super

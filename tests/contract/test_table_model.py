@@ -40,9 +40,9 @@ from hypothesis.stateful import (
 
 from app.services import Services
 from app.settings import Settings
-from app.write.append import IngestRequest, IngestResult
 from app.write.bodies import open_source
 from app.write.changes.commit import Outcome, Target
+from app.write.request import IngestRequest, IngestResult
 from events.errors import Gone, InvalidInput, NotFound
 from events.model import Event, now
 from projections.catalog import SuperState, TableState

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from app.services import Services
-from app.write.append import IngestRequest, Writer
+from app.write.append import Writer
+from app.write.request import IngestRequest
 from events.errors import TypeMismatch
 
 pytestmark = pytest.mark.anyio

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from app.services import Services
-from app.write.append import IngestRequest, IngestResult
+from app.write.request import IngestRequest, IngestResult
 from projections.replay import rebuild_registry, rebuild_super
 from projections.store import encode_table
 

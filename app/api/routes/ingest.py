@@ -15,9 +15,9 @@ from app.api.guards import actor_for, request_id
 from app.api.routes.params import SuperName, error_responses, parse_if_match
 from app.api.schemas import IngestResponse, UpsertResponse
 from app.services import Services
-from app.write.append import IngestRequest, check_name
 from app.write.bodies import format_for_content_type, open_source
 from app.write.changes.commit import Outcome, Target
+from app.write.request import IngestRequest, check_name
 from events.errors import InvalidInput, PayloadTooLarge
 
 # A body is written to its staging file in blocks of this size, each in one worker

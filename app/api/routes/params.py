@@ -14,8 +14,8 @@ from litestar.params import HeaderParameter, PathParameter
 
 from app.api.guards import actor_for, request_id
 from app.api.schemas import ErrorResponse
-from app.write.append import check_name
 from app.write.changes.commit import Target
+from app.write.request import check_name
 from events.errors import InvalidInput
 
 SuperName = Annotated[str, PathParameter(name="super", description="the super table (catalog)")]

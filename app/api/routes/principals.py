@@ -28,7 +28,7 @@ from app.api.schemas import (
     WhoAmI,
 )
 from app.services import Services
-from app.write.append import check_name
+from app.write.request import check_name
 from events.errors import AlreadyExists, InvalidInput, NotFound
 from events.model import (
     GrantAdded,

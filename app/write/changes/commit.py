@@ -24,8 +24,9 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
-from app.write.append import Writer, append_token
+from app.write.append import Writer
 from app.write.bodies import Plan, conform_table, table_source
+from app.write.request import append_token
 from events.errors import ConflictError, IdempotencyMismatch, InvalidInput, Unavailable, first_line
 from events.log import NEW_TABLE, Idempotency
 from events.model import DataFile, EventBase, Field, now
