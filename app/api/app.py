@@ -223,6 +223,27 @@ def _announce_admin_token(settings: Settings, token: str) -> None:
     )
 
 
+def _openapi_config() -> OpenAPIConfig:
+    """The OpenAPI document's frame: title, the error shape, bearer authentication."""
+    return OpenAPIConfig(
+        title="Ledgerlake",
+        version="0.1.0",
+        path="/schema",
+        description="Event-sourced data catalog and warehouse. Errors are "
+        '{"error": {"code", "message", "details"}}; every response has X-Request-ID.',
+        components=Components(
+            security_schemes={
+                "bearer": SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    description="LEDGERLAKE_API_TOKEN, when the server sets one",
+                )
+            }
+        ),
+        security=[{"bearer": []}],
+    )
+
+
 def create_app(
     settings: Settings, redis_url: str, *, run_projector: bool = True, bootstrap: bool = False
 ) -> Litestar:
@@ -296,23 +317,7 @@ def create_app(
             HTTPException: handle_http_error,
             Exception: handle_unexpected,
         },
-        openapi_config=OpenAPIConfig(
-            title="Ledgerlake",
-            version="0.1.0",
-            path="/schema",
-            description="Event-sourced data catalog and warehouse. Errors are "
-            '{"error": {"code", "message", "details"}}; every response has X-Request-ID.',
-            components=Components(
-                security_schemes={
-                    "bearer": SecurityScheme(
-                        type="http",
-                        scheme="bearer",
-                        description="LEDGERLAKE_API_TOKEN, when the server sets one",
-                    )
-                }
-            ),
-            security=[{"bearer": []}],
-        ),
+        openapi_config=_openapi_config(),
         request_max_body_size=settings.max_body_bytes,
         debug=False,
         logging_config=None,

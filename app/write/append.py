@@ -91,6 +91,30 @@ class _Attempt:
         return time.monotonic() - self.published_at > max_age_s
 
 
+def schema_events(
+    table: TableState | None,
+    plan: Plan,
+    version: int,
+    mirrors: tuple[str, ...],
+    base: dict[str, Any],
+) -> list[EventBase]:
+    """What a write's rows need first, a version each after ``version``: the table's
+    creation (with the mirror formats it gets), or its schema change, or nothing."""
+    if table is None:
+        return [TableCreated(version=version + 1, columns=plan.columns, mirrors=mirrors, **base)]
+    if plan.schema_changed:
+        return [
+            SchemaEvolved(
+                version=version + 1,
+                columns=plan.columns,
+                added=plan.added,
+                promoted=plan.promoted,
+                **base,
+            )
+        ]
+    return []
+
+
 class Writer(DataFileWriter):
     """Turns ingest requests into files plus events."""
 
@@ -322,15 +346,16 @@ class Writer(DataFileWriter):
             self._registered.clear()
         self._registered[unit] = time.monotonic()
 
-    async def _append(
+    def _events(
         self,
         req: IngestRequest,
         table: TableState | None,
         plan: Plan,
         written: WrittenFile,
         data_file: DataFile,
-        token: tuple[str, str, int | None],
-    ) -> IngestResult:
+    ) -> list[EventBase]:
+        """The events of a write: the table's creation or schema change, if any, then
+        its rows appended (or the table overwritten)."""
         base: dict[str, Any] = {
             "org": req.org,
             "super_": req.super_,
@@ -340,23 +365,8 @@ class Writer(DataFileWriter):
             "request_id": req.request_id,
         }
         version = table.version if table else NEW_TABLE
-        events: list[EventBase] = []
-        if table is None:
-            version += 1
-            events.append(
-                TableCreated(version=version, columns=plan.columns, mirrors=self.mirrors, **base)
-            )
-        elif plan.schema_changed:
-            version += 1
-            events.append(
-                SchemaEvolved(
-                    version=version,
-                    columns=plan.columns,
-                    added=plan.added,
-                    promoted=plan.promoted,
-                    **base,
-                )
-            )
+        events = schema_events(table, plan, version, self.mirrors, base)
+        version += len(events)
         version += 1
         if req.mode == "overwrite" and table is not None:
             events.append(
@@ -373,6 +383,18 @@ class Writer(DataFileWriter):
             events.append(
                 RowsAppended(version=version, files=(data_file,), rows=written.rows, **base)
             )
+        return events
+
+    async def _append(
+        self,
+        req: IngestRequest,
+        table: TableState | None,
+        plan: Plan,
+        written: WrittenFile,
+        data_file: DataFile,
+        token: tuple[str, str, int | None],
+    ) -> IngestResult:
+        events = self._events(req, table, plan, written, data_file)
         key, fingerprint, ttl = token
         stored = StoredIngest(
             table=req.table, rows=written.rows, mode=req.mode, file=data_file.path

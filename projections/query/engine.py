@@ -27,7 +27,14 @@ import anyio
 import duckdb
 import pyarrow as pa
 
-from events.errors import InvalidInput, QueryRejected, QueryTimeout, Unavailable, first_line
+from events.errors import (
+    InvalidInput,
+    LedgerError,
+    QueryRejected,
+    QueryTimeout,
+    Unavailable,
+    first_line,
+)
 from projections.arrow import quote_ident, sql_literal
 from projections.catalog import SuperState
 from projections.query.analysis import analyze_sql
@@ -317,50 +324,12 @@ class QueryEngine:
                 plan = QueryPlan(schema, frozenset(analysis.tables), relation.explain())
                 reusable = True
                 return plan
-            reader = con.execute(sql).to_arrow_reader(min(limit + 1, 65536))
-            batches: list[pa.RecordBatch] = []
-            count, size, truncated = 0, 0, False
-            for batch in reader:
-                if offset:  # skipped rows of the same plan: pages keep the engine's order
-                    skip = min(offset, batch.num_rows)
-                    offset -= skip
-                    batch = batch.slice(skip)
-                    if not batch.num_rows:
-                        continue
-                if count + batch.num_rows > limit:
-                    batch = batch.slice(0, limit - count)
-                    truncated = True
-                batches.append(batch)
-                count += batch.num_rows
-                size += batch.nbytes
-                if truncated or size > self.limits.max_result_bytes:
-                    truncated = truncated or size > self.limits.max_result_bytes
-                    break
-            table = pa.Table.from_batches(batches, schema=reader.schema)
+            table, truncated = self._read_result(con, sql, limit, offset)
             # A truncated result leaves the query unfinished on the connection (its
             # state, maybe spill files): such a connection is not kept.
             reusable = not truncated
-        except duckdb.InterruptException as exc:
-            raise QueryTimeout(
-                f"the query ran longer than its timeout of {timeout:g}s and was stopped"
-            ) from exc
-        except duckdb.PermissionException as exc:
-            raise QueryRejected(
-                f"the query tried something the engine does not allow: {first_line(exc)}",
-                code="query_forbidden",
-            ) from exc
-        except (duckdb.IOException, duckdb.HTTPException) as exc:
-            # External access is off: the only files a query reaches are ours.
-            raise Unavailable(
-                f"a data file could not be read: {first_line(exc)}", code="data_unavailable"
-            ) from exc
-        except duckdb.OutOfMemoryException as exc:
-            raise QueryRejected(
-                f"the query needs more memory than allowed: {first_line(exc)}",
-                code="query_out_of_memory",
-            ) from exc
         except duckdb.Error as exc:
-            raise InvalidInput(f"SQL error: {first_line(exc)}", code="sql_error") from exc
+            raise _engine_error(exc, timeout) from exc
         finally:
             timer.cancel()
             with guard:
@@ -373,3 +342,53 @@ class QueryEngine:
         return QueryResult(
             table=table, truncated=truncated, elapsed_ms=(time.perf_counter() - started) * 1000
         )
+
+    def _read_result(
+        self, con: duckdb.DuckDBPyConnection, sql: str, limit: int, offset: int
+    ) -> tuple[pa.Table, bool]:
+        """The rows of ``sql`` past ``offset``, up to ``limit`` rows and the byte limit,
+        and whether it was cut there."""
+        reader = con.execute(sql).to_arrow_reader(min(limit + 1, 65536))
+        batches: list[pa.RecordBatch] = []
+        count, size, truncated = 0, 0, False
+        for batch in reader:
+            if offset:  # skipped rows of the same plan: pages keep the engine's order
+                skip = min(offset, batch.num_rows)
+                offset -= skip
+                batch = batch.slice(skip)
+                if not batch.num_rows:
+                    continue
+            if count + batch.num_rows > limit:
+                batch = batch.slice(0, limit - count)
+                truncated = True
+            batches.append(batch)
+            count += batch.num_rows
+            size += batch.nbytes
+            if truncated or size > self.limits.max_result_bytes:
+                truncated = truncated or size > self.limits.max_result_bytes
+                break
+        return pa.Table.from_batches(batches, schema=reader.schema), truncated
+
+
+def _engine_error(exc: duckdb.Error, timeout: float) -> LedgerError:
+    """What a query's engine error is to the caller."""
+    if isinstance(exc, duckdb.InterruptException):
+        return QueryTimeout(
+            f"the query ran longer than its timeout of {timeout:g}s and was stopped"
+        )
+    if isinstance(exc, duckdb.PermissionException):
+        return QueryRejected(
+            f"the query tried something the engine does not allow: {first_line(exc)}",
+            code="query_forbidden",
+        )
+    if isinstance(exc, duckdb.IOException | duckdb.HTTPException):
+        # External access is off: the only files a query reaches are ours.
+        return Unavailable(
+            f"a data file could not be read: {first_line(exc)}", code="data_unavailable"
+        )
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        return QueryRejected(
+            f"the query needs more memory than allowed: {first_line(exc)}",
+            code="query_out_of_memory",
+        )
+    return InvalidInput(f"SQL error: {first_line(exc)}", code="sql_error")

@@ -12,7 +12,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 
 from app.api.guards import actor_for, request_id
-from app.api.routes.params import SuperName, error_responses, parse_if_match
+from app.api.routes.params import SuperName, change_target, error_responses, parse_if_match
 from app.api.schemas import IngestResponse, UpsertResponse
 from app.services import Services
 from app.write.bodies import format_for_content_type, open_source
@@ -107,31 +107,11 @@ async def ingest_rows(
             raise InvalidInput("the request body is empty", code="empty_body")
         if mode == "upsert":
             assert key is not None
-            target = Target(
-                org,
-                super_name,
-                table,
-                actor=actor_for(request),
-                request_id=request_id(request),
-                if_match=expected_version,
-                idempotency_key=idempotency_key,
-                fingerprint=digest.hexdigest(),
+            target = change_target(
+                request, org, super_name, table, if_match, idempotency_key, digest.hexdigest()
             )
             outcome = await _upsert(services, target, staged, fmt, key.split(","), newer_than)
-            return Response(
-                UpsertResponse(
-                    table=table,
-                    version=outcome.version,
-                    mode="upsert",
-                    inserted=outcome.result["inserted"],
-                    updated=outcome.result["updated"],
-                    unchanged=outcome.result["unchanged"],
-                    rows_removed=outcome.result["rows_removed"],
-                    event_id=outcome.event_id,
-                    replayed=outcome.replayed,
-                ),
-                headers={"ETag": f'"{outcome.version}"'},
-            )
+            return _upsert_response(table, outcome)
         result = await services.writer.ingest(
             IngestRequest(
                 org=org,
@@ -168,3 +148,20 @@ async def _upsert(
     known = {f.name: f.type for f in current.columns} if current else {}
     source = await anyio.to_thread.run_sync(open_source, staged, fmt, known)
     return await services.mutator.upsert(target, source, key, newer_than)
+
+
+def _upsert_response(table: str, outcome: Outcome) -> Response[IngestResponse | UpsertResponse]:
+    return Response(
+        UpsertResponse(
+            table=table,
+            version=outcome.version,
+            mode="upsert",
+            inserted=outcome.result["inserted"],
+            updated=outcome.result["updated"],
+            unchanged=outcome.result["unchanged"],
+            rows_removed=outcome.result["rows_removed"],
+            event_id=outcome.event_id,
+            replayed=outcome.replayed,
+        ),
+        headers={"ETag": f'"{outcome.version}"'},
+    )

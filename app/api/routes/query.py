@@ -27,7 +27,7 @@ from app.services import Services
 from events.errors import InvalidInput, LedgerError
 from events.model import now
 from projections.arrow import from_arrow, normalize_type, type_name
-from projections.query.types import Analysis, Resolver, Restricted, ViewSource
+from projections.query.types import Analysis, QueryResult, Resolver, Restricted, ViewSource
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 
@@ -192,8 +192,12 @@ async def run_query(
             await audit(0, "cancelled")
         raise
     await audit(result.table.num_rows)
+    return _encoded(result, request.headers.get("accept", ""))
+
+
+def _encoded(result: QueryResult, accept: str) -> Response[Any]:
+    """The result in the format ``Accept`` asks for: CSV, an Arrow IPC stream or JSON."""
     table = result.table
-    accept = request.headers.get("accept", "")
     headers = {
         "X-Ledgerlake-Row-Count": str(table.num_rows),
         "X-Ledgerlake-Truncated": str(result.truncated).lower(),

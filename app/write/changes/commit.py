@@ -28,7 +28,7 @@ from app.write.append import Writer
 from app.write.bodies import Plan, conform_table, table_source
 from app.write.request import append_token
 from events.errors import ConflictError, IdempotencyMismatch, InvalidInput, Unavailable, first_line
-from events.log import NEW_TABLE, Idempotency
+from events.log import NEW_TABLE, Appended, Idempotency
 from events.model import DataFile, EventBase, Field, now
 from projections.catalog import TableState
 from projections.query.engine import QueryEngine
@@ -136,16 +136,7 @@ class ChangeLoop:
         unsure = False
         try:
             for _attempt in range(self.retries + 1):
-                state = await self.reader.super_state(target.org, target.super_)
-                table = state.tables.get(target.table)
-                if table is None and not allow_new:
-                    table = await self.reader.require_table(target.org, target.super_, target.table)
-                current = table.version if table else NEW_TABLE
-                if target.if_match is not None and target.if_match != current:
-                    raise ConflictError(
-                        f"If-Match: table is at version {current}, not {target.if_match}",
-                        current_version=current,
-                    )
+                table, current = await self._current(target, allow_new)
                 if change is None or not (rebase and still_valid(change, table, self.writer)):
                     if change is not None:
                         await self._discard(change)
@@ -182,28 +173,49 @@ class ChangeLoop:
                     if target.if_match is not None:
                         raise
                     continue
-                if appended.replayed:
-                    first = msgspec.json.decode(appended.result, type=_Stored)
-                    if first.files != stored.files:
-                        # A concurrent request with the same key won.
-                        await self._discard(change)
-                        return Outcome(
-                            target.table,
-                            appended.version,
-                            appended.event_ids[-1] or None,
-                            first.result,
-                            True,
-                        )
-                # No events (a change that changes nothing) only recorded the key.
-                return Outcome(
-                    target.table, appended.version, appended.event_ids[-1] or None, change.result
-                )
+                return await self._outcome(target, change, stored, appended)
             raise await self._gave_up(target)
         except BaseException:
             if change is not None and not unsure:
                 with anyio.CancelScope(shield=True):
                     await self._discard(change)
             raise
+
+    async def _current(self, target: Target, allow_new: bool) -> tuple[TableState | None, int]:
+        """The table as it is now and its version, checked against If-Match."""
+        state = await self.reader.super_state(target.org, target.super_)
+        table = state.tables.get(target.table)
+        if table is None and not allow_new:
+            table = await self.reader.require_table(target.org, target.super_, target.table)
+        current = table.version if table else NEW_TABLE
+        if target.if_match is not None and target.if_match != current:
+            raise ConflictError(
+                f"If-Match: table is at version {current}, not {target.if_match}",
+                current_version=current,
+            )
+        return table, current
+
+    async def _outcome(
+        self, target: Target, change: Change, stored: _Stored, appended: Appended
+    ) -> Outcome:
+        """What the append did: this change, or the first one of a concurrent request
+        with the same key (whose files this change then discards)."""
+        if appended.replayed:
+            first = msgspec.json.decode(appended.result, type=_Stored)
+            if first.files != stored.files:
+                # A concurrent request with the same key won.
+                await self._discard(change)
+                return Outcome(
+                    target.table,
+                    appended.version,
+                    appended.event_ids[-1] or None,
+                    first.result,
+                    True,
+                )
+        # No events (a change that changes nothing) only recorded the key.
+        return Outcome(
+            target.table, appended.version, appended.event_ids[-1] or None, change.result
+        )
 
     async def _earlier_outcome(self, target: Target) -> Outcome | None:
         """The first outcome of a request whose Idempotency-Key was seen before."""

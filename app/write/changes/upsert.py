@@ -6,11 +6,12 @@ from collections.abc import Sequence
 
 import anyio
 
+from app.write.append import schema_events
 from app.write.bodies import Source, conform_table, plan_schema
 from app.write.changes.commit import Change, ChangeLoop, Outcome, Target
 from app.write.changes.rows import candidates, check_key_list, check_upsert_columns, merge_rows
 from events.errors import InvalidInput
-from events.model import EventBase, RowsUpserted, SchemaEvolved, TableCreated
+from events.model import EventBase, RowsUpserted
 from projections.catalog import TableState
 
 
@@ -57,28 +58,8 @@ class Upserts(ChangeLoop):
             base = target.base()
 
             def events(version: int) -> list[EventBase]:
-                out_events: list[EventBase] = []
-                if table is None:
-                    version += 1
-                    out_events.append(
-                        TableCreated(
-                            version=version,
-                            columns=columns,
-                            mirrors=self.writer.mirrors,
-                            **base,
-                        )
-                    )
-                elif plan.schema_changed:
-                    version += 1
-                    out_events.append(
-                        SchemaEvolved(
-                            version=version,
-                            columns=columns,
-                            added=plan.added,
-                            promoted=plan.promoted,
-                            **base,
-                        )
-                    )
+                out_events = schema_events(table, plan, version, self.writer.mirrors, base)
+                version += len(out_events)
                 out_events.append(
                     RowsUpserted(
                         version=version + 1,
