@@ -107,21 +107,7 @@ def publish(
         )
         return 0
     table = DeltaTable(location, storage_options=options)
-    have = {f.name: f.type for f in table.schema().fields}
-    for f in DeltaSchema.from_arrow(schema).fields:
-        if f.name in have and have[f.name] != f.type:
-            raise SchemaConflict(f"column {f.name!r} is {have[f.name]} in Delta, {f.type} now")
-    new_columns = _new_columns(table, schema)
-    if new_columns:
-        # A commit of its own (an append ignores a new schema), marked with the position
-        # the table already reflects: the files that use the columns come next.
-        previous = {k: v for k, v in table.history(1)[0].items() if k.startswith("ledgerlake.")}
-        table.alter.add_columns(
-            new_columns,
-            commit_properties=CommitProperties(custom_metadata=previous),
-            post_commithook_properties=hooks,
-        )
-        table.update_incremental()
+    _evolve(table, schema, hooks)
     current = {a["path"]: a for a in _add_actions(table)}
     actions: list[AddAction | RemoveAction] = [
         RemoveAction(path, True, now_ms, size=int(a["size_bytes"]), partition_values={})
@@ -138,6 +124,26 @@ def publish(
     )
     table.update_incremental()
     return int(table.version())
+
+
+def _evolve(table: DeltaTable, schema: pa.Schema, hooks: PostCommitHookProperties) -> None:
+    """Add the schema's new columns to the Delta table; a column whose type changed is a
+    ``SchemaConflict`` (Delta cannot retype one)."""
+    have = {f.name: f.type for f in table.schema().fields}
+    for f in DeltaSchema.from_arrow(schema).fields:
+        if f.name in have and have[f.name] != f.type:
+            raise SchemaConflict(f"column {f.name!r} is {have[f.name]} in Delta, {f.type} now")
+    new_columns = _new_columns(table, schema)
+    if new_columns:
+        # A commit of its own (an append ignores a new schema), marked with the position
+        # the table already reflects: the files that use the columns come next.
+        previous = {k: v for k, v in table.history(1)[0].items() if k.startswith("ledgerlake.")}
+        table.alter.add_columns(
+            new_columns,
+            commit_properties=CommitProperties(custom_metadata=previous),
+            post_commithook_properties=hooks,
+        )
+        table.update_incremental()
 
 
 def _unreachable(exc: Exception) -> bool:

@@ -166,20 +166,7 @@ def publish(
         if current.metadata.properties.get(INCARNATION) != incarnation:
             current = None  # the table was dropped and created again: start over
     catalog.current = current
-    if current is None:
-        tx: Any = catalog.create_table_transaction(
-            identifier,
-            schema,
-            location=location,
-            properties={
-                "format-version": "2",
-                TableProperties.METADATA_DELETE_AFTER_COMMIT_ENABLED: "true",
-                TableProperties.METADATA_PREVIOUS_VERSIONS_MAX: str(METADATA_KEEP),
-                "ledgerlake.mirror": "latest-only: written by Ledgerlake, do not write",
-            },
-        )
-    else:
-        tx = current.transaction()
+    tx = _begin(catalog, identifier, schema, location, current)
     wanted = {uri(f.key): f for f in files}
     # Which files the current snapshot holds: known from our last publish of it when
     # only files were added since (listing them reads every manifest, which grew with
@@ -201,16 +188,7 @@ def publish(
         for path in wanted
         if path not in paths
     ]
-    if removed:
-        with tx.update_snapshot(snapshot_properties=marks).overwrite() as overwrite:
-            for data_file in removed:
-                overwrite.delete_data_file(data_file)
-            for data_file in added:
-                overwrite.append_data_file(data_file)
-    elif added:
-        with tx.update_snapshot(snapshot_properties=marks).fast_append() as append:
-            for data_file in added:
-                append.append_data_file(data_file)
+    _snapshot(tx, marks, removed, added)
     # The snapshot the recorded pointer shows stays: if the runner stops before it
     # records the new pointer, the old one must still be readable.
     keep = current.metadata.current_snapshot_id if current is not None else None
@@ -222,6 +200,43 @@ def publish(
     published = str(catalog.current.metadata_location)
     _PUBLISHED.put(published, frozenset(wanted), metadata_location)
     return published
+
+
+def _begin(
+    catalog: _PointerCatalog,
+    identifier: tuple[str, ...],
+    schema: pa.Schema,
+    location: str,
+    current: Any,
+) -> Any:
+    """A transaction on the current table, or creating it (``current`` None)."""
+    if current is not None:
+        return current.transaction()
+    return catalog.create_table_transaction(
+        identifier,
+        schema,
+        location=location,
+        properties={
+            "format-version": "2",
+            TableProperties.METADATA_DELETE_AFTER_COMMIT_ENABLED: "true",
+            TableProperties.METADATA_PREVIOUS_VERSIONS_MAX: str(METADATA_KEEP),
+            "ledgerlake.mirror": "latest-only: written by Ledgerlake, do not write",
+        },
+    )
+
+
+def _snapshot(tx: Any, marks: dict[str, str], removed: list[Any], added: list[Any]) -> None:
+    """One snapshot: an overwrite when files left, a fast append when files only came."""
+    if removed:
+        with tx.update_snapshot(snapshot_properties=marks).overwrite() as overwrite:
+            for data_file in removed:
+                overwrite.delete_data_file(data_file)
+            for data_file in added:
+                overwrite.append_data_file(data_file)
+    elif added:
+        with tx.update_snapshot(snapshot_properties=marks).fast_append() as append:
+            for data_file in added:
+                append.append_data_file(data_file)
 
 
 def _evolve_schema(tx: Any, schema: pa.Schema) -> None:

@@ -83,61 +83,10 @@ class Publisher:
         files = await self._files(org, super_, table, schema)
         metadata_location = None
         if self.fmt == "delta":
-            marks = await anyio.to_thread.run_sync(
-                delta.committed, location, self.access.delta_options
-            )
-            if marks is None:
-                # A log that cannot be loaded (say, half deleted by a crash): only a
-                # mirror's own metadata, so start it over.
-                log.warning("the Delta log of %s is unreadable; recreating it", prefix)
-                await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
-                marks = {}
-            if marks and marks.get(delta.INCARNATION) != table.incarnation:
-                await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
-                marks = {}
-            if marks and _before(table.last_event_id, marks.get(delta.POSITION, "")):
-                # The mirror holds changes the log does not (the log was recovered from
-                # an archive that missed its last writes, or Redis failed over): those
-                # writes are gone, so the mirror starts over from the log.
-                log.warning("the Delta mirror of %s is ahead of the log; recreating it", prefix)
-                await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
-                marks = {}
-            if not marks or _before(marks.get(delta.POSITION, ""), table.last_event_id):
-                fresh = not marks
-                if fresh:  # a log left half-made by a crash before its first commit
-                    await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
-                try:
-                    await anyio.to_thread.run_sync(
-                        lambda: self._delta(prefix, schema, files, table, fresh)
-                    )
-                except delta.SchemaConflict as exc:
-                    # A column came back with another type (Delta cannot drop or
-                    # retype one): start the Delta table over.
-                    log.warning("recreating the Delta mirror of %s: %s", prefix, exc)
-                    await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
-                    await anyio.to_thread.run_sync(
-                        lambda: self._delta(prefix, schema, files, table, True)
-                    )
+            await self._publish_delta(prefix, location, schema, files, table)
         else:
-            current = previous.metadata_location if previous else None
-            if previous is not None and previous.incarnation != table.incarnation:
-                current = None
-            if current is None:
-                await self._delete_prefix(f"{prefix}/{METADATA_DIR['iceberg']}/")
-            metadata_location = await anyio.to_thread.run_sync(
-                lambda: iceberg.publish(
-                    self.access.iceberg_props,
-                    (f"{org}.{super_}", table.name),
-                    location,
-                    current,
-                    schema,
-                    files,
-                    self.access.uri,
-                    version=table.version,
-                    position=table.last_event_id,
-                    incarnation=table.incarnation,
-                    retention_s=self.retention_s,
-                )
+            metadata_location = await self._publish_iceberg(
+                org, super_, location, schema, files, table, previous
             )
         return MirrorStatus(
             format=self.fmt,
@@ -147,6 +96,85 @@ class Publisher:
             incarnation=table.incarnation,
             published_at=datetime.now(UTC),
             metadata_location=metadata_location,
+        )
+
+    async def _publish_delta(
+        self,
+        prefix: str,
+        location: str,
+        schema: pa.Schema,
+        files: list[MirrorFile],
+        table: TableState,
+    ) -> None:
+        """Commit the table to its Delta log, unless the log already has its position;
+        a log that is unreadable, of another incarnation, ahead of the event log or
+        half made starts over."""
+        marks = await anyio.to_thread.run_sync(delta.committed, location, self.access.delta_options)
+        if marks is None:
+            # A log that cannot be loaded (say, half deleted by a crash): only a
+            # mirror's own metadata, so start it over.
+            log.warning("the Delta log of %s is unreadable; recreating it", prefix)
+            await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
+            marks = {}
+        if marks and marks.get(delta.INCARNATION) != table.incarnation:
+            await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
+            marks = {}
+        if marks and _before(table.last_event_id, marks.get(delta.POSITION, "")):
+            # The mirror holds changes the log does not (the log was recovered from
+            # an archive that missed its last writes, or Redis failed over): those
+            # writes are gone, so the mirror starts over from the log.
+            log.warning("the Delta mirror of %s is ahead of the log; recreating it", prefix)
+            await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
+            marks = {}
+        if not marks or _before(marks.get(delta.POSITION, ""), table.last_event_id):
+            fresh = not marks
+            if fresh:  # a log left half-made by a crash before its first commit
+                await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
+            try:
+                await anyio.to_thread.run_sync(
+                    lambda: self._delta(prefix, schema, files, table, fresh)
+                )
+            except delta.SchemaConflict as exc:
+                # A column came back with another type (Delta cannot drop or
+                # retype one): start the Delta table over.
+                log.warning("recreating the Delta mirror of %s: %s", prefix, exc)
+                await self._delete_prefix(f"{prefix}/{METADATA_DIR['delta']}/")
+                await anyio.to_thread.run_sync(
+                    lambda: self._delta(prefix, schema, files, table, True)
+                )
+
+    async def _publish_iceberg(
+        self,
+        org: str,
+        super_: str,
+        location: str,
+        schema: pa.Schema,
+        files: list[MirrorFile],
+        table: TableState,
+        previous: MirrorStatus | None,
+    ) -> str:
+        """Commit the table as a new Iceberg metadata file (from the last one recorded,
+        unless its incarnation differs); its location."""
+        prefix = table_prefix(org, super_, table.name)
+        current = previous.metadata_location if previous else None
+        if previous is not None and previous.incarnation != table.incarnation:
+            current = None
+        if current is None:
+            await self._delete_prefix(f"{prefix}/{METADATA_DIR['iceberg']}/")
+        return await anyio.to_thread.run_sync(
+            lambda: iceberg.publish(
+                self.access.iceberg_props,
+                (f"{org}.{super_}", table.name),
+                location,
+                current,
+                schema,
+                files,
+                self.access.uri,
+                version=table.version,
+                position=table.last_event_id,
+                incarnation=table.incarnation,
+                retention_s=self.retention_s,
+            )
         )
 
     def _delta(

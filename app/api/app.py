@@ -28,16 +28,9 @@ from app.api.guards import require_token
 from app.api.iceberg_rest import ICEBERG_HANDLERS, iceberg_error_body
 from app.api.routes import DEPENDENCIES, ROUTES
 from app.api.schemas import ErrorBody, ErrorResponse
-from app.mcp.server import (
-    METADATA_PATHS,
-    Backend,
-    BearerGate,
-    McpConfig,
-    base_url,
-    build_server,
-    protected_resource_metadata,
-    streamable_app,
-)
+from app.mcp.backend import Backend, McpConfig
+from app.mcp.gate import METADATA_PATHS, BearerGate, base_url, protected_resource_metadata
+from app.mcp.server import build_server, streamable_app
 from app.services import Services
 from app.settings import Settings
 from events.errors import (

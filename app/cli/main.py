@@ -369,8 +369,8 @@ def _print_table(table: Any, fmt: str) -> None:
 
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
-    from app.write.append import IngestRequest
     from app.write.bodies import format_for_path
+    from app.write.request import IngestRequest
 
     org, sup, table = _split(args.table, 3, "--table")
     path = Path(args.file)
@@ -436,9 +436,9 @@ async def _upsert_file(
     fmt: str,
     args: argparse.Namespace,
 ) -> int:
-    from app.write.append import check_name
     from app.write.bodies import open_source
-    from app.write.changes.mutator import Target
+    from app.write.changes.commit import Target
+    from app.write.request import check_name
 
     for kind, name in (("org", org), ("super", sup), ("table", table)):
         check_name(kind, name)
@@ -490,7 +490,7 @@ def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
-    from app.write.changes.mutator import Target
+    from app.write.changes.commit import Target
 
     async def main(url: str) -> int:
         async with Services.open(settings, url) as services:
@@ -517,7 +517,7 @@ def cmd_expire(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from app.ops.gc import parse_duration
-    from app.write.changes.mutator import Target
+    from app.write.changes.commit import Target
 
     try:
         cutoff = datetime.now(UTC) - parse_duration(args.older_than)

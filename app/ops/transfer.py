@@ -83,6 +83,44 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+async def _whole_log(services: Services, org: str, name: str) -> list[Entry]:
+    """Every entry of a super's log, the archived part (read from the archive) too."""
+    entries: list[Entry] = []
+    after = "0-0"
+    while True:
+        page = await services.log.read(org, name, after=after, count=5000)
+        entries += [(e.id, {k: v.decode() for k, v in encode_event(e).items()}) for e in page]
+        if len(page) < 5000:
+            return entries
+        after = page[-1].id
+
+
+async def _copy_files(
+    fs: Any,
+    root: str,
+    keys: list[str],
+    out: Path,
+    report: TransferReport,
+    checksums: dict[str, str],
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Copy the data files ``keys`` under ``out/files/``, with their checksums."""
+    for key in keys:
+        dest = out / "files" / key
+        await anyio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
+
+        def copy(key: str = key, dest: Path = dest) -> int:
+            with fs.open_input_stream(root + key) as src, dest.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            return dest.stat().st_size
+
+        report.bytes += await anyio.to_thread.run_sync(copy)
+        checksums[key] = await anyio.to_thread.run_sync(_sha256, dest)
+        report.files += 1
+        if progress is not None:
+            progress(report.files)
+
+
 async def export_data(
     services: Services,
     org: str,
@@ -109,14 +147,7 @@ async def export_data(
     exported = []
     checksums: dict[str, str] = {}
     for name in names:
-        entries: list[Entry] = []
-        after = "0-0"
-        while True:  # the whole log: the archived part comes from the archive
-            page = await services.log.read(org, name, after=after, count=5000)
-            entries += [(e.id, {k: v.decode() for k, v in encode_event(e).items()}) for e in page]
-            if len(page) < 5000:
-                break
-            after = page[-1].id
+        entries = await _whole_log(services, org, name)
         data = encode_segment(entries)
         target = out / "supers" / name / "events.ndjson.gz"
         await anyio.Path(target.parent).mkdir(parents=True)
@@ -125,20 +156,7 @@ async def export_data(
             k for k in await referenced_files(services.log, services.reader, [(org, name)])
             if not k.startswith("inline/")
         )  # fmt: skip
-        for key in keys:
-            dest = out / "files" / key
-            await anyio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
-
-            def copy(key: str = key, dest: Path = dest) -> int:
-                with fs.open_input_stream(root + key) as src, dest.open("wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                return dest.stat().st_size
-
-            report.bytes += await anyio.to_thread.run_sync(copy)
-            checksums[key] = await anyio.to_thread.run_sync(_sha256, dest)
-            report.files += 1
-            if progress is not None:
-                progress(report.files)
+        await _copy_files(fs, root, keys, out, report, checksums, progress)
         exported.append(
             ExportedSuper(
                 name=name,

@@ -28,14 +28,10 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver.exceptions import ToolError
 
 from app.api.app import create_app
-from app.mcp.server import (
-    PRM_PATH,
-    Backend,
-    McpConfig,
-    encode_cursor,
-    estimate_tokens,
-    standalone_app,
-)
+from app.mcp.backend import Backend, McpConfig
+from app.mcp.budget import encode_cursor, estimate_tokens
+from app.mcp.gate import PRM_PATH
+from app.mcp.server import standalone_app
 from app.settings import Settings, package_version
 from tests.conftest import ADMIN_TOKEN
 from tests.threaded_server import ThreadedServer

@@ -19,24 +19,21 @@ import pytest
 from anyio.abc import TaskStatus
 from mcp.server.mcpserver.exceptions import ToolError
 
-from app.mcp.client import ApiError
-from app.mcp.server import (
+from app.mcp.budget import (
     CallLimiter,
-    _choose,
     _page_offset,
     _paged,
     _rows_page,
-    base_url,
     decode_cursor,
     describe_error,
     encode_cursor,
     estimate_tokens,
     fit,
-    protected_resource_metadata,
-    quote,
-    reply,
     within_budget,
 )
+from app.mcp.client import ApiError
+from app.mcp.gate import base_url, protected_resource_metadata
+from app.mcp.tools.common import _choose, quote, reply
 from app.settings import Settings
 
 # ---- helpers --------------------------------------------------------------------------

@@ -163,29 +163,11 @@ def _fetch(con: duckdb.DuckDBPyConnection, sql: str, columns: Sequence[Field]) -
     return pa.Table.from_arrays(arrays, names=[f.name for f in columns])
 
 
-def merge_rows(
-    con: duckdb.DuckDBPyConnection,
-    columns: tuple[Field, ...],
-    files: list[DataFile],
-    incoming: pa.Table,
-    key: list[str],
-    newer_than: str | None,
-    resolve_path: Callable[[str], str],
-) -> tuple[pa.Table, dict[str, int], list[int]]:
-    """The upsert on candidate ``files``: (rows to write, counts, indexes of the files to
-    rewrite). Rows written: the kept rows of each rewritten file, in order, then the
-    applied incoming rows, in order."""
-    rows = conform_to(incoming, columns)
-    rows = rows.append_column("__o", pa.array(range(rows.num_rows), pa.int64()))
-    con.register("__incoming", rows)
-    keys = ", ".join(quote_ident(k) for k in key)
-    order = (f"{quote_ident(newer_than)} DESC NULLS LAST, " if newer_than else "") + "__o DESC"
-    con.execute(
-        f"CREATE TEMP TABLE __i AS SELECT * FROM __incoming "
-        f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1"
-    )
-    con.execute(f"CREATE TEMP TABLE __s AS {ordered_files_sql(con, columns, files, resolve_path)}")
-    on = " AND ".join(f"__s.{quote_ident(k)} = __i.{quote_ident(k)}" for k in key)
+def _decide(
+    con: duckdb.DuckDBPyConnection, columns: tuple[Field, ...], on: str, newer_than: str | None
+) -> tuple[int, int, int]:
+    """Decide each incoming row (``__d``: insert, keep or update) against the stored rows
+    of its key; the counts of each."""
     same = " AND ".join(
         f"__s.{quote_ident(f.name)} IS NOT DISTINCT FROM __i.{quote_ident(f.name)}" for f in columns
     )
@@ -213,6 +195,33 @@ def merge_rows(
     ).fetchone()
     assert counts_row is not None
     inserted, updated, unchanged = (int(x) for x in counts_row)
+    return inserted, updated, unchanged
+
+
+def merge_rows(
+    con: duckdb.DuckDBPyConnection,
+    columns: tuple[Field, ...],
+    files: list[DataFile],
+    incoming: pa.Table,
+    key: list[str],
+    newer_than: str | None,
+    resolve_path: Callable[[str], str],
+) -> tuple[pa.Table, dict[str, int], list[int]]:
+    """The upsert on candidate ``files``: (rows to write, counts, indexes of the files to
+    rewrite). Rows written: the kept rows of each rewritten file, in order, then the
+    applied incoming rows, in order."""
+    rows = conform_to(incoming, columns)
+    rows = rows.append_column("__o", pa.array(range(rows.num_rows), pa.int64()))
+    con.register("__incoming", rows)
+    keys = ", ".join(quote_ident(k) for k in key)
+    order = (f"{quote_ident(newer_than)} DESC NULLS LAST, " if newer_than else "") + "__o DESC"
+    con.execute(
+        f"CREATE TEMP TABLE __i AS SELECT * FROM __incoming "
+        f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1"
+    )
+    con.execute(f"CREATE TEMP TABLE __s AS {ordered_files_sql(con, columns, files, resolve_path)}")
+    on = " AND ".join(f"__s.{quote_ident(k)} = __i.{quote_ident(k)}" for k in key)
+    inserted, updated, unchanged = _decide(con, columns, on, newer_than)
     # Stored rows replaced: every stored row whose key an applied update carries.
     replaced = f"EXISTS (SELECT 1 FROM __i JOIN __d USING (__o) WHERE __d.what = 'update' AND {on})"
     con.execute(f"CREATE TEMP TABLE __r AS SELECT __f, {replaced} AS gone FROM __s")
