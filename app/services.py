@@ -13,7 +13,6 @@ import anyio
 import redis.asyncio as aioredis
 
 from app.access.auth import AuthStore, JwtConfig
-from app.api.schemas import MirrorInfo
 from app.settings import MIRROR_FORMATS, Settings
 from app.write.append import Writer
 from app.write.changes.commit import Target
@@ -23,7 +22,7 @@ from events.errors import InvalidInput, LedgerError
 from events.redis_log import Keys, RedisEventLog, connect, guarded
 from events.storage.local import LocalStorage
 from events.storage.port import Storage
-from mirrors.status import MirrorStatuses
+from mirrors.status import MirrorInfo, MirrorStatuses
 from mirrors.status import group as mirror_group
 from projections.archiver import ARCHIVE, Archiver
 from projections.catalog import SuperState, TableState

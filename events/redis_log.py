@@ -475,3 +475,22 @@ class RedisEventLog:
                 return out
             # Everything below the mark is in ``out`` now: go on from the mark itself.
             position, exclusive = _s(mark), False
+
+
+# The largest grace period (seconds) a writer was started with: gc refuses a shorter one
+# (app/ops/gc.py), since a writer re-uploads a file only after half of *its* grace.
+RECORD_GRACE_LUA = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+
+async def record_writer_grace(client: Any, keys: Keys, grace_s: float) -> None:
+    """Called by every service at start: gc must never use a shorter grace period."""
+    await guarded(client.eval(RECORD_GRACE_LUA, 1, keys.writer_grace, grace_s))
+
+
+async def writer_grace(client: Any, keys: Keys) -> float:
+    raw = await guarded(client.get(keys.writer_grace))
+    return float(raw) if raw else 0.0

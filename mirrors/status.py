@@ -20,6 +20,21 @@ def group(fmt: str) -> str:
     return f"mirror-{fmt}"
 
 
+class MirrorInfo(msgspec.Struct, frozen=True):
+    """A table's mirror in one format, as the API shows it."""
+
+    format: str
+    enabled: bool
+    location: str | None
+    metadata_location: str | None
+    version: int | None
+    lag_versions: int
+    lag_seconds: float
+    published_at: datetime | None
+    error: str | None
+    note: str | None = None
+
+
 class MirrorStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     """One table's mirror in one format. ``version``/``position``: the table version
     and stream id the mirror reflects. ``error``: why the last publish failed (the

@@ -1,0 +1,6 @@
+"""Who may do what: ``auth.py`` (API tokens, JWTs, grants, roles, rate limits),
+``policies.py`` (row-level security and column masking) and ``audit.py`` (reading the
+audit trail).
+
+May import ``app.settings`` and the layers below (``events``, ``projections``).
+"""

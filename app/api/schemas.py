@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from events.model import ColumnStats, Field
+from mirrors.status import MirrorInfo
 from projections.arrow import type_name
 from projections.catalog import TableState
 
@@ -183,21 +184,6 @@ class ColumnStatsOut(msgspec.Struct):
     null_count: int
     min: Any = None
     max: Any = None
-
-
-class MirrorInfo(msgspec.Struct, frozen=True):
-    """A table's mirror in one format, as the API shows it."""
-
-    format: str
-    enabled: bool
-    location: str | None
-    metadata_location: str | None
-    version: int | None
-    lag_versions: int
-    lag_seconds: float
-    published_at: datetime | None
-    error: str | None
-    note: str | None = None
 
 
 class TableDetail(msgspec.Struct):

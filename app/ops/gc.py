@@ -33,10 +33,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from events.model import DataFile, Event, stream_id_tuple
-from events.redis_log import Keys, RedisEventLog, guarded
+from events.redis_log import RedisEventLog, writer_grace
 from events.storage.port import Storage, StoredObject
 from projections.catalog import TableState, apply_table
 from projections.reader import CatalogReader
@@ -52,11 +51,6 @@ MIRROR_COPY = re.compile(
     r"[a-z]+/(?P<name>[0-9a-f]{32})\.parquet$"
 )
 PAGE = 5000
-RECORD_GRACE_LUA = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
-return 1
-"""
 
 
 class GcRefused(Exception):
@@ -74,16 +68,6 @@ class GcReport:
     @property
     def orphan_bytes(self) -> int:
         return sum(o.size for o in self.orphans)
-
-
-async def record_writer_grace(client: Any, keys: Keys, grace_s: float) -> None:
-    """Called by every service at start: gc must never use a shorter grace period."""
-    await guarded(client.eval(RECORD_GRACE_LUA, 1, keys.writer_grace, grace_s))
-
-
-async def writer_grace(client: Any, keys: Keys) -> float:
-    raw = await guarded(client.get(keys.writer_grace))
-    return float(raw) if raw else 0.0
 
 
 def event_files(event: Event) -> tuple[DataFile, ...]:

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 import anyio
 import msgspec
 
-from app.ops.gc import record_writer_grace
 from app.write.bodies import Plan, Source, WrittenFile, open_source, plan_schema
 from app.write.files import DataFileWriter, off_loop
 from app.write.request import (
@@ -45,7 +44,7 @@ from events.model import (
     TableOverwritten,
     now,
 )
-from events.redis_log import RedisEventLog
+from events.redis_log import RedisEventLog, record_writer_grace
 from events.storage.port import Storage
 from projections.catalog import TableState
 from projections.reader import CatalogReader

@@ -1,0 +1,88 @@
+"""The long-running commands: ``serve`` (the API and the projector), ``worker``
+(projections only) and ``mcp`` (the MCP tools over a running Ledgerlake)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+import anyio
+
+from app.cli.common import is_loopback, redis_for
+from app.services import Services
+from app.settings import Settings
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.api.app import create_app
+
+    jwt_configured = (
+        settings.jwt_hs256_secret or settings.jwt_public_key_file or settings.jwt_jwks_url
+    )
+    if not is_loopback(settings.host) and not settings.api_token and not jwt_configured:
+        raise SystemExit(
+            f"refusing to bind {settings.host}: it is not a loopback address and no "
+            "authentication is configured (set LEDGERLAKE_API_TOKEN, or a JWT provider "
+            "with LEDGERLAKE_JWT_*)"
+        )
+    with redis_for(settings) as url:
+        app = create_app(settings, url, bootstrap=is_loopback(settings.host))
+        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    return 0
+
+
+async def _until_signal(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            stop.set()
+            return
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    async def main(url: str) -> None:
+        async with Services.open(settings, url) as services:
+            stop = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_until_signal, stop)
+                if settings.compact_interval_s > 0 and not args.burst:
+                    tg.start_soon(services.compact_forever, settings.compact_interval_s)
+                if args.burst:
+                    n = await services.catch_up()
+                    print(f"projected {n} events", file=sys.stderr)
+                else:
+                    await services.run_projections(stop)
+                tg.cancel_scope.cancel()
+
+    with redis_for(settings) as url:
+        anyio.run(main, url)
+    return 0
+
+
+def cmd_mcp(settings: Settings, args: argparse.Namespace) -> int:
+    """The MCP server as a client of a running Ledgerlake: over stdio with one token
+    (``LEDGERLAKE_TOKEN``), or over streamable HTTP, where each MCP client brings its own
+    bearer token. Either way the API decides what each call may do."""
+    from app.mcp.server import run_stdio, standalone_app
+
+    url = (args.url or os.environ.get("LEDGERLAKE_URL") or "http://127.0.0.1:8000").rstrip("/")
+    if args.transport == "stdio":
+        token = args.token or os.environ.get("LEDGERLAKE_TOKEN")
+        if not token:
+            raise SystemExit(
+                "ledgerlake mcp needs LEDGERLAKE_TOKEN: an API token (POST "
+                "/v1/principals/{id}/tokens) or a JWT, whose grants the tools will have"
+            )
+        run_stdio(settings, url, token)
+        return 0
+    import uvicorn
+
+    host, port = args.host or "127.0.0.1", args.port or 8765
+    print(f"MCP endpoint: http://{host}:{port}/mcp (Ledgerlake API: {url})", file=sys.stderr)
+    uvicorn.run(
+        standalone_app(settings, url), host=host, port=port, log_config=None, access_log=False
+    )
+    return 0
