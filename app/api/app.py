@@ -11,11 +11,10 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import anyio
-import httpx
-from litestar import Litestar, Request, Response, Router, asgi, get
+from litestar import Litestar, Request, Response, Router
 from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
@@ -26,11 +25,9 @@ from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 from app.access.auth import Forbidden, TooManyRequests, bootstrap_admin
 from app.api.guards import require_token
 from app.api.iceberg_rest import ICEBERG_HANDLERS, iceberg_error_body
+from app.api.mcp_mount import McpMount
 from app.api.routes import DEPENDENCIES, ROUTES
 from app.api.schemas import ErrorBody, ErrorResponse
-from app.mcp.backend import Backend, McpConfig
-from app.mcp.gate import METADATA_PATHS, BearerGate, base_url, protected_resource_metadata
-from app.mcp.server import build_server, streamable_app
 from app.services import Services
 from app.settings import Settings
 from events.errors import (
@@ -245,24 +242,7 @@ def create_app(
     ``LEDGERLAKE_API_TOKEN`` gets an admin token, printed once and written to
     ``<data-dir>/admin-token``."""
 
-    # MCP (streamable HTTP, stateless) at /mcp: its tools call this very app in process
-    # with the caller's token, so the API's checks apply to each of their requests.
-    mcp_backend = Backend(McpConfig.from_settings(settings))
-    mcp_server = build_server(mcp_backend)
-    # (Starlette's ASGI types, which Litestar's typed dicts do not match nominally.)
-    mcp_app: Any = BearerGate(streamable_app(mcp_server, "/"), mcp_backend, settings.public_url)
-    started = [False]
-
-    @asgi("/mcp", is_mount=True, copy_scope=True)
-    async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-        await mcp_app(scope, receive, send)
-
-    @get(list(METADATA_PATHS), include_in_schema=False)
-    async def mcp_metadata(request: Request[Any, Any, Any]) -> dict[str, Any]:
-        """RFC 9728 metadata of the MCP endpoint (how clients find the authorization
-        server)."""
-        base = base_url(cast(Any, request.scope), settings.public_url)
-        return protected_resource_metadata(base, settings)
+    mcp = McpMount(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -273,20 +253,8 @@ def create_app(
             token = await bootstrap_admin(services.auth, settings.data_dir)
             if token is not None:
                 _announce_admin_token(settings, token)
-        if started[0]:
-            # The SDK's session manager runs once: a second start of this app (tests
-            # reuse apps) gets a new one.
-            mcp_app.app = streamable_app(mcp_server, "/")
-        started[0] = True
         try:
-            async with (
-                httpx.AsyncClient(
-                    transport=httpx.ASGITransport(app=cast(Any, app)),
-                    base_url="http://ledgerlake.internal",
-                ) as mcp_backend.client,
-                mcp_server.session_manager.run(),
-                anyio.create_task_group() as tg,
-            ):
+            async with mcp.running(app), anyio.create_task_group() as tg:
                 if run_projector:
                     # Cancelled, not stopped, on shutdown: a commit is atomic, so
                     # cancelling anywhere is safe and does not wait out a blocking read.
@@ -301,7 +269,7 @@ def create_app(
             await services.close()
 
     app = Litestar(
-        route_handlers=[*ROUTES, ICEBERG, mcp_endpoint, mcp_metadata],
+        route_handlers=[*ROUTES, ICEBERG, *mcp.handlers],
         dependencies=DEPENDENCIES,
         lifespan=[lifespan],
         middleware=[RequestIdMiddleware],
@@ -315,5 +283,5 @@ def create_app(
         debug=False,
         logging_config=None,
     )
-    app.state.mcp = mcp_backend  # (its limiter's counts are visible to tests)
+    app.state.mcp = mcp.backend  # (its limiter's counts are visible to tests)
     return app
