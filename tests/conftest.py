@@ -21,6 +21,9 @@ from app.ops.embedded_redis import find_redis_server
 from app.services import Services
 from app.settings import Settings
 
+# The fixtures of real ``ledgerlake`` processes (``procs``, ``start_server``).
+pytest_plugins = ["tests.support.processes"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -121,7 +124,7 @@ def ingest(client: TestClient[Any], path: str, body: Any, **kwargs: Any) -> Any:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real S3 server (SeaweedFS ``weed mini``) on 127.0.0.1, for the whole session."""
-    from tests.s3server import start_s3
+    from tests.support.s3server import start_s3
 
     server = start_s3(tmp_path_factory.mktemp("s3"))
     yield server

@@ -16,8 +16,8 @@ from litestar.testing import TestClient
 
 from app.api.app import create_app
 from app.settings import Settings
-from tests.bodies import arrow_bytes, parquet_bytes
 from tests.conftest import authed
+from tests.support.bodies import arrow_bytes, parquet_bytes
 
 ORG, SUP, TBL = "acme", "sales", "orders"
 ROWS = f"/v1/{ORG}/{SUP}/tables/{TBL}/rows"

@@ -1,0 +1,1 @@
+"""Whole-process tests: real serve/worker processes, redis restarts and topologies, durability."""

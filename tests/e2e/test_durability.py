@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import (
+from tests.support.processes import (
     cli_env,
     embedded_redis_pid,
     is_embedded_redis_of,

@@ -22,8 +22,8 @@ import redis
 from app.services import Services
 from app.settings import Settings
 from projections.store import CATALOG
-from tests.e2e.conftest import LEDGERLAKE, Procs, cli_env
-from tests.e2e.helpers import registry_matches_log, snapshot_matches_log, write_rows
+from tests.support.processes import LEDGERLAKE, Procs, cli_env
+from tests.support.workload import registry_matches_log, snapshot_matches_log, write_rows
 
 SUPERS = (("acme", "sales"), ("acme", "ops"))
 

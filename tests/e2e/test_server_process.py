@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import free_port
-from tests.e2e.conftest import (
+from tests.support.processes import (
     Procs,
     cli_env,
     embedded_redis_pid,

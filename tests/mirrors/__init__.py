@@ -1,0 +1,1 @@
+"""The Delta and Iceberg mirrors (mirrors/): runners, faults, API and independent readers."""

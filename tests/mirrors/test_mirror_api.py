@@ -24,7 +24,7 @@ from deltalake import DeltaTable
 from app.ops.gc import collect_garbage
 from app.services import Services
 from app.settings import Settings
-from tests.api.lake import (
+from tests.support.lake import (
     ORG,
     SUP,
     TBL,
@@ -40,7 +40,7 @@ from tests.api.lake import (
     stored_files,
     table_url,
 )
-from tests.mirrors.conftest import Lake, open_lake
+from tests.support.mirror_lake import Lake, open_lake
 
 FORMATS = ("delta", "iceberg")
 

@@ -33,8 +33,6 @@ from mirrors.publisher import Publisher
 from mirrors.runner import LeaseLost, MirrorRunner
 from mirrors.status import MirrorStatus, MirrorStatuses, encode_status
 from projections.catalog import TableState
-from tests.api.lake import ORG, SUP, TBL, append, detail, ok, table_url
-from tests.mirrors.conftest import Lake, open_lake
 from tests.mirrors.test_mirror_runner import (
     FORMATS,
     delta_commits,
@@ -48,6 +46,8 @@ from tests.mirrors.test_mirror_runner import (
     runner,
     with_services,
 )
+from tests.support.lake import ORG, SUP, TBL, append, detail, ok, table_url
+from tests.support.mirror_lake import Lake, open_lake
 
 LEASE_MS = 300
 

@@ -25,7 +25,7 @@ from app.ops.gc import collect_garbage
 from app.services import Services
 from app.settings import Settings
 from mirrors.runner import MirrorRunner
-from tests.api.lake import (
+from tests.support.lake import (
     ORG,
     SUP,
     TBL,
@@ -38,7 +38,7 @@ from tests.api.lake import (
     table_url,
     upsert,
 )
-from tests.mirrors.conftest import Lake, open_lake
+from tests.support.mirror_lake import Lake, open_lake
 
 T = TypeVar("T")
 FORMATS = ("delta", "iceberg")

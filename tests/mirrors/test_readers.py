@@ -40,8 +40,8 @@ import pytest
 from app.settings import Settings
 from projections.query.extensions import EXTENSIONS, install_extensions
 from tests.conftest import ADMIN_TOKEN
-from tests.mirrors import readers as rd
-from tests.mirrors.conftest import Lake, open_lake
+from tests.support import mirror_readers as rd
+from tests.support.mirror_lake import Lake, open_lake
 
 # polars plans Iceberg scans with pyiceberg unless the (absent) polars_iceberg plugin is
 # installed, and says so once per scan.

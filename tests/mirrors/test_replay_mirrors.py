@@ -8,8 +8,8 @@ from deltalake import DeltaTable
 from pyiceberg.table import StaticTable
 
 from app.services import Services
-from tests.api.lake import append, ok, table_url
-from tests.mirrors.conftest import Lake
+from tests.support.lake import append, ok, table_url
+from tests.support.mirror_lake import Lake
 
 
 def _reset(lake: Lake) -> int:

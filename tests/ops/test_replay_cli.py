@@ -12,8 +12,8 @@ from app.services import Services
 from app.settings import Settings
 from projections.catalog import TableState
 from projections.store import encode_table
-from tests.e2e.conftest import Procs, cli_env
-from tests.e2e.helpers import registry_matches_log, snapshot_matches_log, write_rows
+from tests.support.processes import Procs, cli_env
+from tests.support.workload import registry_matches_log, snapshot_matches_log, write_rows
 
 
 @pytest.mark.anyio

@@ -1,4 +1,4 @@
-"""Statement checks on parsed trees (the engine enforces the rest; see tests/api)."""
+"""Statement checks on parsed trees (the engine enforces the rest; see test_query_safety.py)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Procs, cli_env
+from tests.support.processes import Procs, cli_env
 
 ORDERS = "/v1/acme/sales/tables/orders"
 

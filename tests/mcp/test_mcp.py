@@ -34,7 +34,7 @@ from app.mcp.gate import PRM_PATH
 from app.mcp.server import standalone_app
 from app.settings import Settings, package_version
 from tests.conftest import ADMIN_TOKEN
-from tests.threaded_server import ThreadedServer
+from tests.support.threaded_server import ThreadedServer
 
 pytestmark = pytest.mark.anyio
 

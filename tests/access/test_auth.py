@@ -15,8 +15,8 @@ from app.api.app import create_app
 from app.settings import Settings
 from events.model import TokenIssued, now
 from events.redis_log import Keys, connect
-from tests.api.lake import assert_error, ok
 from tests.conftest import ADMIN_TOKEN, authed
+from tests.support.lake import assert_error, ok
 
 Client = TestClient[Any]
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.e2e.conftest import (
+from tests.support.processes import (
     Procs,
     cli_env,
     embedded_redis_pid,

@@ -13,9 +13,9 @@ from litestar.testing import AsyncTestClient, TestClient
 
 from app.api.app import create_app
 from app.settings import Settings
-from tests.bodies import arrow_bytes, parquet_bytes
 from tests.conftest import ADMIN_TOKEN, authed
-from tests.threaded_server import ThreadedServer
+from tests.support.bodies import arrow_bytes, parquet_bytes
+from tests.support.threaded_server import ThreadedServer
 
 ROWS = "/v1/acme/sales/tables/orders/rows"
 QUERY = "/v1/acme/sales/query"

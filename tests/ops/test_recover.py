@@ -19,7 +19,7 @@ from app.services import Services
 from app.settings import Settings
 from projections.replay import replay
 from tests.conftest import authed, start_redis
-from tests.mirrors.readers import (
+from tests.support.mirror_readers import (
     Storage,
     mirror_of,
     read_deltalake,

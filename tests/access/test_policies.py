@@ -9,8 +9,8 @@ from litestar.testing import TestClient
 
 from app.api.app import create_app
 from app.settings import Settings
-from tests.api.lake import assert_error, ok
 from tests.conftest import authed
+from tests.support.lake import assert_error, ok
 
 Client = TestClient[Any]
 URL = "/v1/acme/sales/tables/people"

@@ -30,7 +30,7 @@ from app.api.app import create_app
 from app.api.iceberg_rest import ICEBERG_HANDLERS
 from app.settings import Settings
 from tests.conftest import ADMIN_TOKEN
-from tests.mirrors.conftest import Lake
+from tests.support.mirror_lake import Lake
 
 ORGS = ("acme", "other")
 # Every table of the world: (org, super, table).

@@ -104,8 +104,8 @@ def test_object_store_failing_mid_upload_is_503_and_appends_nothing(
     import msgspec
     import pyarrow as pa
 
-    from tests.bodies import parquet_bytes
-    from tests.faultproxy import CuttingProxy
+    from tests.support.bodies import parquet_bytes
+    from tests.support.faultproxy import CuttingProxy
 
     host, port = s3_server.endpoint.removeprefix("http://").split(":")
     bucket = f"ll-{_uuid.uuid4().hex[:12]}"

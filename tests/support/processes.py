@@ -1,4 +1,6 @@
-"""End-to-end helpers: real ``ledgerlake`` processes, started and stopped by pid.
+"""Real ``ledgerlake`` processes, started and stopped by pid: helpers and the ``procs`` and
+``start_server`` fixtures (a plugin of tests/conftest.py, so they reach every package that
+runs processes: tests/cli, tests/ops, tests/e2e).
 
 Every process a test starts goes through the ``procs`` fixture, which kills whatever is
 still running at teardown (by pid, never by name). Embedded redis-servers are spawned by

@@ -19,7 +19,8 @@ from app.ops.gc import collect_garbage
 from app.services import Services
 from app.settings import Settings
 from app.write.changes.commit import Outcome, Target
-from tests.api.lake import (
+from tests.conftest import authed
+from tests.support.lake import (
     ORG,
     SUP,
     TBL,
@@ -38,7 +39,6 @@ from tests.api.lake import (
     table_url,
     upsert,
 )
-from tests.conftest import authed
 
 ALL = "select * from orders order by all"
 

@@ -18,7 +18,7 @@ from app.services import Services
 from app.settings import Settings
 from events.errors import InvalidInput
 from tests.conftest import authed, start_redis
-from tests.mirrors.readers import sync
+from tests.support.mirror_readers import sync
 
 SALES = "/v1/acme/sales/tables"
 

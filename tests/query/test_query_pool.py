@@ -25,7 +25,7 @@ from events.redis_log import Keys
 from projections.query.engine import QueryEngine
 from projections.query.pool import ConnectionPool, Pooled
 from projections.query.types import Analysis, QueryLimits, ViewSource
-from tests.api.lake import assert_error, ok
+from tests.support.lake import assert_error, ok
 
 Client = TestClient[Any]
 ORG, SUP = "acme", "sales"

@@ -12,7 +12,9 @@ from litestar.testing import TestClient
 
 from app.api.app import create_app
 from app.settings import Settings
-from tests.api.lake import (
+from tests.conftest import authed
+from tests.support.bodies import arrow_bytes, parquet_bytes
+from tests.support.lake import (
     ARROW,
     ORG,
     TBL,
@@ -34,8 +36,6 @@ from tests.api.lake import (
     upsert_call,
     version_of,
 )
-from tests.bodies import arrow_bytes, parquet_bytes
-from tests.conftest import authed
 
 ALL = "select * from orders order by all"
 

@@ -20,8 +20,8 @@ from litestar.testing import TestClient
 
 from app.api.app import create_app
 from app.settings import Settings
-from tests.api.lake import assert_error, ok
 from tests.conftest import authed
+from tests.support.lake import assert_error, ok
 
 SECRET = "shared-secret-for-tests-0123456789abcdef"
 ISS, AUD = "https://idp.example", "ledgerlake"

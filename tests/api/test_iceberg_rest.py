@@ -26,7 +26,7 @@ from app.api.app import create_app
 from app.services import Services
 from app.settings import Settings
 from projections.query.extensions import install_extensions
-from tests.threaded_server import ThreadedServer
+from tests.support.threaded_server import ThreadedServer
 
 ORG, SUP, TBL = "acme", "sales", "orders"
 TOKEN = "iceberg-test-token"

@@ -1,0 +1,1 @@
+"""Access control (app/access): principals and tokens, JWT, policies, the authorization matrices."""

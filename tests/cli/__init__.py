@@ -1,0 +1,1 @@
+"""The ``ledgerlake`` command line (app/cli), run as a user runs it."""

@@ -1,0 +1,1 @@
+"""Operations (app/ops): recover, rebuild-from-storage, replay, export/import transfer, gc."""

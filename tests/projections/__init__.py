@@ -1,0 +1,1 @@
+"""Projections (projections/): the catalog fold, the projection runner, arrow type rules."""

@@ -1,0 +1,1 @@
+"""The sandboxed DuckDB query engine (projections/query): SQL checks, safety, pool, slots."""

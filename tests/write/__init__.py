@@ -1,0 +1,1 @@
+"""The write path (app/write): ingest, append races, changes/ (upsert, delete, restore, expire)."""
