@@ -33,7 +33,7 @@ from app.mcp.budget import (
 )
 from app.mcp.client import ApiError
 from app.mcp.gate import base_url, protected_resource_metadata
-from app.mcp.tools.common import _choose, quote, reply
+from app.mcp.tools.common import choose_columns, quote, reply
 from app.settings import Settings
 
 # ---- helpers --------------------------------------------------------------------------
@@ -794,7 +794,7 @@ def test_quote_round_trips_through_duckdb(name: str) -> None:
         assert relation.fetchall() == [(7,)]
 
 
-# ---- _choose --------------------------------------------------------------------------
+# ---- choose_columns --------------------------------------------------------------------------
 
 COLUMNS = [
     {"name": "id", "type": "int64"},
@@ -804,18 +804,18 @@ COLUMNS = [
 
 
 def test_choose_all_when_none_asked() -> None:
-    assert _choose(COLUMNS, None) == COLUMNS
-    assert _choose(COLUMNS, []) == COLUMNS
+    assert choose_columns(COLUMNS, None) == COLUMNS
+    assert choose_columns(COLUMNS, []) == COLUMNS
 
 
 def test_choose_follows_the_request_order() -> None:
-    assert _choose(COLUMNS, ["amount", "id"]) == [COLUMNS[2], COLUMNS[0]]
-    assert _choose(COLUMNS, ["email"]) == [COLUMNS[1]]
+    assert choose_columns(COLUMNS, ["amount", "id"]) == [COLUMNS[2], COLUMNS[0]]
+    assert choose_columns(COLUMNS, ["email"]) == [COLUMNS[1]]
 
 
 def test_choose_unknown_column_lists_the_available_ones() -> None:
     with pytest.raises(ToolError) as refused:
-        _choose(COLUMNS, ["id", "nope", "also_not"])
+        choose_columns(COLUMNS, ["id", "nope", "also_not"])
     text = str(refused.value)
     assert "'nope'" in text and "'also_not'" in text
     assert "'id'" not in text  # only the missing ones are named as missing
@@ -826,7 +826,7 @@ def test_choose_unknown_column_lists_the_available_ones() -> None:
 
 def test_choose_from_no_columns() -> None:
     with pytest.raises(ToolError, match="none"):
-        _choose([], ["x"])
+        choose_columns([], ["x"])
 
 
 # ---- base_url and the RFC 9728 metadata -----------------------------------------------

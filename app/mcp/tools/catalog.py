@@ -18,8 +18,8 @@ from app.mcp.tools.common import (
     Reply,
     Super,
     Table,
-    _choose,
     answer,
+    choose_columns,
     fetch,
     is_nested,
     quote,
@@ -117,7 +117,7 @@ def _register_table_detail(server: MCPServer, backend: Backend) -> None:
     ) -> Reply:
         async with backend.call(ctx) as api:
             available = await view_columns(api, org, super, table, as_of_version)
-            chosen = _choose(available, columns)
+            chosen = choose_columns(available, columns)
             sql = _stats_sql(chosen, table)
             result = await run_query(api, org, super, {"sql": sql, "as_of_version": as_of_version})
         row = result["rows"][0]

@@ -56,7 +56,9 @@ Table = Annotated[str, Field(description="Table name, from list_tables")]
 Cursor = Annotated[str | None, Field(description="next_cursor of a previous page, as is")]
 
 
-def _choose(available: list[dict[str, str]], wanted: list[str] | None) -> list[dict[str, str]]:
+def choose_columns(
+    available: list[dict[str, str]], wanted: list[str] | None
+) -> list[dict[str, str]]:
     """The columns named in ``wanted`` (all when None), from the caller's view."""
     if not wanted:
         return available

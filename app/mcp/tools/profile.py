@@ -23,8 +23,8 @@ from app.mcp.tools.common import (
     Reply,
     Super,
     Table,
-    _choose,
     answer,
+    choose_columns,
     is_nested,
     is_numeric,
     quote,
@@ -65,7 +65,7 @@ def _register_sample_rows(server: MCPServer, backend: Backend) -> None:
     ) -> Reply:
         async with backend.call(ctx) as api:
             if columns:
-                chosen = _choose(await view_columns(api, org, super, table), columns)
+                chosen = choose_columns(await view_columns(api, org, super, table), columns)
                 select = ", ".join(quote(c["name"]) for c in chosen)
             else:
                 select = "*"
@@ -95,7 +95,7 @@ def _register_profile_column(server: MCPServer, backend: Backend) -> None:
         bins: Annotated[int, Field(ge=2, le=100, description="Histogram bins (numbers)")] = 10,
     ) -> Reply:
         async with backend.call(ctx) as api:
-            (col,) = _choose(await view_columns(api, org, super, table), [column])
+            (col,) = choose_columns(await view_columns(api, org, super, table), [column])
             q, t, numeric = quote(col["name"]), quote(table), is_numeric(col["type"])
             exprs = ["count(*)", f"count(*) - count({q})"]
             if not is_nested(col["type"]):
