@@ -55,6 +55,14 @@ log = logging.getLogger("ledgerlake.writes")
 T = TypeVar("T")
 
 
+async def backoff(attempt: int) -> None:
+    """Wait a little, at random, before retry ``attempt`` (0: none) after another
+    process's commit won the compare-and-set: exponential, capped at 50 ms, full jitter,
+    so that writers of other processes that collided do not collide again in step."""
+    if attempt:
+        await anyio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+
+
 class _WaitedTooLong(Exception):
     """A staged file waited for its table's turn past ``max_file_age_s``."""
 
@@ -278,9 +286,7 @@ class Writer(DataFileWriter):
         self, req: IngestRequest, turn: _Turn, at: _Attempt, attempt: int
     ) -> None:
         """Read the table again after another process's commit won."""
-        if attempt:
-            # Another process keeps winning: back off a little, at random.
-            await anyio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+        await backoff(attempt)
         at.seen = turn.commits
         at.table = (await self.reader.super_state(req.org, req.super_)).tables.get(req.table)
         fresh = {f.name: f.type for f in at.table.columns} if at.table else {}
@@ -292,7 +298,12 @@ class Writer(DataFileWriter):
             at.written = None
 
     def _turn(self, req: IngestRequest) -> _Turn:
-        key = (req.org, req.super_, req.table)
+        return self.turn(req.org, req.super_, req.table)
+
+    def turn(self, org: str, super_: str, table: str) -> _Turn:
+        """The commit turn of one table in this process, which appends and changes of
+        that table take (``async with turn.lock``), counting commits as they make them."""
+        key = (org, super_, table)
         turn = self._turns.get(key)
         if turn is None:
             turn = self._turns[key] = _Turn()

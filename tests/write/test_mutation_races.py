@@ -157,6 +157,15 @@ class GatedMutator(Mutator):
 
 
 @pytest.fixture
+async def elsewhere(services: Services) -> AsyncIterator[Services]:
+    """Another API process on the same Redis and storage as ``services``: where the
+    interloping writes of the deterministic races come from (in one process, changes
+    take turns, so nothing can land between computing a change and committing it)."""
+    async with Services.open(services.settings, services.settings.redis_url) as other:
+        yield other
+
+
+@pytest.fixture
 def patient_settings(settings: Settings) -> Settings:
     return msgspec.structs.replace(settings, merge_retries=100, write_retries=100)
 
@@ -339,7 +348,7 @@ class LateReader(CatalogReader):
 
 @pytest.mark.parametrize("op", ["upsert", "delete"])
 async def test_a_concurrent_duplicate_with_one_idempotency_key_gets_the_first_result(
-    services: Services, tmp_path: Path, op: str
+    services: Services, elsewhere: Services, tmp_path: Path, op: str
 ) -> None:
     # Two requests with one Idempotency-Key (a client retrying after a lost reply while
     # its first request is still running): the second passes the key check before the
@@ -358,8 +367,8 @@ async def test_a_concurrent_duplicate_with_one_idempotency_key_gets_the_first_re
     async def first() -> None:
         outcomes.append(await run(services.mutator))
 
-    second = Mutator(services.writer, services.engine)
-    second.reader = LateReader(services, first)
+    second = Mutator(elsewhere.writer, elsewhere.engine)  # on another process
+    second.reader = LateReader(elsewhere, first)
     outcomes.append(await run(second))
 
     first_outcome, retry = outcomes
@@ -520,8 +529,9 @@ async def seed_small_files(services: Services, tmp: Path, files: int = 4) -> Non
 
 
 def interlopers(services: Services, tmp: Path) -> dict[str, tuple[Interloper, dict[int, int]]]:
-    """Competing writes (each through the services' own writer and mutator), and the
-    contents of the table after SEED plus that write alone."""
+    """Competing writes (each through the services' own writer and mutator: another
+    process than the change's), and the contents of the table after SEED plus that
+    write alone."""
     base = kv(SEED_ROWS)
     return {
         "append": (lambda: append(services, tmp, [{"id": 100, "v": 1}]), {**base, 100: 1}),
@@ -559,13 +569,16 @@ OPS = ["upsert", "delete", "compact"]
 INTERLOPERS = ["append", "upsert", "delete"]
 
 
-@pytest.mark.parametrize("interloper", INTERLOPERS)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(
+    ("op", "interloper"),
+    # (Compaction rebases onto an append at once, which is no retry: see section 4.)
+    [(op, i) for op in OPS for i in INTERLOPERS if (op, i) != ("compact", "append")],
+)
 async def test_no_retries_left_is_a_conflict_leaving_no_event_and_no_file(
-    services: Services, tmp_path: Path, op: str, interloper: str
+    services: Services, elsewhere: Services, tmp_path: Path, op: str, interloper: str
 ) -> None:
     await seed_small_files(services, tmp_path)
-    other, expected = interlopers(services, tmp_path)[interloper]
+    other, expected = interlopers(elsewhere, tmp_path)[interloper]
     mutator = GatedMutator(services, other, retries=0)
     before = len(await table_events(services))
 
@@ -583,10 +596,10 @@ async def test_no_retries_left_is_a_conflict_leaving_no_event_and_no_file(
 
 @pytest.mark.parametrize("op", OPS)
 async def test_giving_up_reports_the_version_the_table_is_at(
-    services: Services, tmp_path: Path, op: str
+    services: Services, elsewhere: Services, tmp_path: Path, op: str
 ) -> None:
     await seed_small_files(services, tmp_path)
-    other, _ = interlopers(services, tmp_path)["append"]
+    other, _ = interlopers(elsewhere, tmp_path)["upsert"]
     mutator = GatedMutator(services, other, retries=0)
 
     with pytest.raises(ConflictError) as caught:
@@ -600,36 +613,96 @@ async def test_giving_up_reports_the_version_the_table_is_at(
     assert caught.value.current_version == await current_version(services)
 
 
+# Whether our change (upsert of id 0, delete of id 3) rebases onto the interloper's
+# write from another process, or computes again: it rebases when every file it rewrote
+# is still current and no file the write added holds a key it changes. SEED is in files
+# {0, 1}, {2, 3}, {4, 5}, {6, 7}.
+REBASES = {
+    ("upsert", "append"): True,  # id 100's new file holds no id 0
+    ("upsert", "upsert"): False,  # id 1's upsert rewrote {0, 1}, which ours rewrites
+    ("upsert", "delete"): True,  # id 2's delete rewrote {2, 3}, not ours
+    ("delete", "append"): True,
+    ("delete", "upsert"): True,  # {0, 1} rewritten: not ours, and it holds no id 3
+    ("delete", "delete"): False,  # {2, 3} rewritten: ours is gone
+}
+
+
 @pytest.mark.parametrize("interloper", INTERLOPERS)
 @pytest.mark.parametrize("op", ["upsert", "delete"])
-async def test_one_retry_recomputes_on_top_of_the_competing_write(
-    services: Services, tmp_path: Path, op: str, interloper: str
+async def test_one_retry_rebases_or_recomputes_on_top_of_the_competing_write(
+    services: Services, elsewhere: Services, tmp_path: Path, op: str, interloper: str
 ) -> None:
     await seed_small_files(services, tmp_path)
-    other, expected = interlopers(services, tmp_path)[interloper]
+    other, expected = interlopers(elsewhere, tmp_path)[interloper]
     mutator = GatedMutator(services, other, retries=1)
 
     outcome = await ours(op, mutator, tmp_path)
 
     assert outcome.version == await current_version(services)
-    assert len(mutator.outputs) == 2  # computed again against the new version
-    first, second = mutator.outputs
-    assert first is not None and not await services.storage.exists(first.path)
-    # (None: the recomputed delete emptied its file, so there was nothing to publish.)
-    assert second is None or await services.storage.exists(second.path)
+    if REBASES[op, interloper]:
+        assert len(mutator.outputs) == 1  # its file kept, its event appended one later
+        only = mutator.outputs[0]
+        assert only is not None and await services.storage.exists(only.path)
+    else:
+        assert len(mutator.outputs) == 2  # computed again against the new version
+        first, second = mutator.outputs
+        assert first is not None and not await services.storage.exists(first.path)
+        # (None: the recomputed delete emptied its file, so there was nothing to publish.)
+        assert second is None or await services.storage.exists(second.path)
     assert kv((await read_current(services))[1]) == apply_ours(op, expected)
+    assert kv((await read_current(elsewhere))[1]) == apply_ours(op, expected)
     await assert_no_orphans(services)
 
 
-async def test_racing_upserts_without_retries_commit_or_fail_cleanly(
-    settings: Settings, tmp_path: Path
+async def test_a_delete_by_condition_recomputes_when_a_new_file_holds_a_match(
+    services: Services, elsewhere: Services, tmp_path: Path
 ) -> None:
-    # Eight upserts at a time against one file, no retries: some lose with a conflict.
-    # Exactly the winners' rows must be in the table, one event each, and the losers'
-    # files must be gone.
+    # Another process appends a row the condition matches while ours is computed: the
+    # rebase must not drop it silently, so the delete computes again and removes it.
+    await seed_small_files(services, tmp_path)
+    new_row = lambda: append(elsewhere, tmp_path, [{"id": 100, "v": 0}])  # noqa: E731
+    mutator = GatedMutator(services, new_row, retries=1)
+
+    outcome = await mutator.delete(Target(ORG, SUP, T), where="v = 0 and id >= 6")
+
+    assert len(mutator.outputs) == 2
+    assert outcome.result["rows_removed"] == 3
+    assert kv((await read_current(services))[1]) == {i: 0 for i in range(6)}
+    await assert_no_orphans(services)
+
+
+async def test_an_upsert_recomputes_when_a_new_file_holds_its_key(
+    services: Services, elsewhere: Services, tmp_path: Path
+) -> None:
+    # Another process appends a row with our key (a duplicate the upsert must replace):
+    # a rebase would leave two rows of id 0; computing again replaces both.
+    await seed_small_files(services, tmp_path)
+    dup = lambda: append(elsewhere, tmp_path, [{"id": 0, "v": 5}])  # noqa: E731
+    mutator = GatedMutator(services, dup, retries=1)
+
+    outcome = await upsert(mutator, tmp_path, [{"id": 0, "v": 9}])
+
+    assert len(mutator.outputs) == 2
+    assert outcome.result["updated"] == 1
+    assert kv((await read_current(services))[1]) == {**kv(SEED_ROWS), 0: 9}
+    await assert_no_orphans(services)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+async def test_racing_upserts_without_retries_commit_or_fail_cleanly(
+    settings: Settings, tmp_path: Path, processes: int
+) -> None:
+    # Eight upserts at a time against one file, no retries. In one process they take
+    # turns: all commit. Across two, each rewrites the file the other's winner rewrote:
+    # some lose with a conflict. Exactly the winners' rows must be in the table, one
+    # event each, and the losers' files must be gone.
     no_retries = msgspec.structs.replace(settings, merge_retries=0)
-    async with Services.open(no_retries, no_retries.redis_url) as services:
-        await append(services, tmp_path, [{"id": i, "v": 0} for i in range(WRITERS)])
+    async with AsyncExitStack() as stack:
+        pods = [
+            await stack.enter_async_context(Services.open(no_retries, no_retries.redis_url))
+            for _ in range(processes)
+        ]
+        await append(pods[0], tmp_path, [{"id": i, "v": 0} for i in range(WRITERS)])
         expected = {i: 0 for i in range(WRITERS)}
         won, lost = 0, 0
         for r in range(1, 6):
@@ -638,7 +711,7 @@ async def test_racing_upserts_without_retries_commit_or_fail_cleanly(
             async def upserter(w: int, r: int = r, winners: list[int] = winners) -> None:
                 nonlocal lost
                 try:
-                    await upsert(services.mutator, tmp_path, [{"id": w, "v": r}])
+                    await upsert(pods[w % processes].mutator, tmp_path, [{"id": w, "v": r}])
                 except ConflictError:
                     lost += 1
                 else:
@@ -651,12 +724,15 @@ async def test_racing_upserts_without_retries_commit_or_fail_cleanly(
             assert winners, "someone must win each round"
             won += len(winners)
             expected.update({w: r for w in winners})
-            assert kv((await read_current(services))[1]) == expected
+            assert kv((await read_current(pods[0]))[1]) == expected
 
-        assert lost > 0, "the upserts never raced"
-        events = await table_events(services)
+        if processes == 1:
+            assert lost == 0, "changes of one process took no turns"
+        else:
+            assert lost > 0, "the upserts never raced"
+        events = await table_events(pods[0])
         assert sum(isinstance(e, RowsUpserted) for e in events) == won
-        await assert_no_orphans(services)
+        await assert_no_orphans(pods[0])
 
 
 # -- 4. compaction never blocks writers, and a conflicting write wins --------------------
@@ -806,14 +882,14 @@ async def test_if_match_with_a_stale_version_is_a_conflict_without_computing(
 @pytest.mark.parametrize("interloper", INTERLOPERS)
 @pytest.mark.parametrize("op", OPS)
 async def test_if_match_overtaken_before_the_commit_is_a_conflict_without_retry(
-    services: Services, tmp_path: Path, op: str, interloper: str
+    services: Services, elsewhere: Services, tmp_path: Path, op: str, interloper: str
 ) -> None:
     # If-Match names the current version, but a write lands between computing the
     # change and committing it: 409 even with retries to spare, computed only once.
     await seed_small_files(services, tmp_path)
     now = await current_version(services)
     before = len(await table_events(services))
-    other, expected = interlopers(services, tmp_path)[interloper]
+    other, expected = interlopers(elsewhere, tmp_path)[interloper]
     mutator = GatedMutator(services, other, retries=100)
 
     with pytest.raises(ConflictError) as caught:

@@ -1,12 +1,19 @@
-"""The commit loop every copy-on-write change shares, and the shape of a change.
+"""The commit loop every change shares, and the shape of a change.
 
 Each change is computed against one table version: the files it must rewrite are read
 (through DuckDB, like queries read them), the rewritten rows are published as a new
 file (or inlined, when tiny), and one event records the files removed and added. The
-event is appended only if the table is still at that version; if it moved on, the
-change is computed again against the new version (up to ``retries`` times, then 409),
-so no concurrent update is ever lost. Compaction alone may *rebase* without recomputing:
-its output is still right if every file it merged is still current.
+event is appended only if the table is still at that version (compare-and-set).
+
+Fairness. In one process, the changes and appends of a table take turns (the writer's
+per-table turn): a change is computed and appended under the turn, so no writer of
+this process commits in between and its compare-and-set fails only to another
+process. Then the change is *rebased* when it still applies unchanged (``still_valid``:
+same schema, every file it rewrote still current, no file added since holding a row it
+had to see), else computed again; retries back off with jitter, and after ``retries``
+of them it is a 409. Compaction, which may be long, is computed outside the turn and
+rebased under it. So a 409 means a real conflict (or a stale If-Match), not a writer
+that was merely slower than its neighbours.
 
 A failed or conflicting attempt deletes the files it published, except while an append's
 outcome is unknown (a lost connection): then they stay, referenced or orphans for gc.
@@ -24,7 +31,7 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
-from app.write.append import Writer
+from app.write.append import Writer, backoff
 from app.write.bodies import Plan, conform_table, table_source
 from app.write.request import append_token
 from events.errors import ConflictError, IdempotencyMismatch, InvalidInput, Unavailable, first_line
@@ -69,6 +76,24 @@ class Change:
     inputs: tuple[str, ...] = ()
     columns: tuple[Field, ...] = ()
     published_at: float = field(default_factory=time.monotonic)
+    # Whether it may be rebased onto a later version (see ``still_valid``) instead of
+    # computed again, and if so, whether files added since may hold rows the change
+    # had to see (None: no added file matters).
+    rebase: bool = False
+    conflicts: Callable[[list[DataFile]], bool] | None = None
+    # Filled in by the commit loop: the version it was computed against, and the
+    # files of that version.
+    version: int = NEW_TABLE
+    seen: frozenset[str] = frozenset()
+
+
+@dataclass
+class _Attempt:
+    """A change across its attempts, and whether its append's outcome is unknown (a
+    lost connection: then its files stay, referenced or orphans for gc)."""
+
+    change: Change | None = None
+    unsure: bool = False
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -126,60 +151,97 @@ class ChangeLoop:
         prepare: Callable[[TableState | None], Awaitable[Change | None]],
         *,
         allow_new: bool = False,
-        rebase: bool = False,
+        outside_turn: bool = False,
     ) -> Outcome:
+        """Compute the change and append its events, taking the table's turn in this
+        process (with its appends and other changes) so that no other writer here
+        commits between the read and the append. ``outside_turn``: compute without the
+        turn (compaction, which may be long and rebases when its inputs are current)."""
         earlier = await self._earlier_outcome(target)
         if earlier is not None:
             return earlier
-        key, fingerprint, ttl = append_token(target.idempotency_key, target.fingerprint)
-        change: Change | None = None
-        unsure = False
+        token = append_token(target.idempotency_key, target.fingerprint)
+        turn = self.writer.turn(target.org, target.super_, target.table)
+        attempt = _Attempt()
         try:
-            for _attempt in range(self.retries + 1):
-                table, current = await self._current(target, allow_new)
-                if change is None or not (rebase and still_valid(change, table, self.writer)):
-                    if change is not None:
-                        await self._discard(change)
-                        change = None
-                    change = await prepare(table) or Change(lambda _: [], {})
-                events = change.events(current)
-                if not events and target.idempotency_key is None:
-                    return Outcome(target.table, current, None, change.result)
-                if table is None:
-                    await self.writer.register(
-                        target.org, target.super_, target.actor, target.request_id
-                    )
-                await self.writer.record_grace()
-                stored = _Stored(change.result, [f.path for f in change.added])
-                idem = Idempotency(
-                    key=key,
-                    fingerprint=fingerprint,
-                    result=msgspec.json.encode(stored),
-                    ttl_s=ttl,
-                )
-                try:
-                    unsure = True
-                    appended = await self.log.append(
-                        target.org,
-                        target.super_,
-                        target.table,
-                        events,
-                        expected_version=current,
-                        idempotency=idem,
-                    )
-                    unsure = False
-                except ConflictError:
-                    unsure = False
-                    if target.if_match is not None:
-                        raise
-                    continue
-                return await self._outcome(target, change, stored, appended)
+            for n in range(self.retries + 1):
+                await backoff(n)
+                if outside_turn and attempt.change is None:
+                    table, _ = await self._current(target, allow_new)
+                    attempt.change = await _prepared(prepare, table)
+                async with turn.lock:
+                    table, current = await self._current(target, allow_new)
+                    if not await self._still_applies(attempt, table):
+                        if outside_turn:
+                            continue  # compute again, outside the turn
+                        attempt.change = await _prepared(prepare, table)
+                    outcome = await self._append(target, attempt, table, current, token)
+                    if outcome is not None:
+                        turn.commits += 1
+                        return outcome
             raise await self._gave_up(target)
         except BaseException:
-            if change is not None and not unsure:
+            if attempt.change is not None and not attempt.unsure:
                 with anyio.CancelScope(shield=True):
-                    await self._discard(change)
+                    await self._discard(attempt.change)
             raise
+
+    async def _still_applies(self, attempt: _Attempt, table: TableState | None) -> bool:
+        """Whether the attempt's change applies to ``table`` as it is (rebased if the
+        table moved on); if not, its files are discarded."""
+        change = attempt.change
+        if change is None:
+            return False
+        if (table.version if table else NEW_TABLE) == change.version:
+            return True
+        if change.rebase and await anyio.to_thread.run_sync(
+            still_valid, change, table, self.writer
+        ):
+            return True
+        await self._discard(change)
+        attempt.change = None
+        return False
+
+    async def _append(
+        self,
+        target: Target,
+        attempt: _Attempt,
+        table: TableState | None,
+        current: int,
+        token: tuple[str, str, int | None],
+    ) -> Outcome | None:
+        """Append the change's events at ``current``: the outcome, or None if another
+        process's commit won the compare-and-set (409 with If-Match)."""
+        change = attempt.change
+        assert change is not None
+        events = change.events(current)
+        if not events and target.idempotency_key is None:
+            return Outcome(target.table, current, None, change.result)
+        if table is None:
+            await self.writer.register(target.org, target.super_, target.actor, target.request_id)
+        await self.writer.record_grace()
+        key, fingerprint, ttl = token
+        stored = _Stored(change.result, [f.path for f in change.added])
+        idem = Idempotency(
+            key=key, fingerprint=fingerprint, result=msgspec.json.encode(stored), ttl_s=ttl
+        )
+        try:
+            attempt.unsure = True
+            appended = await self.log.append(
+                target.org,
+                target.super_,
+                target.table,
+                events,
+                expected_version=current,
+                idempotency=idem,
+            )
+            attempt.unsure = False
+        except ConflictError:
+            attempt.unsure = False
+            if target.if_match is not None:
+                raise
+            return None
+        return await self._outcome(target, change, stored, appended)
 
     async def _current(self, target: Target, allow_new: bool) -> tuple[TableState | None, int]:
         """The table as it is now and its version, checked against If-Match."""
@@ -294,11 +356,29 @@ class ChangeLoop:
         raise NotImplementedError
 
 
+async def _prepared(
+    prepare: Callable[[TableState | None], Awaitable[Change | None]], table: TableState | None
+) -> Change:
+    """The change ``prepare`` computes against ``table``, stamped with what it saw."""
+    change = await prepare(table) or Change(lambda _: [], {})
+    change.version = table.version if table else NEW_TABLE
+    change.seen = frozenset(f.path for f in table.files) if table else frozenset()
+    return change
+
+
 def still_valid(change: Change, table: TableState | None, writer: Writer) -> bool:
-    """Whether a computed compaction still applies to the table's new version."""
-    if table is None or change.columns != table.columns:
+    """Whether a change computed against an earlier version applies unchanged to the
+    table's new version (a rebase): the schema is the same, every file it rewrote is
+    still current, and no file added since holds rows it had to see. Runs in a worker
+    thread (``conflicts`` may read key columns)."""
+    if table is None or not change.rebase or change.columns != table.columns:
         return False
+    if change.version == NEW_TABLE:
+        return False  # it would create the table another writer created
     if time.monotonic() - change.published_at > writer.max_file_age_s:
         return False  # gc could take its files for orphans: compute again
     current = {f.path for f in table.files}
-    return all(path in current for path in change.inputs)
+    if not all(path in current for path in change.inputs):
+        return False
+    added = [f for f in table.files if f.path not in change.seen]
+    return not added or change.conflicts is None or not change.conflicts(added)

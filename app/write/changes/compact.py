@@ -59,9 +59,9 @@ class Compaction(ChangeLoop):
                 ]
 
             result = {"files_removed": len(inputs), "files_added": len(added), "rows": total}
-            return Change(events, result, added, tuple(inputs), table.columns)
+            return Change(events, result, added, tuple(inputs), table.columns, rebase=True)
 
-        return await self._commit(target, prepare, rebase=True)
+        return await self._commit(target, prepare, outside_turn=True)
 
     def _read_group(self, columns: tuple[Field, ...], files: list[DataFile]) -> pa.Table:
         return self._run_sql(

@@ -7,9 +7,9 @@ from typing import Any
 import anyio
 
 from app.write.changes.commit import Change, ChangeLoop, Outcome, Target
-from app.write.changes.rows import candidates, delete_rows, key_table
+from app.write.changes.rows import any_match, candidates, delete_rows, key_table
 from events.errors import InvalidInput
-from events.model import EventBase, RowsDeleted
+from events.model import DataFile, EventBase, RowsDeleted
 from projections.arrow import quote_ident
 from projections.catalog import TableState
 from projections.query.predicate import check_predicate
@@ -73,6 +73,27 @@ class Deletes(ChangeLoop):
                     )
                 ]
 
-            return Change(events, {"rows_removed": removed_rows}, added, removed, table.columns)
+            def conflicts(new: list[DataFile]) -> bool:
+                # A file another writer added since holds a row to delete: compute again.
+                maybe = (
+                    new
+                    if key_rows is None
+                    else candidates(new, table.columns, key_rows, key_rows.column_names)
+                )
+                return bool(maybe) and self._run_sql(
+                    lambda con: any_match(
+                        con, table.columns, maybe, condition, key_rows, self.engine.resolve_path
+                    )
+                )
+
+            return Change(
+                events,
+                {"rows_removed": removed_rows},
+                added,
+                removed,
+                table.columns,
+                rebase=True,
+                conflicts=conflicts,
+            )
 
         return await self._commit(target, prepare)

@@ -249,6 +249,15 @@ def merge_rows(
     return out, counts, touched
 
 
+def _matches(con: duckdb.DuckDBPyConnection, condition: str, key_rows: pa.Table | None) -> str:
+    """A delete's test of a row of ``__s``: ``condition`` over it and, with ``key_rows``
+    (registered as ``__k``), some key row; NULL counts as no match."""
+    if key_rows is None:
+        return f"coalesce(({condition}), false)"
+    con.register("__k", key_rows)
+    return f"EXISTS (SELECT 1 FROM __k WHERE {condition})"
+
+
 def delete_rows(
     con: duckdb.DuckDBPyConnection,
     columns: tuple[Field, ...],
@@ -259,11 +268,7 @@ def delete_rows(
 ) -> tuple[pa.Table, int, list[int]]:
     """(kept rows of the rewritten files, rows removed, indexes of rewritten files)."""
     con.execute(f"CREATE TEMP TABLE __s AS {ordered_files_sql(con, columns, files, resolve_path)}")
-    if key_rows is not None:
-        con.register("__k", key_rows)
-        match = f"EXISTS (SELECT 1 FROM __k WHERE {condition})"
-    else:
-        match = f"coalesce(({condition}), false)"
+    match = _matches(con, condition, key_rows)
     con.execute(f"CREATE TEMP TABLE __g AS SELECT __f, __r, {match} AS gone FROM __s")
     removed = con.execute("SELECT count(*) FROM __g WHERE gone").fetchone()
     removed_rows = int(removed[0]) if removed else 0
@@ -279,6 +284,25 @@ def delete_rows(
         columns,
     )
     return out, removed_rows, touched
+
+
+def any_match(
+    con: duckdb.DuckDBPyConnection,
+    columns: tuple[Field, ...],
+    files: list[DataFile],
+    condition: str,
+    key_rows: pa.Table | None,
+    resolve_path: Callable[[str], str],
+) -> bool:
+    """Whether a row of ``files`` matches ``condition`` (over ``__s``, and ``__k``: the
+    ``key_rows``, if given): whether files another writer added hold rows a change
+    had to see. DuckDB reads only the columns the condition names from Parquet."""
+    if not files:
+        return False
+    match = _matches(con, condition, key_rows)
+    scan = ordered_files_sql(con, columns, files, resolve_path)
+    hit = con.execute(f"SELECT 1 FROM ({scan}) AS __s WHERE {match} LIMIT 1").fetchone()
+    return hit is not None
 
 
 def read_ordered(

@@ -9,9 +9,16 @@ import anyio
 from app.write.append import schema_events
 from app.write.bodies import Source, conform_table, plan_schema
 from app.write.changes.commit import Change, ChangeLoop, Outcome, Target
-from app.write.changes.rows import candidates, check_key_list, check_upsert_columns, merge_rows
+from app.write.changes.rows import (
+    any_match,
+    candidates,
+    check_key_list,
+    check_upsert_columns,
+    merge_rows,
+)
 from events.errors import InvalidInput
-from events.model import EventBase, RowsUpserted
+from events.model import DataFile, EventBase, RowsUpserted
+from projections.arrow import quote_ident
 from projections.catalog import TableState
 
 
@@ -74,7 +81,17 @@ class Upserts(ChangeLoop):
                 return out_events
 
             result = {**counts, "key": list(key), "newer_than": newer_than}
-            return Change(events, result, added, removed, columns)
+            keys = incoming.select(key)
+            on = " AND ".join(f"__k.{quote_ident(k)} = __s.{quote_ident(k)}" for k in key)
+
+            def conflicts(new: list[DataFile]) -> bool:
+                # A file another writer added since holds one of our keys: compute again.
+                maybe = candidates(new, columns, keys, key)
+                return bool(maybe) and self._run_sql(
+                    lambda con: any_match(con, columns, maybe, on, keys, self.engine.resolve_path)
+                )
+
+            return Change(events, result, added, removed, columns, rebase=True, conflicts=conflicts)
 
         outcome = await self._commit(target, prepare, allow_new=True)
         if outcome.event_id is None:
