@@ -71,8 +71,16 @@ SETTINGS_DOC: dict[str, str] = {
     "gc_grace_s": "`ledgerlake gc` deletes unreferenced data files older than this (seconds). "
     "Writes re-upload a file that waited half of it for its append.",
     "write_retries": "How often a plain append is rebased on a concurrent change before 409.",
-    "merge_retries": "How often an upsert, delete, restore or compaction is computed again "
-    "after a concurrent change before 409.",
+    "merge_retries": "How often an upsert, delete, restore or compaction that lost to another "
+    "process's commit is rebased or computed again before 409 (changes of one process take "
+    "turns and do not lose to each other).",
+    "deletion_vectors": "Upserts and deletes record the rows they remove from a Parquet file "
+    "as a deletion vector in their event (merge-on-read) instead of rewriting the file; "
+    "compaction folds them in. false: copy-on-write.",
+    "deletion_max_ratio": "A change that would leave more than this fraction of a file's rows "
+    "deleted rewrites the file instead.",
+    "compact_deleted_ratio": "Compaction rewrites a file once at least this fraction of its "
+    "rows are deleted.",
     "inline_max_rows": "Writes of at most this many rows (and `inline_max_bytes`) are stored "
     "inside their event instead of as a Parquet file. 0 turns inlining off.",
     "inline_max_bytes": "Largest inlined batch, in bytes (Arrow IPC).",
@@ -191,6 +199,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     write_retries: int = 20
     gc_grace_s: float = 3600.0
     merge_retries: int = 10
+    deletion_vectors: bool = True
+    deletion_max_ratio: float = 0.5
+    compact_deleted_ratio: float = 0.2
     inline_max_rows: int = 100
     inline_max_bytes: int = 64 * 1024
     inline_flush_rows: int = 10_000
@@ -301,6 +312,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise SystemExit(
                 "LEDGERLAKE_MCP_TIMEOUT_S must not exceed LEDGERLAKE_QUERY_MAX_TIMEOUT_S "
                 "(an MCP query gets the call's time as its timeout)"
+            )
+        if not (0 < self.deletion_max_ratio <= 1 and 0 < self.compact_deleted_ratio <= 1):
+            raise SystemExit(
+                "LEDGERLAKE_DELETION_MAX_RATIO and LEDGERLAKE_COMPACT_DELETED_RATIO must be "
+                "fractions in (0, 1]"
             )
         if self.redis_appendfsync not in ("always", "everysec", "no"):
             raise SystemExit("LEDGERLAKE_REDIS_APPENDFSYNC must be always, everysec or no")

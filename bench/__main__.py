@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import ingest, lag, memory, query, replay, scaling, writes
+from bench import ingest, lag, memory, query, replay, scaling, upserts, writes
 from bench.core import Measure, Server, markdown, serve
 
 Run = Callable[[Server, int, bool], list[Measure]]
@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, tuple[Run, dict[str, str]]] = {
     "ingest": (ingest.run, {}),
     "writes": (writes.run, {}),
     "writes-defaults": (writes.run_defaults, writes.DEFAULT_ENV),
+    "upserts": (upserts.run, upserts.SERVER_ENV),
     "query": (query.run, {}),
     "scaling": (scaling.run, scaling.SERVER_ENV),
     "replay": (replay.run, {}),

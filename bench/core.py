@@ -401,18 +401,23 @@ def serve(
         _wait_ready(base, process, log)
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_serve(process)
         if embedded.process is not None:
             embedded.process.terminate()
             embedded.process.wait(timeout=30)
         if made and not keep:
             subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def stop_serve(process: subprocess.Popen[bytes]) -> None:
+    """Stop a ``serve`` process as Ctrl-C does (killed if it takes over a minute)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def check(response: httpx.Response) -> Any:

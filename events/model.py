@@ -12,7 +12,9 @@ rewritten.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import sys
+from array import array
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeAlias
 
@@ -56,6 +58,42 @@ class ColumnStats(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     max: Any = None
 
 
+class DeletionVector(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
+    """The rows of a Parquet file that are deleted (merge-on-read): their positions in
+    the file (0-based physical row numbers), sorted, as little-endian uint32s.
+
+    ``version`` is the table version whose event last added positions to it, so that
+    ``(path, version)`` names one state of a file (see ``DataFile.identity``)."""
+
+    version: int
+    count: int
+    positions: bytes
+
+    def rows(self) -> list[int]:
+        out = array("I")
+        out.frombytes(self.positions)
+        if sys.byteorder != "little":
+            out.byteswap()
+        return out.tolist()
+
+
+def pack_positions(positions: Iterable[int]) -> bytes:
+    """Row positions as a ``DeletionVector`` stores them (sorted, unique)."""
+    out = array("I", sorted(set(positions)))
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out.tobytes()
+
+
+class FileDeletes(msgspec.Struct, frozen=True, gc=False):
+    """Rows an event deletes from one current Parquet file, by position (packed as in
+    ``DeletionVector``): they join the file's deletion vector."""
+
+    path: str
+    count: int
+    positions: bytes
+
+
 class DataFile(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """An immutable batch of rows: a Parquet file addressed by its key relative to the
     storage root, or, for a tiny write, rows *inlined* in the event itself.
@@ -70,10 +108,23 @@ class DataFile(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     size_bytes: int
     columns: dict[str, ColumnStats] = {}
     inline: bytes | None = None
+    # Rows deleted from this file since it was written (merge-on-read); None: none.
+    # ``rows``, ``size_bytes`` and ``columns`` always describe the file as written.
+    deleted: DeletionVector | None = None
 
     @property
     def is_inline(self) -> bool:
         return self.inline is not None
+
+    @property
+    def live_rows(self) -> int:
+        return self.rows - (self.deleted.count if self.deleted else 0)
+
+    @property
+    def identity(self) -> str:
+        """Names the file's rows as they are: its path, and its deletion vector's
+        version if it has one (the same path with more rows deleted is another state)."""
+        return self.path if self.deleted is None else f"{self.path}#{self.deleted.version}"
 
 
 class EventBase(
@@ -139,15 +190,17 @@ class TableOverwritten(EventBase, frozen=True, tag="TableOverwritten"):
     rows_removed: int
 
 
-class FilesReplaced(EventBase, frozen=True):
-    """Base of the copy-on-write events: ``removed_files`` left the table, ``files``
-    joined it (every other current file stays)."""
+class FilesReplaced(EventBase, frozen=True, kw_only=True):
+    """Base of the events that change files: ``removed_files`` left the table, ``files``
+    joined it, and ``deletes`` deleted rows of current files by position (merge-on-read;
+    every other current file stays as it was)."""
 
     files: tuple[DataFile, ...]
     removed_files: tuple[str, ...]
+    deletes: tuple[FileDeletes, ...] = ()
 
 
-class RowsUpserted(FilesReplaced, frozen=True, tag="RowsUpserted"):
+class RowsUpserted(FilesReplaced, frozen=True, kw_only=True, tag="RowsUpserted"):
     """A merge by key: files holding matched keys were rewritten without those rows,
     and the incoming rows were written. ``updated`` rows replaced stored ones."""
 
@@ -159,7 +212,7 @@ class RowsUpserted(FilesReplaced, frozen=True, tag="RowsUpserted"):
     newer_than: str | None = None
 
 
-class RowsDeleted(FilesReplaced, frozen=True, tag="RowsDeleted"):
+class RowsDeleted(FilesReplaced, frozen=True, kw_only=True, tag="RowsDeleted"):
     """Rows matching ``where`` (a validated SQL expression) or the key list ``keys``
     were removed; files holding them were rewritten without them."""
 
@@ -168,13 +221,13 @@ class RowsDeleted(FilesReplaced, frozen=True, tag="RowsDeleted"):
     keys: dict[str, list[Any]] | None = None
 
 
-class TableCompacted(FilesReplaced, frozen=True, tag="TableCompacted"):
+class TableCompacted(FilesReplaced, frozen=True, kw_only=True, tag="TableCompacted"):
     """Small files and inlined batches were merged; the rows are unchanged."""
 
     rows: int
 
 
-class TableRestored(FilesReplaced, frozen=True, tag="TableRestored"):
+class TableRestored(FilesReplaced, frozen=True, kw_only=True, tag="TableRestored"):
     """Version ``restored_version`` (schema and files) became current again."""
 
     restored_version: int

@@ -8,14 +8,18 @@ be referenced as they are, and get a *mirror-owned copy* (only that batch, once)
   a reader would take the raw bits as signed) or, for Delta, a ``time`` column (Delta
   has no time type);
 - a file written while a column was still all-null and untyped (its Parquet column has
-  the null type, which a reader cannot read as the column's later type).
+  the null type, which a reader cannot read as the column's later type);
+- a file with deleted rows (a deletion vector): the copy holds only its live rows, so
+  every Delta and Iceberg reader reads the table exactly without supporting deletion
+  vectors or position deletes (see docs/design.md, "Deletion vectors and mirrors").
 
 A copy lives at ``<org>/<super>/<table>/mirror/<format>/<name>.parquet``, where
-``name`` comes from the batch's own name, so each batch is copied at most once per
-format; it holds the batch's rows in the mirror's types. A column that was untyped when
-the batch was written is typed nulls if the column has a type by the time of the copy,
-and left out otherwise (a reader returns null for a column a file lacks). Copies are mirror files:
-``ledgerlake gc`` deletes one once its batch is gone from every retained version.
+``name`` comes from the batch's own name (and its deletion vector's version), so each
+batch is copied at most once per format and state; it holds the batch's live rows in
+the mirror's types. A column that was untyped when the batch was written is typed nulls
+if the column has a type by the time of the copy, and left out otherwise (a reader
+returns null for a column a file lacks). Copies are mirror files: ``ledgerlake gc``
+deletes one once its batch (in that state) is gone from every retained version.
 """
 
 from __future__ import annotations
@@ -137,8 +141,16 @@ def _target_type(t: pa.DataType, fmt: str) -> pa.DataType | None:
 
 def copy_key(table_prefix: str, source: DataFile, fmt: str) -> str:
     """Where the mirror-owned copy of ``source`` lives."""
-    stem = posixpath.basename(source.path).removesuffix(".parquet")
-    return f"{table_prefix}/mirror/{fmt}/{stem}.parquet"
+    return f"{table_prefix}/mirror/{fmt}/{copy_name(source.identity)}.parquet"
+
+
+def copy_name(identity: str) -> str:
+    """The name of the copy of a batch by its ``DataFile.identity``: the batch's own
+    name, and ``-d<version>`` for a file with deleted rows (each state of its deletion
+    vector is another copy)."""
+    path, _, deleted = identity.partition("#")
+    stem = posixpath.basename(path).removesuffix(".parquet")
+    return f"{stem}-d{deleted}" if deleted else stem
 
 
 def table_prefix(org: str, super_: str, table: str) -> str:

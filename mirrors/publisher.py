@@ -31,7 +31,7 @@ from mirrors.plan import (
 )
 from mirrors.status import MirrorStatus
 from projections.catalog import TableState
-from projections.query.views import inline_table
+from projections.query.views import inline_table, live_mask
 
 log = logging.getLogger("ledgerlake.mirrors")
 
@@ -225,14 +225,16 @@ class Publisher:
         prefix = table_prefix(org, super_, table.name)
         out = []
         for f in table.files:
-            if not f.is_inline and not await self._must_copy(f):
+            if not f.is_inline and f.deleted is None and not await self._must_copy(f):
                 out.append(MirrorFile(f.path, f.path, f.rows, f.size_bytes, False))
                 continue
+            if f.live_rows == 0:
+                continue  # every row deleted
             key = copy_key(prefix, f, self.fmt)
             size = await self._copy(f, key, schema)
             if size is None:
                 continue  # no typed column yet: nothing a reader could read
-            out.append(MirrorFile(key, f.path, f.rows, size, True))
+            out.append(MirrorFile(key, f.path, f.live_rows, size, True))
         return out
 
     async def _must_copy(self, f: DataFile) -> bool:
@@ -257,6 +259,8 @@ class Publisher:
             if info.size is not None and info.type.name == "File":
                 return info.size  # copied before (by an earlier run)
             rows = inline_table(f) if f.is_inline else pq.read_table(root + f.path, filesystem=fs)
+            if f.deleted is not None:
+                rows = rows.filter(live_mask(f.deleted, rows.num_rows))
             converted = to_mirror(rows, self.fmt, schema)
             if converted is None:
                 return None

@@ -20,9 +20,11 @@ from events.model import (
     TABLE_EVENTS,
     ColumnStats,
     DataFile,
+    DeletionVector,
     Event,
     EventBase,
     Field,
+    FileDeletes,
     FilesReplaced,
     MirrorsChanged,
     OrgCreated,
@@ -36,6 +38,7 @@ from events.model import (
     TableOverwritten,
     TableRestored,
     VersionsExpired,
+    pack_positions,
 )
 
 
@@ -66,7 +69,7 @@ class TableState(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def row_count(self) -> int:
-        return sum(f.rows for f in self.files)
+        return sum(f.live_rows for f in self.files)
 
     @property
     def inline_files(self) -> tuple[DataFile, ...]:
@@ -260,10 +263,35 @@ def _(event: RowsAppended, table: TableState | None) -> TableState:
 
 
 def _replace_files(
-    current: TableState, removed_files: tuple[str, ...], added: tuple[DataFile, ...]
+    current: TableState,
+    removed_files: tuple[str, ...],
+    added: tuple[DataFile, ...],
+    deletes: tuple[FileDeletes, ...] = (),
+    version: int = 0,
 ) -> tuple[DataFile, ...]:
+    """The files after an event: ``deletes`` join their files' deletion vectors (which
+    then carry ``version``), ``removed_files`` go, ``added`` come last."""
     removed = set(removed_files)
-    return tuple(f for f in current.files if f.path not in removed) + added
+    by_path = {d.path: d for d in deletes}
+    kept = []
+    for f in current.files:
+        if f.path in removed:
+            continue
+        more = by_path.get(f.path)
+        if more is not None:
+            f = msgspec.structs.replace(f, deleted=_more_deleted(f.deleted, more, version))
+        kept.append(f)
+    return tuple(kept) + added
+
+
+def _more_deleted(
+    deleted: DeletionVector | None, more: FileDeletes, version: int
+) -> DeletionVector:
+    if deleted is None:
+        return DeletionVector(version, more.count, more.positions)
+    rows = set(deleted.rows())
+    rows.update(DeletionVector(version, more.count, more.positions).rows())
+    return DeletionVector(version, len(rows), pack_positions(rows))
 
 
 @_apply_table.register
@@ -276,7 +304,8 @@ def _(event: TableOverwritten, table: TableState | None) -> TableState:
 def _(event: FilesReplaced, table: TableState | None) -> TableState:
     # RowsUpserted, RowsDeleted, TableCompacted (TableRestored has its own handler).
     current = _require(table, event)
-    return _touch(current, event, files=_replace_files(current, event.removed_files, event.files))
+    files = _replace_files(current, event.removed_files, event.files, event.deletes, event.version)
+    return _touch(current, event, files=files)
 
 
 @_apply_table.register

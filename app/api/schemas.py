@@ -121,10 +121,14 @@ class CompactResponse(msgspec.Struct):
 
 
 class FileOut(msgspec.Struct):
+    """One data file: ``rows`` as written, ``deleted_rows`` of them deleted since (by
+    deletion vector; compaction folds them in)."""
+
     path: str
     rows: int
     size_bytes: int
     inline: bool
+    deleted_rows: int = 0
 
 
 class VersionDetail(msgspec.Struct):
@@ -331,7 +335,10 @@ def version_detail(t: TableState) -> VersionDetail:
         version=t.version,
         columns=columns_out(t.columns),
         row_count=t.row_count,
-        files=[FileOut(f.path, f.rows, f.size_bytes, f.is_inline) for f in t.files],
+        files=[
+            FileOut(f.path, f.rows, f.size_bytes, f.is_inline, f.rows - f.live_rows)
+            for f in t.files
+        ],
         committed_at=t.updated_at,
         committed_by=t.updated_by,
         event_id=t.last_event_id,

@@ -37,6 +37,7 @@ from datetime import UTC, datetime, timedelta
 from events.model import DataFile, Event, stream_id_tuple
 from events.redis_log import RedisEventLog, writer_grace
 from events.storage.port import Storage, StoredObject
+from mirrors.plan import copy_name
 from projections.catalog import TableState, apply_table
 from projections.reader import CatalogReader
 
@@ -48,7 +49,7 @@ DATA_FILE = re.compile(
 # the batch (data/<name>.parquet or inline/<name>) is in no retained version.
 MIRROR_COPY = re.compile(
     r"^(?P<org>[a-z_][a-z0-9_]*)/(?P<super>[a-z_][a-z0-9_]*)/[a-z_][a-z0-9_]*/mirror/"
-    r"[a-z]+/(?P<name>[0-9a-f]{32})\.parquet$"
+    r"[a-z]+/(?P<name>[0-9a-f]{32}(?:-d[0-9]+)?)\.parquet$"
 )
 PAGE = 5000
 
@@ -77,10 +78,16 @@ def event_files(event: Event) -> tuple[DataFile, ...]:
 
 
 async def referenced_files(
-    log: RedisEventLog, reader: CatalogReader, supers: list[tuple[str, str]]
+    log: RedisEventLog,
+    reader: CatalogReader,
+    supers: list[tuple[str, str]],
+    *,
+    with_states: bool = False,
 ) -> set[str]:
     """Every batch (data file key, or ``inline/<name>``) a retained version of a table
-    of these supers holds."""
+    of these supers holds, and for a file with deleted rows each state of it (its
+    ``DataFile.identity``), whose mirror copies stay (a stale copy of the file without
+    deleted rows stays too while the file does: kept longer, never too short)."""
     keys: set[str] = set()
     for org, sup in supers:
         current = (await reader.super_state(org, sup)).tables
@@ -102,10 +109,14 @@ async def referenced_files(
                 if state.version < table.retained_from:
                     continue
                 # The oldest retained version: all its files; each later one: the files
-                # it added.
+                # it added, and those whose deletion vector it changed (by identity).
                 added = state.files if event.table not in seeded else event_files(event)
                 seeded.add(event.table)
                 keys.update(f.path for f in added)
+                if with_states:
+                    keys.update(f.identity for f in added)
+                    changed = {d.path for d in getattr(event, "deletes", ())}
+                    keys.update(f.identity for f in state.files if f.path in changed)
             if len(events) < PAGE:
                 break
             after = events[-1].id
@@ -142,8 +153,10 @@ async def collect_garbage(
         # candidate, rather than everything.
         if match and (match["org"], match["super"]) in known:
             listed.append(obj)
-    live = await referenced_files(log, reader, sorted(known))  # after listing: see the docstring
-    names = {key.rsplit("/", 1)[-1].removesuffix(".parquet") for key in live}
+    live = await referenced_files(
+        log, reader, sorted(known), with_states=True
+    )  # after listing: see the docstring
+    names = {copy_name(key) for key in live}
     for obj in listed:
         report.scanned += 1
         copy = MIRROR_COPY.match(obj.key)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import duckdb
 import pyarrow as pa
 
-from events.model import DataFile, Field
+from events.model import DataFile, DeletionVector, Field
 from projections.arrow import arrow_schema, duckdb_type, quote_ident, sql_literal, to_arrow
 
 _names = itertools.count()
@@ -75,6 +75,35 @@ def _casts(columns: Sequence[Field], present: set[str] | None) -> list[str]:
     return select
 
 
+def positions_array(deleted: DeletionVector) -> pa.Array:
+    """A deletion vector's positions as an Arrow int64 array (no copy of the bytes)."""
+    raw = pa.Array.from_buffers(pa.uint32(), deleted.count, [None, pa.py_buffer(deleted.positions)])
+    return raw.cast(pa.int64())
+
+
+def live_mask(deleted: DeletionVector, num_rows: int) -> pa.Array:
+    """A boolean mask of a file's ``num_rows`` rows: true for each row not deleted."""
+    mask = bytearray(b"\x01") * num_rows
+    for position in deleted.rows():
+        mask[position] = 0
+    return pa.Array.from_buffers(pa.uint8(), num_rows, [None, pa.py_buffer(mask)]).cast(pa.bool_())
+
+
+def deletion_table(files: Sequence[DataFile], resolve_path: Callable[[str], str]) -> pa.Table:
+    """(filename, pos) of every deleted row of ``files``, as DuckDB names the files."""
+    names, positions = [], []
+    for f in files:
+        assert f.deleted is not None
+        names.append(pa.repeat(pa.scalar(resolve_path(f.path), pa.string()), f.deleted.count))
+        positions.append(positions_array(f.deleted))
+    return pa.table(
+        {
+            "filename": pa.concat_arrays(names) if names else pa.array([], pa.string()),
+            "pos": pa.concat_arrays(positions) if positions else pa.array([], pa.int64()),
+        }
+    )
+
+
 def _same_layout(files: Sequence[DataFile], present: set[str]) -> bool:
     """Whether DuckDB can read ``files`` without ``union_by_name`` (which reads every
     file's footer whenever a query is bound: a third of a point lookup over 100 files).
@@ -90,6 +119,18 @@ def _same_layout(files: Sequence[DataFile], present: set[str]) -> bool:
     return True
 
 
+def _scan(
+    columns: Sequence[Field], files: Sequence[DataFile], resolve_path: Callable[[str], str]
+) -> tuple[str, str, str]:
+    """(select list, path list, read_parquet options) of one scan of Parquet files."""
+    present: set[str] = set()
+    for f in files:
+        present.update(f.columns)
+    paths = ", ".join(sql_literal(resolve_path(f.path)) for f in files)
+    union = "" if _same_layout(files, present) else ", union_by_name = true"
+    return ", ".join(_casts(columns, present)), paths, union
+
+
 def version_sql(
     con: duckdb.DuckDBPyConnection,
     columns: Sequence[Field],
@@ -98,18 +139,25 @@ def version_sql(
 ) -> str:
     """A SELECT over every row of ``files``, in exactly the schema ``columns``.
 
-    Inlined batches are registered on ``con`` as one Arrow table."""
-    parquet = [f for f in files if not f.is_inline]
+    Inlined batches are registered on ``con`` as one Arrow table. Files with deleted
+    rows are read in one scan of their own with each row's file name and position, less
+    their deletion vectors (registered as one Arrow table, anti-joined): the other files
+    pay nothing for them."""
+    parquet = [f for f in files if not f.is_inline and f.deleted is None]
+    deleted = [f for f in files if not f.is_inline and f.deleted is not None]
     inline = [f for f in files if f.is_inline]
     parts = []
     if parquet:
-        present: set[str] = set()
-        for f in parquet:
-            present.update(f.columns)
-        paths = ", ".join(sql_literal(resolve_path(f.path)) for f in parquet)
-        union = "" if _same_layout(parquet, present) else ", union_by_name = true"
+        select, paths, union = _scan(columns, parquet, resolve_path)
+        parts.append(f"SELECT {select} FROM read_parquet([{paths}]{union})")
+    if deleted:
+        select, paths, union = _scan(columns, deleted, resolve_path)
+        gone = _register(con, deletion_table(deleted, resolve_path))
         parts.append(
-            f"SELECT {', '.join(_casts(columns, present))} FROM read_parquet([{paths}]{union})"
+            f"SELECT {select} FROM read_parquet([{paths}], filename = true, "
+            f"file_row_number = true{union}) AS __ll_rows ANTI JOIN {gone} AS __ll_gone "
+            f"ON __ll_rows.filename = __ll_gone.filename "
+            f"AND __ll_rows.file_row_number = __ll_gone.pos"
         )
     if inline:
         merged = pa.concat_tables([conform_to(inline_table(f), columns) for f in inline])
@@ -136,9 +184,14 @@ def ordered_files_sql(
             parts.append(f"SELECT *, {i} AS __f FROM {_register(con, rows)}")
         else:
             select = ", ".join(_casts(columns, set(f.columns)))
+            live = ""
+            if f.deleted is not None:
+                gone = _register(con, pa.table({"pos": positions_array(f.deleted)}))
+                live = f" WHERE file_row_number NOT IN (SELECT pos FROM {gone})"
             parts.append(
                 f"SELECT {select}, file_row_number AS __r, {i} AS __f "
                 f"FROM read_parquet({sql_literal(resolve_path(f.path))}, file_row_number = true)"
+                f"{live}"
             )
     if not parts:
         empty = arrow_schema(tuple(columns)).empty_table()

@@ -27,10 +27,12 @@ import pytest
 from app.services import Services
 from app.settings import Settings
 from app.write.changes.commit import Target
+from app.write.changes.mutator import Mutator
 from tests.write.test_mutation_races import (
     DEADLINE_S,
     ORG,
     SUP,
+    GatedMutator,
     Row,
     T,
     append,
@@ -147,3 +149,65 @@ async def test_sixteen_writers_of_disjoint_keys_are_never_refused(
         committed = await rows_at(processes[0], v)
         assert all(seen == committed for seen in seens), f"a read of v{v} was no version"
     await assert_no_orphans(processes[0])
+
+
+# -- rebasing deletion vectors across processes -----------------------------------------
+
+SEED = {i: 0 for i in range(8)}  # one file: id i is row i
+
+
+@pytest.fixture
+async def elsewhere(services: Services) -> AsyncIterator[Services]:
+    """Another API process on the same Redis and storage."""
+    async with Services.open(services.settings, services.settings.redis_url) as other:
+        yield other
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "rebased", "expected"),
+    [
+        # Disjoint rows of one file: our positions join the deletion vector theirs grew.
+        ("upsert 0", "upsert 1", True, {**SEED, 0: 9, 1: 7}),
+        ("upsert 0", "delete 1", True, {**{k: v for k, v in SEED.items() if k != 1}, 0: 9}),
+        ("delete 3", "delete 2", True, {k: v for k, v in SEED.items() if k not in (2, 3)}),
+        ("delete 3", "upsert 1", True, {**{k: v for k, v in SEED.items() if k != 3}, 1: 7}),
+        # The same row: it is gone from under ours, which computes again.
+        ("upsert 0", "delete 0", False, {**SEED, 0: 9}),  # now an insert
+        ("delete 3", "upsert 3", False, {k: v for k, v in SEED.items() if k != 3}),
+    ],
+)
+async def test_changes_of_disjoint_rows_of_one_file_rebase_their_deletion_vectors(
+    services: Services,
+    elsewhere: Services,
+    tmp_path: Path,
+    ours: str,
+    theirs: str,
+    rebased: bool,
+    expected: dict[int, int],
+) -> None:
+    await append(services, tmp_path, [{"id": k, "v": v} for k, v in SEED.items()])
+
+    async def change(services: Services, mutator: Mutator, what: str, value: int) -> None:
+        op, key = what.split()
+        target = Target(ORG, SUP, T)
+        if op == "upsert":
+            rows = [{"id": int(key), "v": value}]
+            await mutator.upsert(target, source(tmp_path, rows), ["id"])
+        else:
+            await mutator.delete(target, keys={"id": [int(key)]})
+
+    mutator = GatedMutator(
+        services, lambda: change(elsewhere, elsewhere.mutator, theirs, 7), retries=1
+    )
+    await change(services, mutator, ours, 9)
+
+    assert len(mutator.outputs) == (1 if rebased else 2)
+    _, rows = await read_current(services)
+    assert {int(r[0]): int(r[1]) for r in rows} == expected
+    assert {int(r[0]): int(r[1]) for r in (await read_current(elsewhere))[1]} == expected
+    (seed_file,) = [
+        f for f in (await services.reader.super_state(ORG, SUP)).tables[T].files if f.rows == 8
+    ]
+    assert seed_file.deleted is not None
+    assert seed_file.live_rows == len([k for k in SEED if k in expected and expected[k] == SEED[k]])
+    await assert_no_orphans(services)

@@ -3,6 +3,8 @@ inlining, through the HTTP API against a real Redis."""
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -206,7 +208,17 @@ def test_noop_upsert_appends_nothing(client: Client) -> None:
     assert version_of(client) == 1
 
 
-def test_upsert_rewrites_only_the_files_that_may_hold_the_keys(client: Client) -> None:
+@pytest.fixture
+def cow_client(settings: Settings) -> Iterator[Client]:
+    """A client of a deployment with deletion vectors off: copy-on-write changes."""
+    cow = msgspec.structs.replace(settings, deletion_vectors=False)
+    assert cow.redis_url
+    with authed(TestClient(create_app(cow, cow.redis_url))) as c:
+        yield c
+
+
+def test_upsert_rewrites_only_the_files_that_may_hold_the_keys(cow_client: Client) -> None:
+    client = cow_client
     append(client, [{"id": i, "name": f"n{i}"} for i in range(1, 11)])
     append(client, [{"id": i, "name": f"n{i}"} for i in range(11, 21)])
     append(client, [{"id": i, "name": f"n{i}"} for i in range(21, 31)])
@@ -215,6 +227,7 @@ def test_upsert_rewrites_only_the_files_that_may_hold_the_keys(client: Client) -
     assert counts(body) == (1, 1, 0, 1)
     (event,) = upserted_events(client)
     assert event["removed_files"] == [f2]
+    assert event.get("deletes", []) == []
     (added,) = event["files"]
     assert added["rows"] == 11  # the 9 kept rows of f2, then the 2 incoming rows
     # f1 and f3 are untouched
@@ -226,7 +239,39 @@ def test_upsert_rewrites_only_the_files_that_may_hold_the_keys(client: Client) -
     ]
 
 
-def test_upsert_rewrite_keeps_the_order_of_kept_rows(client: Client) -> None:
+def test_upsert_deletes_replaced_rows_in_place_and_writes_only_the_incoming(
+    client: Client,
+) -> None:
+    append(client, [{"id": i, "name": f"n{i}"} for i in range(1, 11)])
+    append(client, [{"id": i, "name": f"n{i}"} for i in range(11, 21)])
+    append(client, [{"id": i, "name": f"n{i}"} for i in range(21, 31)])
+    f1, f2, f3 = current_paths(client)
+    body = upsert(client, [{"id": 15, "name": "X"}, {"id": 100, "name": "new"}])
+    assert counts(body) == (1, 1, 0, 1)
+    (event,) = upserted_events(client)
+    assert event["removed_files"] == []
+    # id 15 is row 4 of f2: its position joins f2's deletion vector.
+    (deletes,) = event["deletes"]
+    assert (deletes["path"], deletes["count"]) == (f2, 1)
+    assert base64.b64decode(deletes["positions"]) == (4).to_bytes(4, "little")
+    (added,) = event["files"]
+    assert added["rows"] == 2  # only the incoming rows
+    assert current_paths(client) == [f1, f2, f3, added["path"]]
+    version = version_of(client)
+    files = {
+        f["path"]: f for f in ok(client.get(table_url(suffix=f"/versions/{version}")))["files"]
+    }
+    assert (files[f2]["rows"], files[f2]["deleted_rows"]) == (10, 1)
+    assert detail(client)["row_count"] == 31
+    assert query(client, "select count(*), sum(id) from orders") == [[31, 465 + 100]]
+    assert query(client, "select name from orders where id in (15, 100) order by id") == [
+        ["X"],
+        ["new"],
+    ]
+
+
+def test_upsert_rewrite_keeps_the_order_of_kept_rows(cow_client: Client) -> None:
+    client = cow_client
     append(client, [{"id": i, "name": f"n{i}"} for i in (5, 3, 9, 1, 7)])
     upsert(client, [{"id": 9, "name": "nine"}, {"id": 2, "name": "two"}])
     assert query(client, "select id, name from orders") == [
@@ -237,6 +282,20 @@ def test_upsert_rewrite_keeps_the_order_of_kept_rows(client: Client) -> None:
         [9, "nine"],
         [2, "two"],
     ]
+
+
+def test_rows_deleted_in_place_keep_the_order_of_the_others(client: Client) -> None:
+    append(client, [{"id": i, "name": f"n{i}"} for i in (5, 3, 9, 1, 7)])
+    upsert(client, [{"id": 9, "name": "nine"}, {"id": 2, "name": "two"}])
+    rows = query(client, "select id, name from orders")
+    # (Where the new file's rows land among the others is the scan's choice.)
+    assert [r for r in rows if r[1].startswith("n") and r[1][1:].isdigit()] == [
+        [5, "n5"],
+        [3, "n3"],
+        [1, "n1"],
+        [7, "n7"],
+    ]
+    assert sorted(rows) == [[1, "n1"], [2, "two"], [3, "n3"], [5, "n5"], [7, "n7"], [9, "nine"]]
 
 
 def test_upsert_with_a_composite_key(client: Client) -> None:
@@ -446,7 +505,8 @@ def test_delete_by_where(client: Client) -> None:
     assert query(client, "select id from orders order by id") == [[2]]
 
 
-def test_delete_keeps_order_and_prunes_files(client: Client) -> None:
+def test_delete_keeps_order_and_prunes_files(cow_client: Client) -> None:
+    client = cow_client
     append(client, [{"id": i} for i in (5, 3, 9, 1)])
     append(client, [{"id": i} for i in (20, 30)])
     f1, f2 = current_paths(client)
@@ -458,6 +518,21 @@ def test_delete_keeps_order_and_prunes_files(client: Client) -> None:
     assert added["rows"] == 2
     assert current_paths(client) == [f2, added["path"]]
     assert query(client, "select id from orders") == [[20], [30], [5], [9]]
+
+
+def test_delete_in_place_writes_no_file_and_prunes_by_stats(client: Client) -> None:
+    append(client, [{"id": i} for i in (5, 3, 9, 1, 8, 6)])
+    append(client, [{"id": i} for i in (20, 30)])
+    f1, f2 = current_paths(client)
+    body = ok(delete_call(client, {"keys": {"id": [3, 1]}}))
+    assert body["rows_removed"] == 2
+    (event,) = [e for e in events(client) if e["type"] == "RowsDeleted"]
+    assert (event["removed_files"], event["files"]) == ([], [])
+    (deletes,) = event["deletes"]  # f2 (20..30) was pruned by its stats: not read
+    assert (deletes["path"], deletes["count"]) == (f1, 2)
+    assert current_paths(client) == [f1, f2]
+    assert sorted(query(client, "select id from orders")) == [[5], [6], [8], [9], [20], [30]]
+    assert detail(client)["row_count"] == 6
 
 
 def test_deleting_every_row_of_a_file_adds_no_file(client: Client) -> None:

@@ -9,7 +9,9 @@ is ``Gone`` once expired), and the events each step appended are the ones it sho
 (none for a change that changes nothing). At the end of each example the projected
 snapshots must equal a replay of the log.
 
-Runs with inlining off and on: inlined batches must behave exactly like files.
+Runs with inlining off and on (inlined batches must behave exactly like files), with
+deletion vectors (the default; and covering whole files, folded in late) and with
+copy-on-write: all must give the same rows.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from app.write.bodies import open_source
 from app.write.changes.commit import Outcome, Target
 from app.write.request import IngestRequest, IngestResult
 from events.errors import Gone, InvalidInput, NotFound
-from events.model import Event, now
+from events.model import DataFile, Event, now
 from projections.catalog import SuperState, TableState
 from projections.query.types import Analysis
 from projections.reader import CatalogReader
@@ -57,6 +59,13 @@ Row = tuple[int | None, int | None, int | None]
 
 # Inlining on, with a flush after every 4 inlined batches (so flushes happen).
 INLINE = {"inline_max_rows": 100, "inline_flush_files": 4}
+MODES: dict[str, dict[str, Any]] = {
+    "files": {},
+    "inlined": INLINE,
+    # Deletion vectors may cover whole files, and compaction folds them in late.
+    "deletion-vectors": {"deletion_max_ratio": 1.0, "compact_deleted_ratio": 0.6},
+    "copy-on-write": {"deletion_vectors": False},
+}
 
 # -- strategies -------------------------------------------------------------------------
 
@@ -386,12 +395,22 @@ class TableMachine(RuleBasedStateMachine):
     def compact(self) -> None:
         before = self.table()
         outcome = self.run(self.services.mutator.compact, self.target())
-        # Something to merge: an inlined batch, or enough small Parquet files.
+        # Something to merge: an inlined batch, enough small Parquet files, or a file
+        # with enough deleted rows to fold in.
         small = [f for f in before.files if not f.is_inline]
-        due = bool(before.inline_files) or len(small) >= self.settings.compact_min_files
+        due = (
+            bool(before.inline_files)
+            or len(small) >= self.settings.compact_min_files
+            or any(self.deleted_enough(f) for f in before.files)
+        )
         assert (outcome.event_id is not None) == due
         self.commit(["TableCompacted"] if due else [], self.current)
         assert not self.table().inline_files
+        assert not any(self.deleted_enough(f) for f in self.table().files)
+
+    def deleted_enough(self, f: DataFile) -> bool:
+        ratio = self.settings.compact_deleted_ratio
+        return f.deleted is not None and f.deleted.count >= ratio * f.rows
 
     @rule(data=st.data())
     def restore(self, data: st.DataObject) -> None:
@@ -509,10 +528,10 @@ def portal() -> Iterator[anyio.from_thread.BlockingPortal]:
         yield p
 
 
-@pytest.mark.parametrize("inline", [False, True], ids=["files", "inlined"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_table_matches_the_model(
-    inline: bool, settings: Settings, tmp_path: Path, portal: anyio.from_thread.BlockingPortal
+    mode: str, settings: Settings, tmp_path: Path, portal: anyio.from_thread.BlockingPortal
 ) -> None:
     """Each example gets its own data directory and Redis key prefix."""
-    base = msgspec.structs.replace(settings, **INLINE) if inline else settings
+    base = msgspec.structs.replace(settings, **MODES[mode])
     run_state_machine_as_test(lambda: TableMachine(portal, base, tmp_path), settings=MODEL_SETTINGS)

@@ -97,7 +97,7 @@ def test_version_detail_describes_each_past_version(client: Client) -> None:
         names = [c["name"] for c in body["columns"]]
         assert names == (["id", "name"] if v < 3 else ["id", "name", "note"])
         assert body["row_count"] == len(rows)
-        assert sum(f["rows"] for f in body["files"]) == len(rows)
+        assert sum(f["rows"] - f["deleted_rows"] for f in body["files"]) == len(rows)
         assert body["event_id"] == hist[v]["event_id"]
         assert parse(body["committed_at"]) == parse(hist[v]["time"])
         assert body["committed_by"] == "api-token"
@@ -108,6 +108,7 @@ def test_version_detail_describes_each_past_version(client: Client) -> None:
             "rows": 2,
             "size_bytes": first_file["size_bytes"],
             "inline": False,
+            "deleted_rows": 0,
         }
     ]
     assert version_detail(client, 0)["files"] == []

@@ -21,7 +21,9 @@ from events.model import to_builtins
 from projections.query.analysis import parse_time
 
 # Event fields that carry row values (file statistics, deleted keys, filters).
-REDACTED_EVENT_FIELDS = frozenset({"files", "keys", "where", "removed_files", "policies"})
+REDACTED_EVENT_FIELDS = frozenset(
+    {"files", "keys", "where", "removed_files", "deletes", "policies"}
+)
 
 
 @get("/v1/events")

@@ -22,6 +22,7 @@ outcome is unknown (a lost connection): then they stay, referenced or orphans fo
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ from app.write.bodies import Plan, conform_table, table_source
 from app.write.request import append_token
 from events.errors import ConflictError, IdempotencyMismatch, InvalidInput, Unavailable, first_line
 from events.log import NEW_TABLE, Appended, Idempotency
-from events.model import DataFile, EventBase, Field, now
+from events.model import DataFile, DeletionVector, EventBase, Field, FileDeletes, now
 from projections.catalog import TableState
 from projections.query.engine import QueryEngine
 
@@ -73,9 +74,12 @@ class Change:
     events: Callable[[int], list[EventBase]]
     result: dict[str, Any]
     added: list[DataFile] = field(default_factory=list)
+    # The files (by ``DataFile.identity``) it rewrote, and the rows it deletes in place.
     inputs: tuple[str, ...] = ()
     columns: tuple[Field, ...] = ()
     published_at: float = field(default_factory=time.monotonic)
+    deletes: tuple[FileDeletes, ...] = ()
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Whether it may be rebased onto a later version (see ``still_valid``) instead of
     # computed again, and if so, whether files added since may hold rows the change
     # had to see (None: no added file matters).
@@ -112,6 +116,7 @@ class _Stored(msgspec.Struct, frozen=True):
 
     result: dict[str, Any]
     files: list[str] = []
+    attempt: str = ""  # names the computed change (which may have published no file)
 
 
 class ChangeLoop:
@@ -128,6 +133,9 @@ class ChangeLoop:
         compact_small_bytes: int = 32 * 1024 * 1024,
         compact_target_bytes: int = 256 * 1024 * 1024,
         compact_min_files: int = 4,
+        deletion_vectors: bool = True,
+        deletion_max_ratio: float = 0.5,
+        compact_deleted_ratio: float = 0.2,
         inline_flush_rows: int = 10_000,
         inline_flush_bytes: int = 4 * 1024 * 1024,
         inline_flush_files: int = 256,
@@ -140,6 +148,9 @@ class ChangeLoop:
         self.compact_small_bytes = compact_small_bytes
         self.compact_target_bytes = compact_target_bytes
         self.compact_min_files = compact_min_files
+        self.deletion_vectors = deletion_vectors
+        self.deletion_max_ratio = deletion_max_ratio
+        self.compact_deleted_ratio = compact_deleted_ratio
         self.inline_flush_rows = inline_flush_rows
         self.inline_flush_bytes = inline_flush_bytes
         self.inline_flush_files = inline_flush_files
@@ -221,7 +232,7 @@ class ChangeLoop:
             await self.writer.register(target.org, target.super_, target.actor, target.request_id)
         await self.writer.record_grace()
         key, fingerprint, ttl = token
-        stored = _Stored(change.result, [f.path for f in change.added])
+        stored = _Stored(change.result, [f.path for f in change.added], change.token)
         idem = Idempotency(
             key=key, fingerprint=fingerprint, result=msgspec.json.encode(stored), ttl_s=ttl
         )
@@ -264,7 +275,7 @@ class ChangeLoop:
         with the same key (whose files this change then discards)."""
         if appended.replayed:
             first = msgspec.json.decode(appended.result, type=_Stored)
-            if first.files != stored.files:
+            if (first.attempt, first.files) != (stored.attempt, stored.files):
                 # A concurrent request with the same key won.
                 await self._discard(change)
                 return Outcome(
@@ -327,6 +338,16 @@ class ChangeLoop:
         )
         return data_file
 
+    def in_place(self, data_file: DataFile, more: int) -> bool:
+        """Whether a change deletes ``more`` rows of ``data_file`` in place (a deletion
+        vector) rather than rewriting the file: a Parquet file, while at most
+        ``deletion_max_ratio`` of its rows would be deleted (inlined batches are tiny:
+        rewriting them is as cheap)."""
+        if not self.deletion_vectors or data_file.is_inline:
+            return False
+        already = data_file.deleted.count if data_file.deleted else 0
+        return already + more <= self.deletion_max_ratio * data_file.rows
+
     def _run_sql(self, build: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
         """Run ``build`` on an internal DuckDB connection, mapping engine errors."""
         con = self.engine.connect_internal()
@@ -377,8 +398,18 @@ def still_valid(change: Change, table: TableState | None, writer: Writer) -> boo
         return False  # it would create the table another writer created
     if time.monotonic() - change.published_at > writer.max_file_age_s:
         return False  # gc could take its files for orphans: compute again
-    current = {f.path for f in table.files}
-    if not all(path in current for path in change.inputs):
+    current = {f.identity for f in table.files}
+    if not all(identity in current for identity in change.inputs):
         return False
+    # Rows it deletes in place: still there (no one else deleted or replaced them).
+    by_path = {f.path: f for f in table.files}
+    for deletes in change.deletes:
+        now_ = by_path.get(deletes.path)
+        if now_ is None:
+            return False
+        if now_.deleted is not None and not set(now_.deleted.rows()).isdisjoint(
+            DeletionVector(0, deletes.count, deletes.positions).rows()
+        ):
+            return False
     added = [f for f in table.files if f.path not in change.seen]
     return not added or change.conflicts is None or not change.conflicts(added)

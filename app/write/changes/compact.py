@@ -33,18 +33,20 @@ class Compaction(ChangeLoop):
                 return None
             added: list[DataFile] = []
             inputs: list[str] = []
+            paths: list[str] = []
             try:
                 for group in groups:
                     rows = await anyio.to_thread.run_sync(self._read_group, table.columns, group)
                     out = await self._output(target, rows, table.columns, inline_ok=False)
                     if out is not None:
                         added.append(out)
-                    inputs.extend(f.path for f in group)
+                    inputs.extend(f.identity for f in group)
+                    paths.extend(f.path for f in group)
             except BaseException:
                 for data_file in added:
                     await self.writer.discard(data_file)
                 raise
-            total = sum(f.rows for g in groups for f in g)
+            total = sum(f.live_rows for g in groups for f in g)
             base = target.base()
 
             def events(version: int) -> list[EventBase]:
@@ -52,13 +54,13 @@ class Compaction(ChangeLoop):
                     TableCompacted(
                         version=version + 1,
                         files=tuple(added),
-                        removed_files=tuple(inputs),
+                        removed_files=tuple(paths),
                         rows=total,
                         **base,
                     )
                 ]
 
-            result = {"files_removed": len(inputs), "files_added": len(added), "rows": total}
+            result = {"files_removed": len(paths), "files_added": len(added), "rows": total}
             return Change(events, result, added, tuple(inputs), table.columns, rebase=True)
 
         return await self._commit(target, prepare, outside_turn=True)
@@ -77,7 +79,19 @@ class Compaction(ChangeLoop):
         ]
         if inline_only or (len(small) < self.compact_min_files):
             small = []
-        if not inline and len(small) < 2:
+        # Files with many deleted rows are folded (rewritten without them), alone or
+        # with the small files.
+        chosen = {f.path for f in small}
+        deleted = [
+            f
+            for f in table.files
+            if not inline_only
+            and f.path not in chosen
+            and f.deleted is not None
+            and f.deleted.count >= self.compact_deleted_ratio * f.rows
+        ]
+        small = [f for f in table.files if f.path in chosen or f in deleted]
+        if not inline and len(small) < 2 and not deleted:
             return []
         groups: list[list[DataFile]] = [[]]
         size = 0
@@ -88,8 +102,8 @@ class Compaction(ChangeLoop):
                 size = 0
             groups[-1].append(f)
             size += f.size_bytes
-        # A lone Parquet file is already as compact as it gets.
-        return [g for g in groups if len(g) > 1 or g[0].is_inline]
+        # A lone Parquet file is already as compact as it gets, unless rows are deleted.
+        return [g for g in groups if len(g) > 1 or g[0].is_inline or g[0].deleted is not None]
 
     def needs_flush(self, inline: tuple[DataFile, ...]) -> bool:
         return (

@@ -46,10 +46,16 @@ class Deletes(ChangeLoop):
                 condition = " AND ".join(
                     f"__k.{quote_ident(c)} = __s.{quote_ident(c)}" for c in key_rows.column_names
                 )
-            out_rows, removed_rows, touched = await anyio.to_thread.run_sync(
+            out_rows, removed_rows, gone = await anyio.to_thread.run_sync(
                 lambda: self._run_sql(
                     lambda con: delete_rows(
-                        con, table.columns, files, condition, key_rows, self.engine.resolve_path
+                        con,
+                        table.columns,
+                        files,
+                        condition,
+                        key_rows,
+                        self.engine.resolve_path,
+                        self.in_place,
                     )
                 )
             )
@@ -57,7 +63,7 @@ class Deletes(ChangeLoop):
                 return Change(lambda _: [], {"rows_removed": 0})
             out = await self._output(target, out_rows, table.columns, inline_ok=True)
             added = [out] if out else []
-            removed = tuple(files[i].path for i in touched)
+            removed, inputs, deletes = gone.removal(files)
             base = target.base()
 
             def events(version: int) -> list[EventBase]:
@@ -66,6 +72,7 @@ class Deletes(ChangeLoop):
                         version=version + 1,
                         files=tuple(added),
                         removed_files=removed,
+                        deletes=deletes,
                         rows_removed=removed_rows,
                         where=condition if where is not None else None,
                         keys=keys,
@@ -90,8 +97,9 @@ class Deletes(ChangeLoop):
                 events,
                 {"rows_removed": removed_rows},
                 added,
-                removed,
+                inputs,
                 table.columns,
+                deletes=deletes,
                 rebase=True,
                 conflicts=conflicts,
             )

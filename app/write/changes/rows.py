@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from datetime import time as dtime
 from decimal import Decimal
@@ -16,7 +17,7 @@ import pyarrow as pa
 
 from app.write.bodies import Plan, Source
 from events.errors import InvalidInput, TypeMismatch
-from events.model import DataFile, DataType, Field
+from events.model import DataFile, DataType, Field, FileDeletes, pack_positions
 from projections.arrow import conform, normalize_array, quote_ident, to_arrow, type_name
 from projections.query.views import conform_to, ordered_files_sql
 
@@ -206,9 +207,10 @@ def merge_rows(
     key: list[str],
     newer_than: str | None,
     resolve_path: Callable[[str], str],
-) -> tuple[pa.Table, dict[str, int], list[int]]:
-    """The upsert on candidate ``files``: (rows to write, counts, indexes of the files to
-    rewrite). Rows written: the kept rows of each rewritten file, in order, then the
+    in_place: Callable[[DataFile, int], bool],
+) -> tuple[pa.Table, dict[str, int], Gone]:
+    """The upsert on candidate ``files``: (rows to write, counts, the stored rows it
+    replaces). Rows written: the kept rows of each file rewritten, in order, then the
     applied incoming rows, in order."""
     rows = conform_to(incoming, columns)
     rows = rows.append_column("__o", pa.array(range(rows.num_rows), pa.int64()))
@@ -224,29 +226,26 @@ def merge_rows(
     inserted, updated, unchanged = _decide(con, columns, on, newer_than)
     # Stored rows replaced: every stored row whose key an applied update carries.
     replaced = f"EXISTS (SELECT 1 FROM __i JOIN __d USING (__o) WHERE __d.what = 'update' AND {on})"
-    con.execute(f"CREATE TEMP TABLE __r AS SELECT __f, {replaced} AS gone FROM __s")
-    removed_rows = con.execute("SELECT count(*) FROM __r WHERE gone").fetchone()
-    touched = [
-        int(r[0])
-        for r in con.execute("SELECT DISTINCT __f FROM __r WHERE gone ORDER BY __f").fetchall()
-    ]
-    con.execute("DROP TABLE __r")
+    con.execute(f"CREATE TEMP TABLE __g AS SELECT __f, __r, {replaced} AS gone FROM __s")
+    removed_rows = con.execute("SELECT count(*) FROM __g WHERE gone").fetchone()
+    gone = _gone(con, files, in_place)
+    con.execute("DROP TABLE __g")
     out_sql = (
         f"SELECT {_col_list(columns)} FROM ("
         f"SELECT {_col_list(columns, '__s.')}, 0 AS __part, __s.__f AS __a, __s.__r AS __b "
-        f"FROM __s WHERE __s.__f IN (SELECT UNNEST($touched)) AND NOT {replaced} "
+        f"FROM __s WHERE __s.__f IN (SELECT UNNEST($rewrite)) AND NOT {replaced} "
         f"UNION ALL SELECT {_col_list(columns, '__i.')}, 1, 0, __i.__o "
         f"FROM __i JOIN __d USING (__o) WHERE __d.what <> 'keep'"
         f") ORDER BY __part, __a, __b"
     )
-    out = _fetch(con, out_sql.replace("$touched", f"{touched or [-1]}"), columns)
+    out = _fetch(con, out_sql.replace("$rewrite", f"{gone.rewrite or [-1]}"), columns)
     counts = {
         "inserted": inserted,
         "updated": updated,
         "unchanged": unchanged,
         "rows_removed": int(removed_rows[0]) if removed_rows else 0,
     }
-    return out, counts, touched
+    return out, counts, gone
 
 
 def _matches(con: duckdb.DuckDBPyConnection, condition: str, key_rows: pa.Table | None) -> str:
@@ -265,25 +264,63 @@ def delete_rows(
     condition: str,
     key_rows: pa.Table | None,
     resolve_path: Callable[[str], str],
-) -> tuple[pa.Table, int, list[int]]:
-    """(kept rows of the rewritten files, rows removed, indexes of rewritten files)."""
+    in_place: Callable[[DataFile, int], bool],
+) -> tuple[pa.Table, int, Gone]:
+    """(kept rows of the files rewritten, rows removed, the rows removed by file)."""
     con.execute(f"CREATE TEMP TABLE __s AS {ordered_files_sql(con, columns, files, resolve_path)}")
     match = _matches(con, condition, key_rows)
     con.execute(f"CREATE TEMP TABLE __g AS SELECT __f, __r, {match} AS gone FROM __s")
     removed = con.execute("SELECT count(*) FROM __g WHERE gone").fetchone()
     removed_rows = int(removed[0]) if removed else 0
-    touched = [
-        int(r[0])
-        for r in con.execute("SELECT DISTINCT __f FROM __g WHERE gone ORDER BY __f").fetchall()
-    ]
+    gone = _gone(con, files, in_place)
     out = _fetch(
         con,
         f"SELECT {_col_list(columns, '__s.')} FROM __s JOIN __g USING (__f, __r) "
-        f"WHERE __s.__f IN (SELECT UNNEST({touched or [-1]})) AND NOT __g.gone "
+        f"WHERE __s.__f IN (SELECT UNNEST({gone.rewrite or [-1]})) AND NOT __g.gone "
         f"ORDER BY __s.__f, __s.__r",
         columns,
     )
-    return out, removed_rows, touched
+    return out, removed_rows, gone
+
+
+@dataclass
+class Gone:
+    """The stored rows a change removes, by file (indexes into its candidate files):
+    files it rewrites (their kept rows go into its output), and positions it deletes
+    in place (merge-on-read: they join the file's deletion vector)."""
+
+    rewrite: list[int] = field(default_factory=list)
+    deletes: dict[int, list[int]] = field(default_factory=dict)
+
+    def removal(
+        self, files: Sequence[DataFile]
+    ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[FileDeletes, ...]]:
+        """(paths of the files rewritten, their identities, the in-place deletes)."""
+        rewritten = [files[i] for i in self.rewrite]
+        deletes = tuple(
+            FileDeletes(files[i].path, len(positions), pack_positions(positions))
+            for i, positions in sorted(self.deletes.items())
+        )
+        return tuple(f.path for f in rewritten), tuple(f.identity for f in rewritten), deletes
+
+
+def _gone(
+    con: duckdb.DuckDBPyConnection,
+    files: list[DataFile],
+    in_place: Callable[[DataFile, int], bool],
+) -> Gone:
+    """Split the rows ``__g`` marks gone into files to rewrite and rows to delete in
+    place, as ``in_place(file, rows gone)`` decides per file."""
+    gone = Gone()
+    rows = con.execute(
+        "SELECT __f, list(__r ORDER BY __r) FROM __g WHERE gone GROUP BY __f ORDER BY __f"
+    ).fetchall()
+    for index, positions in rows:
+        if in_place(files[index], len(positions)):
+            gone.deletes[int(index)] = [int(p) for p in positions]
+        else:
+            gone.rewrite.append(int(index))
+    return gone
 
 
 def any_match(

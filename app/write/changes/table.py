@@ -31,10 +31,12 @@ class TableChanges(ChangeLoop):
             old = await self.reader.table_at(
                 target.org, target.super_, target.table, version=version
             )
-            current = {f.path for f in table.files}
-            wanted = {f.path for f in old.files}
-            added = tuple(f for f in old.files if f.path not in current)
-            removed = tuple(f.path for f in table.files if f.path not in wanted)
+            # By identity: a file whose deletion vector differs is removed and added
+            # back as it was then.
+            current = {f.identity for f in table.files}
+            wanted = {f.identity for f in old.files}
+            added = tuple(f for f in old.files if f.identity not in current)
+            removed = tuple(f.path for f in table.files if f.identity not in wanted)
             base = target.base()
 
             def events(at: int) -> list[EventBase]:

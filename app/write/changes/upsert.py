@@ -52,16 +52,23 @@ class Upserts(ChangeLoop):
             merged = await anyio.to_thread.run_sync(
                 lambda: self._run_sql(
                     lambda con: merge_rows(
-                        con, columns, files, incoming, key, newer_than, self.engine.resolve_path
+                        con,
+                        columns,
+                        files,
+                        incoming,
+                        key,
+                        newer_than,
+                        self.engine.resolve_path,
+                        self.in_place,
                     )
                 )
             )
-            out_rows, counts, touched = merged
+            out_rows, counts, gone = merged
             if counts["inserted"] + counts["updated"] == 0:
                 return Change(lambda _: [], {**counts, "key": list(key), "newer_than": newer_than})
             out = await self._output(target, out_rows, columns, inline_ok=True)
             added = [out] if out else []
-            removed = tuple(files[i].path for i in touched)
+            removed, inputs, deletes = gone.removal(files)
             base = target.base()
 
             def events(version: int) -> list[EventBase]:
@@ -72,6 +79,7 @@ class Upserts(ChangeLoop):
                         version=version + 1,
                         files=tuple(added),
                         removed_files=removed,
+                        deletes=deletes,
                         key=tuple(key),
                         newer_than=newer_than,
                         **counts,
@@ -91,7 +99,16 @@ class Upserts(ChangeLoop):
                     lambda con: any_match(con, columns, maybe, on, keys, self.engine.resolve_path)
                 )
 
-            return Change(events, result, added, removed, columns, rebase=True, conflicts=conflicts)
+            return Change(
+                events,
+                result,
+                added,
+                inputs,
+                columns,
+                deletes=deletes,
+                rebase=True,
+                conflicts=conflicts,
+            )
 
         outcome = await self._commit(target, prepare, allow_new=True)
         if outcome.event_id is None:
