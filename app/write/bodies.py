@@ -113,6 +113,11 @@ def _fields(schema: pa.Schema) -> list[Field]:
     return [Field(name=f.name, type=from_arrow(normalize_type(f.type), f.name)) for f in schema]
 
 
+# DuckDB's virtual column of each row's position in its Parquet file: a table column
+# of that name would shadow it (and the option that names it refuses such files).
+RESERVED_COLUMNS = frozenset({"file_row_number"})
+
+
 def check_column_names(names: list[str]) -> None:
     seen: dict[str, str] = {}
     for name in names:
@@ -123,6 +128,12 @@ def check_column_names(names: list[str]) -> None:
                 code="invalid_column_name",
             )
         folded = name.lower()
+        if folded in RESERVED_COLUMNS:
+            raise InvalidInput(
+                f"column name {name!r} is reserved: DuckDB gives every Parquet row a "
+                "virtual column of that name, which upserts and deletes rely on",
+                code="reserved_column_name",
+            )
         if folded in seen:
             raise InvalidInput(
                 f"duplicate column name {name!r} (column names are case-insensitive)",

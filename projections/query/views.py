@@ -89,19 +89,58 @@ def live_mask(deleted: DeletionVector, num_rows: int) -> pa.Array:
     return pa.Array.from_buffers(pa.uint8(), num_rows, [None, pa.py_buffer(mask)]).cast(pa.bool_())
 
 
-def deletion_table(files: Sequence[DataFile], resolve_path: Callable[[str], str]) -> pa.Table:
-    """(filename, pos) of every deleted row of ``files``, as DuckDB names the files."""
-    names, positions = [], []
-    for f in files:
-        assert f.deleted is not None
-        names.append(pa.repeat(pa.scalar(resolve_path(f.path), pa.string()), f.deleted.count))
-        positions.append(positions_array(f.deleted))
+def deletion_table(files: Sequence[DataFile]) -> pa.Table:
+    """(index in ``files``, position) of every deleted row of ``files``."""
+    indexes, positions = [], []
+    for i, f in enumerate(files):
+        if f.deleted is not None:
+            indexes.append(pa.repeat(pa.scalar(i, pa.uint64()), f.deleted.count))
+            positions.append(positions_array(f.deleted))
     return pa.table(
         {
-            "filename": pa.concat_arrays(names) if names else pa.array([], pa.string()),
-            "pos": pa.concat_arrays(positions) if positions else pa.array([], pa.int64()),
+            "__ll_i": pa.concat_arrays(indexes) if indexes else pa.array([], pa.uint64()),
+            "__ll_pos": pa.concat_arrays(positions) if positions else pa.array([], pa.int64()),
         }
     )
+
+
+def _stored_rows(
+    con: duckdb.DuckDBPyConnection,
+    columns: Sequence[Field],
+    files: Sequence[DataFile],
+    resolve_path: Callable[[str], str],
+) -> tuple[str, str, str]:
+    """(select list, FROM clause, file index expression) of one scan of the Parquet
+    ``files``, less the rows their deletion vectors delete (an anti-join on each row's
+    file index and position). The index expression is a row's file's index in
+    ``files``; ``__ll_rows.file_row_number`` its position in the file.
+
+    DuckDB's virtual ``file_index`` column names the file; a table with a column of
+    that name (which would shadow it) has its files named by path instead."""
+    select, paths, union = _scan(columns, files, resolve_path)
+    if not any(f.name.lower() == "file_index" for f in columns):
+        source = f"read_parquet([{paths}]{union}) AS __ll_rows"
+        index = "__ll_rows.file_index"
+    else:
+        names = _register(
+            con,
+            pa.table({
+                "__ll_file": [resolve_path(f.path) for f in files],
+                "__ll_i": pa.array(range(len(files)), pa.uint64()),
+            }),
+        )  # fmt: skip
+        source = (
+            f"read_parquet([{paths}], filename = '__ll_file'{union}) AS __ll_rows "
+            f"JOIN {names} AS __ll_names ON __ll_rows.__ll_file = __ll_names.__ll_file"
+        )
+        index = "__ll_names.__ll_i"
+    if any(f.deleted is not None for f in files):
+        gone = _register(con, deletion_table(files))
+        source += (
+            f" ANTI JOIN {gone} AS __ll_gone ON {index} = __ll_gone.__ll_i "
+            f"AND __ll_rows.file_row_number = __ll_gone.__ll_pos"
+        )
+    return select, source, index
 
 
 def _same_layout(files: Sequence[DataFile], present: set[str]) -> bool:
@@ -151,14 +190,8 @@ def version_sql(
         select, paths, union = _scan(columns, parquet, resolve_path)
         parts.append(f"SELECT {select} FROM read_parquet([{paths}]{union})")
     if deleted:
-        select, paths, union = _scan(columns, deleted, resolve_path)
-        gone = _register(con, deletion_table(deleted, resolve_path))
-        parts.append(
-            f"SELECT {select} FROM read_parquet([{paths}], filename = true, "
-            f"file_row_number = true{union}) AS __ll_rows ANTI JOIN {gone} AS __ll_gone "
-            f"ON __ll_rows.filename = __ll_gone.filename "
-            f"AND __ll_rows.file_row_number = __ll_gone.pos"
-        )
+        select, source, _ = _stored_rows(con, columns, deleted, resolve_path)
+        parts.append(f"SELECT {select} FROM {source}")
     if inline:
         merged = pa.concat_tables([conform_to(inline_table(f), columns) for f in inline])
         parts.append(f"SELECT * FROM {_register(con, merged)}")
@@ -172,29 +205,37 @@ def ordered_files_sql(
     columns: Sequence[Field],
     files: Sequence[DataFile],
     resolve_path: Callable[[str], str],
+    only: Sequence[int] | None = None,
 ) -> str:
-    """Like ``version_sql`` but one branch per file, each row tagged with its file's
-    index (``__f``) and its row number in that file (``__r``): for rewriting files
-    while keeping the order of their rows."""
+    """Like ``version_sql``, each row tagged with its file's index in ``files``
+    (``__f``) and its row number in that file (``__r``): for finding the rows a change
+    removes and for rewriting files in the order of their rows. ``only`` restricts it
+    to the files of those indexes. One scan reads every Parquet file (DuckDB reads only
+    the columns a query over it uses, and prunes by its filters)."""
+    chosen = [(i, files[i]) for i in (range(len(files)) if only is None else only)]
+    parquet = [(i, f) for i, f in chosen if not f.is_inline]
+    inline = [(i, f) for i, f in chosen if f.is_inline]
     parts = []
-    for i, f in enumerate(files):
-        if f.is_inline:
+    if parquet:
+        select, source, index = _stored_rows(con, columns, [f for _, f in parquet], resolve_path)
+        if [i for i, _ in parquet] != list(range(len(parquet))):
+            index = f"[{', '.join(str(i) for i, _ in parquet)}][CAST({index} AS BIGINT) + 1]"
+        parts.append(
+            f"SELECT {select}, __ll_rows.file_row_number AS __r, CAST({index} AS BIGINT) AS __f "
+            f"FROM {source}"
+        )
+    if inline:
+        tagged = []
+        for i, f in inline:
             rows = conform_to(inline_table(f), columns)
             rows = rows.append_column("__r", pa.array(range(rows.num_rows), pa.int64()))
-            parts.append(f"SELECT *, {i} AS __f FROM {_register(con, rows)}")
-        else:
-            select = ", ".join(_casts(columns, set(f.columns)))
-            live = ""
-            if f.deleted is not None:
-                gone = _register(con, pa.table({"pos": positions_array(f.deleted)}))
-                live = f" WHERE file_row_number NOT IN (SELECT pos FROM {gone})"
-            parts.append(
-                f"SELECT {select}, file_row_number AS __r, {i} AS __f "
-                f"FROM read_parquet({sql_literal(resolve_path(f.path))}, file_row_number = true)"
-                f"{live}"
+            tagged.append(
+                rows.append_column("__f", pa.repeat(pa.scalar(i, pa.int64()), rows.num_rows))
             )
+        parts.append(f"SELECT * FROM {_register(con, pa.concat_tables(tagged))}")
     if not parts:
         empty = arrow_schema(tuple(columns)).empty_table()
         empty = empty.append_column("__r", pa.array([], pa.int64()))
-        parts.append(f"SELECT *, 0 AS __f FROM {_register(con, empty)}")
+        empty = empty.append_column("__f", pa.array([], pa.int64()))
+        parts.append(f"SELECT * FROM {_register(con, empty)}")
     return " UNION ALL ".join(f"({p})" for p in parts)

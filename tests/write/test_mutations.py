@@ -298,6 +298,36 @@ def test_rows_deleted_in_place_keep_the_order_of_the_others(client: Client) -> N
     assert sorted(rows) == [[1, "n1"], [2, "two"], [3, "n3"], [5, "n5"], [7, "n7"], [9, "nine"]]
 
 
+@pytest.mark.parametrize("mode", ["in-place", "copy-on-write"])
+@pytest.mark.parametrize("column", ["file_index", "FileName", "__ll_pos"])
+def test_columns_named_like_the_scans_own_are_changed_exactly(
+    request: pytest.FixtureRequest, column: str, mode: str
+) -> None:
+    """A column named like DuckDB's virtual columns (which it shadows) or our scan's
+    helper columns changes nothing in how rows are found, deleted and read."""
+    client = request.getfixturevalue("client" if mode == "in-place" else "cow_client")
+    append(client, [{"id": i, column: 100 + i} for i in range(1, 11)])
+    append(client, [{"id": i, column: 100 + i} for i in range(11, 21)])
+    assert counts(upsert(client, [{"id": 2, column: 7}, {"id": 19, column: 8}])) == (0, 2, 0, 2)
+    assert ok(delete_call(client, {"keys": {"id": [4, 16]}}))["rows_removed"] == 2
+    assert ok(delete_call(client, {"where": f'"{column}" = 103'}))["rows_removed"] == 1
+    expected = {i: 100 + i for i in range(1, 21) if i not in (3, 4, 16)} | {2: 7, 19: 8}
+    rows = query(client, f'select id, "{column}" from orders order by id')
+    assert rows == [[i, v] for i, v in sorted(expected.items())]
+    if mode == "in-place":
+        changes = [e for e in events(client) if e["type"] in ("RowsUpserted", "RowsDeleted")]
+        assert len(changes) == 3
+        assert all(e["removed_files"] == [] for e in changes)
+
+
+def test_a_column_named_file_row_number_is_refused(client: Client) -> None:
+    seed(client)
+    before = events(client)
+    r = client.post(table_url(suffix="/rows"), json=[{"id": 1, "File_Row_Number": 2}])
+    assert_error(r, 400, "reserved_column_name")
+    assert events(client) == before
+
+
 def test_upsert_with_a_composite_key(client: Client) -> None:
     append(
         client,

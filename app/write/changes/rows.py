@@ -18,7 +18,14 @@ import pyarrow as pa
 from app.write.bodies import Plan, Source
 from events.errors import InvalidInput, TypeMismatch
 from events.model import DataFile, DataType, Field, FileDeletes, pack_positions
-from projections.arrow import conform, normalize_array, quote_ident, to_arrow, type_name
+from projections.arrow import (
+    arrow_schema,
+    conform,
+    normalize_array,
+    quote_ident,
+    to_arrow,
+    type_name,
+)
 from projections.query.views import conform_to, ordered_files_sql
 
 KEY_KINDS = frozenset({
@@ -165,38 +172,52 @@ def _fetch(con: duckdb.DuckDBPyConnection, sql: str, columns: Sequence[Field]) -
 
 
 def _decide(
-    con: duckdb.DuckDBPyConnection, columns: tuple[Field, ...], on: str, newer_than: str | None
-) -> tuple[int, int, int]:
-    """Decide each incoming row (``__d``: insert, keep or update) against the stored rows
-    of its key; the counts of each."""
+    con: duckdb.DuckDBPyConnection,
+    columns: tuple[Field, ...],
+    scan: str,
+    on: str,
+    newer_than: str | None,
+) -> tuple[list[int], list[str], dict[int, list[int]]]:
+    """Decide each incoming row of ``__i`` against the stored rows of its key (those of
+    ``scan``), in one statement: (``__o`` of each, its decision: insert, keep or
+    update, and the positions by file of the stored rows the updates replace)."""
     same = " AND ".join(
         f"__s.{quote_ident(f.name)} IS NOT DISTINCT FROM __i.{quote_ident(f.name)}" for f in columns
     )
-    newest = f"max(__s.{quote_ident(newer_than)})" if newer_than else "NULL"
-    con.execute(
-        f"CREATE TEMP TABLE __m AS SELECT __i.__o, count(__s.__f) AS n, "
-        f"bool_and({same}) AS same, {newest} AS newest "
-        f"FROM __i LEFT JOIN __s ON {on} GROUP BY __i.__o"
-    )
     if newer_than:
         incoming_nt = f"__i.{quote_ident(newer_than)}"
+        newest = f"max(__s.{quote_ident(newer_than)})"
         not_newer = (
-            f"({incoming_nt} IS NULL OR (__m.newest IS NOT NULL AND {incoming_nt} <= __m.newest))"
+            f"({incoming_nt} IS NULL OR ({newest} IS NOT NULL AND {incoming_nt} <= {newest}))"
         )
+        group = f"__i.__o, {incoming_nt}"
     else:
-        not_newer = "false"
-    con.execute(
-        f"CREATE TEMP TABLE __d AS SELECT __i.__o, CASE WHEN __m.n = 0 THEN 'insert' "
-        f"WHEN {not_newer} OR (__m.n = 1 AND __m.same) THEN 'keep' ELSE 'update' END AS what "
-        f"FROM __i JOIN __m USING (__o)"
-    )
-    counts_row = con.execute(
-        "SELECT count(*) FILTER (what = 'insert'), count(*) FILTER (what = 'update'), "
-        "count(*) FILTER (what = 'keep') FROM __d"
-    ).fetchone()
-    assert counts_row is not None
-    inserted, updated, unchanged = (int(x) for x in counts_row)
-    return inserted, updated, unchanged
+        not_newer, group = "false", "__i.__o"
+    decided = con.execute(
+        f"WITH __s AS (SELECT * FROM ({scan}) AS __s SEMI JOIN __i ON {on}) "
+        f"SELECT __i.__o, CASE WHEN count(__s.__f) = 0 THEN 'insert' "
+        f"WHEN {not_newer} OR (count(__s.__f) = 1 AND bool_and({same})) THEN 'keep' "
+        f"ELSE 'update' END AS what, list(__s.__f) FILTER (__s.__f IS NOT NULL), "
+        f"list(__s.__r) FILTER (__s.__f IS NOT NULL) "
+        f"FROM __i LEFT JOIN __s ON {on} GROUP BY {group}"
+    ).fetchall()
+    replaced: dict[int, list[int]] = {}
+    for _, what, in_files, positions in decided:
+        if what == "update":
+            for f, r in zip(in_files, positions, strict=True):
+                replaced.setdefault(f, []).append(r)
+    for positions in replaced.values():
+        positions.sort()
+    return [row[0] for row in decided], [row[1] for row in decided], replaced
+
+
+def _unique_keys(rows: pa.Table, key: list[str], columns: tuple[Field, ...]) -> bool:
+    """Whether no two incoming rows share a key (as DuckDB groups them: nulls alike).
+    Float keys always go to DuckDB, which groups NaNs and signed zeros its own way."""
+    kinds = {f.name: f.type.kind for f in columns}
+    if any(kinds[k] in ("float32", "float64") for k in key):
+        return False
+    return bool(rows.select(key).group_by(key).aggregate([]).num_rows == rows.num_rows)
 
 
 def merge_rows(
@@ -211,39 +232,37 @@ def merge_rows(
 ) -> tuple[pa.Table, dict[str, int], Gone]:
     """The upsert on candidate ``files``: (rows to write, counts, the stored rows it
     replaces). Rows written: the kept rows of each file rewritten, in order, then the
-    applied incoming rows, in order."""
+    applied incoming rows, in order.
+
+    One scan of the candidates finds the stored rows of the incoming keys (a semi
+    join: DuckDB hashes the incoming keys and streams the files past them); only those
+    rows are kept, and only the files it rewrites are read in full."""
     rows = conform_to(incoming, columns)
     rows = rows.append_column("__o", pa.array(range(rows.num_rows), pa.int64()))
-    con.register("__incoming", rows)
-    keys = ", ".join(quote_ident(k) for k in key)
-    order = (f"{quote_ident(newer_than)} DESC NULLS LAST, " if newer_than else "") + "__o DESC"
-    con.execute(
-        f"CREATE TEMP TABLE __i AS SELECT * FROM __incoming "
-        f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1"
-    )
-    con.execute(f"CREATE TEMP TABLE __s AS {ordered_files_sql(con, columns, files, resolve_path)}")
+    if _unique_keys(rows, key, columns):
+        con.register("__i", rows)
+    else:  # the last row of each key wins (the newest, with newer_than)
+        con.register("__incoming", rows)
+        keys = ", ".join(quote_ident(k) for k in key)
+        last = (f"{quote_ident(newer_than)} DESC NULLS LAST, " if newer_than else "") + "__o DESC"
+        con.execute(
+            f"CREATE TEMP TABLE __i AS SELECT * FROM __incoming "
+            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {last}) = 1"
+        )
     on = " AND ".join(f"__s.{quote_ident(k)} = __i.{quote_ident(k)}" for k in key)
-    inserted, updated, unchanged = _decide(con, columns, on, newer_than)
+    scan = ordered_files_sql(con, columns, files, resolve_path)
+    decided, whats, replaced = _decide(con, columns, scan, on, newer_than)
     # Stored rows replaced: every stored row whose key an applied update carries.
-    replaced = f"EXISTS (SELECT 1 FROM __i JOIN __d USING (__o) WHERE __d.what = 'update' AND {on})"
-    con.execute(f"CREATE TEMP TABLE __g AS SELECT __f, __r, {replaced} AS gone FROM __s")
-    removed_rows = con.execute("SELECT count(*) FROM __g WHERE gone").fetchone()
-    gone = _gone(con, files, in_place)
-    con.execute("DROP TABLE __g")
-    out_sql = (
-        f"SELECT {_col_list(columns)} FROM ("
-        f"SELECT {_col_list(columns, '__s.')}, 0 AS __part, __s.__f AS __a, __s.__r AS __b "
-        f"FROM __s WHERE __s.__f IN (SELECT UNNEST($rewrite)) AND NOT {replaced} "
-        f"UNION ALL SELECT {_col_list(columns, '__i.')}, 1, 0, __i.__o "
-        f"FROM __i JOIN __d USING (__o) WHERE __d.what <> 'keep'"
-        f") ORDER BY __part, __a, __b"
-    )
-    out = _fetch(con, out_sql.replace("$rewrite", f"{gone.rewrite or [-1]}"), columns)
+    removed_rows, gone = _split(files, replaced, in_place)
+    applied = sorted(o for o, what in zip(decided, whats, strict=True) if what != "keep")
+    out = rows.take(pa.array(applied, pa.int64())).drop_columns(["__o"])
+    if gone.rewrite:
+        out = pa.concat_tables([_kept(con, columns, files, gone, replaced, resolve_path), out])
     counts = {
-        "inserted": inserted,
-        "updated": updated,
-        "unchanged": unchanged,
-        "rows_removed": int(removed_rows[0]) if removed_rows else 0,
+        "inserted": whats.count("insert"),
+        "updated": whats.count("update"),
+        "unchanged": whats.count("keep"),
+        "rows_removed": removed_rows,
     }
     return out, counts, gone
 
@@ -266,21 +285,22 @@ def delete_rows(
     resolve_path: Callable[[str], str],
     in_place: Callable[[DataFile, int], bool],
 ) -> tuple[pa.Table, int, Gone]:
-    """(kept rows of the files rewritten, rows removed, the rows removed by file)."""
-    con.execute(f"CREATE TEMP TABLE __s AS {ordered_files_sql(con, columns, files, resolve_path)}")
+    """(kept rows of the files rewritten, rows removed, the rows removed by file).
+    One scan finds the rows to remove (DuckDB reads only the columns ``condition``
+    names); only the files it rewrites are read in full."""
+    scan = ordered_files_sql(con, columns, files, resolve_path)
     match = _matches(con, condition, key_rows)
-    con.execute(f"CREATE TEMP TABLE __g AS SELECT __f, __r, {match} AS gone FROM __s")
-    removed = con.execute("SELECT count(*) FROM __g WHERE gone").fetchone()
-    removed_rows = int(removed[0]) if removed else 0
-    gone = _gone(con, files, in_place)
-    out = _fetch(
-        con,
-        f"SELECT {_col_list(columns, '__s.')} FROM __s JOIN __g USING (__f, __r) "
-        f"WHERE __s.__f IN (SELECT UNNEST({gone.rewrite or [-1]})) AND NOT __g.gone "
-        f"ORDER BY __s.__f, __s.__r",
-        columns,
-    )
-    return out, removed_rows, gone
+    by_file = {
+        int(f): [int(r) for r in positions]
+        for f, positions in con.execute(
+            f"SELECT __s.__f, list(__s.__r ORDER BY __s.__r) FROM ({scan}) AS __s "
+            f"WHERE {match} GROUP BY __s.__f"
+        ).fetchall()
+    }
+    removed_rows, gone = _split(files, by_file, in_place)
+    if not gone.rewrite:
+        return conform_to(arrow_schema(columns).empty_table(), columns), removed_rows, gone
+    return _kept(con, columns, files, gone, by_file, resolve_path), removed_rows, gone
 
 
 @dataclass
@@ -304,23 +324,48 @@ class Gone:
         return tuple(f.path for f in rewritten), tuple(f.identity for f in rewritten), deletes
 
 
-def _gone(
-    con: duckdb.DuckDBPyConnection,
+def _split(
     files: list[DataFile],
+    by_file: dict[int, list[int]],
     in_place: Callable[[DataFile, int], bool],
-) -> Gone:
-    """Split the rows ``__g`` marks gone into files to rewrite and rows to delete in
-    place, as ``in_place(file, rows gone)`` decides per file."""
+) -> tuple[int, Gone]:
+    """(rows removed, the sorted positions ``by_file`` (file index -> positions) split
+    into files to rewrite and rows to delete in place, as ``in_place(file, rows
+    gone)`` decides per file)."""
     gone = Gone()
-    rows = con.execute(
-        "SELECT __f, list(__r ORDER BY __r) FROM __g WHERE gone GROUP BY __f ORDER BY __f"
-    ).fetchall()
-    for index, positions in rows:
-        if in_place(files[index], len(positions)):
-            gone.deletes[int(index)] = [int(p) for p in positions]
+    for index in sorted(by_file):
+        if in_place(files[index], len(by_file[index])):
+            gone.deletes[index] = by_file[index]
         else:
-            gone.rewrite.append(int(index))
-    return gone
+            gone.rewrite.append(index)
+    return sum(len(p) for p in by_file.values()), gone
+
+
+def _kept(
+    con: duckdb.DuckDBPyConnection,
+    columns: tuple[Field, ...],
+    files: list[DataFile],
+    gone: Gone,
+    by_file: dict[int, list[int]],
+    resolve_path: Callable[[str], str],
+) -> pa.Table:
+    """The rows of the files ``gone`` rewrites less those ``by_file`` removes, in file
+    order, then row order."""
+    removed = [(f, r) for f in gone.rewrite for r in by_file.get(f, [])]
+    con.register(
+        "__g",
+        pa.table({
+            "__f": pa.array([f for f, _ in removed], pa.int64()),
+            "__r": pa.array([r for _, r in removed], pa.int64()),
+        }),
+    )  # fmt: skip
+    scan = ordered_files_sql(con, columns, files, resolve_path, only=gone.rewrite)
+    return _fetch(
+        con,
+        f"SELECT {_col_list(columns, '__t.')} FROM ({scan}) AS __t "
+        f"ANTI JOIN __g ON __t.__f = __g.__f AND __t.__r = __g.__r ORDER BY __t.__f, __t.__r",
+        columns,
+    )
 
 
 def any_match(
