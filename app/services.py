@@ -117,6 +117,7 @@ class Services:
             deletion_vectors=settings.deletion_vectors,
             deletion_max_ratio=settings.deletion_max_ratio,
             compact_deleted_ratio=settings.compact_deleted_ratio,
+            key_index_rows=settings.key_index_rows,
             inline_flush_rows=settings.inline_flush_rows,
             inline_flush_bytes=settings.inline_flush_bytes,
             inline_flush_files=settings.inline_flush_files,

@@ -81,6 +81,9 @@ SETTINGS_DOC: dict[str, str] = {
     "deleted rewrites the file instead.",
     "compact_deleted_ratio": "Compaction rewrites a file once at least this fraction of its "
     "rows are deleted.",
+    "key_index_rows": "Rows the key indexes of a process hold in all (about 32 bytes each): "
+    "an upsert or delete by one integer key column finds its rows in them instead of "
+    "scanning; a table with more rows is scanned. 0 turns them off.",
     "inline_max_rows": "Writes of at most this many rows (and `inline_max_bytes`) are stored "
     "inside their event instead of as a Parquet file. 0 turns inlining off.",
     "inline_max_bytes": "Largest inlined batch, in bytes (Arrow IPC).",
@@ -202,6 +205,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     deletion_vectors: bool = True
     deletion_max_ratio: float = 0.5
     compact_deleted_ratio: float = 0.2
+    key_index_rows: int = 20_000_000
     inline_max_rows: int = 100
     inline_max_bytes: int = 64 * 1024
     inline_flush_rows: int = 10_000
@@ -318,6 +322,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 "LEDGERLAKE_DELETION_MAX_RATIO and LEDGERLAKE_COMPACT_DELETED_RATIO must be "
                 "fractions in (0, 1]"
             )
+        if self.key_index_rows < 0:
+            raise SystemExit("LEDGERLAKE_KEY_INDEX_ROWS must be 0 or more")
         if self.redis_appendfsync not in ("always", "everysec", "no"):
             raise SystemExit("LEDGERLAKE_REDIS_APPENDFSYNC must be always, everysec or no")
 

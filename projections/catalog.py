@@ -38,7 +38,7 @@ from events.model import (
     TableOverwritten,
     TableRestored,
     VersionsExpired,
-    pack_positions,
+    merge_positions,
 )
 
 
@@ -289,9 +289,8 @@ def _more_deleted(
 ) -> DeletionVector:
     if deleted is None:
         return DeletionVector(version, more.count, more.positions)
-    rows = set(deleted.rows())
-    rows.update(DeletionVector(version, more.count, more.positions).rows())
-    return DeletionVector(version, len(rows), pack_positions(rows))
+    count, positions = merge_positions(deleted.positions, more.positions)
+    return DeletionVector(version, count, positions)
 
 
 @_apply_table.register

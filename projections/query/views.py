@@ -75,6 +75,13 @@ def _casts(columns: Sequence[Field], present: set[str] | None) -> list[str]:
     return select
 
 
+def cast_list(columns: Sequence[Field]) -> str:
+    """The select list of rows already in the table's schema (an Arrow table conformed
+    to it), with the casts a scan of files applies: for expressions that must see both
+    alike (a row hash)."""
+    return ", ".join(_casts(columns, None))
+
+
 def positions_array(deleted: DeletionVector) -> pa.Array:
     """A deletion vector's positions as an Arrow int64 array (no copy of the bytes)."""
     raw = pa.Array.from_buffers(pa.uint32(), deleted.count, [None, pa.py_buffer(deleted.positions)])
@@ -109,11 +116,13 @@ def _stored_rows(
     columns: Sequence[Field],
     files: Sequence[DataFile],
     resolve_path: Callable[[str], str],
+    *,
+    deleted: bool = False,
 ) -> tuple[str, str, str]:
     """(select list, FROM clause, file index expression) of one scan of the Parquet
     ``files``, less the rows their deletion vectors delete (an anti-join on each row's
-    file index and position). The index expression is a row's file's index in
-    ``files``; ``__ll_rows.file_row_number`` its position in the file.
+    file index and position; ``deleted`` keeps them). The index expression is a row's
+    file's index in ``files``; ``__ll_rows.file_row_number`` its position in the file.
 
     DuckDB's virtual ``file_index`` column names the file; a table with a column of
     that name (which would shadow it) has its files named by path instead."""
@@ -134,7 +143,7 @@ def _stored_rows(
             f"JOIN {names} AS __ll_names ON __ll_rows.__ll_file = __ll_names.__ll_file"
         )
         index = "__ll_names.__ll_i"
-    if any(f.deleted is not None for f in files):
+    if not deleted and any(f.deleted is not None for f in files):
         gone = _register(con, deletion_table(files))
         source += (
             f" ANTI JOIN {gone} AS __ll_gone ON {index} = __ll_gone.__ll_i "
@@ -206,18 +215,22 @@ def ordered_files_sql(
     files: Sequence[DataFile],
     resolve_path: Callable[[str], str],
     only: Sequence[int] | None = None,
+    *,
+    deleted: bool = False,
 ) -> str:
     """Like ``version_sql``, each row tagged with its file's index in ``files``
     (``__f``) and its row number in that file (``__r``): for finding the rows a change
     removes and for rewriting files in the order of their rows. ``only`` restricts it
-    to the files of those indexes. One scan reads every Parquet file (DuckDB reads only
+    to the files of those indexes; ``deleted`` keeps the rows deleted by deletion
+    vectors (every physical row). One scan reads every Parquet file (DuckDB reads only
     the columns a query over it uses, and prunes by its filters)."""
     chosen = [(i, files[i]) for i in (range(len(files)) if only is None else only)]
     parquet = [(i, f) for i, f in chosen if not f.is_inline]
     inline = [(i, f) for i, f in chosen if f.is_inline]
     parts = []
     if parquet:
-        select, source, index = _stored_rows(con, columns, [f for _, f in parquet], resolve_path)
+        stored = [f for _, f in parquet]
+        select, source, index = _stored_rows(con, columns, stored, resolve_path, deleted=deleted)
         if [i for i, _ in parquet] != list(range(len(parquet))):
             index = f"[{', '.join(str(i) for i, _ in parquet)}][CAST({index} AS BIGINT) + 1]"
         parts.append(

@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from events import model
 from events.model import (
@@ -75,3 +77,15 @@ def test_audit_form_has_every_common_field() -> None:
 def test_stream_ids_compare_numerically() -> None:
     assert stream_id_tuple("10-0") > stream_id_tuple("9-5")
     assert stream_id_tuple("10-10") > stream_id_tuple("10-9")
+
+
+@given(
+    st.sets(st.integers(0, 2**32 - 1), max_size=200),
+    st.sets(st.integers(0, 2**32 - 1), max_size=200),
+)
+def test_merge_positions_is_the_sorted_union(a: set[int], b: set[int]) -> None:
+    count, packed = model.merge_positions(model.pack_positions(a), model.pack_positions(b))
+    union = sorted(a | b)
+    assert count == len(union)
+    assert packed == model.pack_positions(union)
+    assert model.DeletionVector(1, count, packed).rows() == union

@@ -65,6 +65,8 @@ MODES: dict[str, dict[str, Any]] = {
     # Deletion vectors may cover whole files, and compaction folds them in late.
     "deletion-vectors": {"deletion_max_ratio": 1.0, "compact_deleted_ratio": 0.6},
     "copy-on-write": {"deletion_vectors": False},
+    # Changes find stored rows by scanning the files, not by the key index.
+    "scanned": {"key_index_rows": 0},
 }
 
 # -- strategies -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from app.write.append import Writer, backoff
 from app.write.bodies import Plan, conform_table, table_source
+from app.write.changes.keyindex import KeyIndexes, TableIndex, indexable
 from app.write.request import append_token
 from events.errors import ConflictError, IdempotencyMismatch, InvalidInput, Unavailable, first_line
 from events.log import NEW_TABLE, Appended, Idempotency
@@ -139,6 +140,7 @@ class ChangeLoop:
         inline_flush_rows: int = 10_000,
         inline_flush_bytes: int = 4 * 1024 * 1024,
         inline_flush_files: int = 256,
+        key_index_rows: int = 20_000_000,
     ) -> None:
         self.writer = writer
         self.reader = writer.reader
@@ -155,6 +157,22 @@ class ChangeLoop:
         self.inline_flush_bytes = inline_flush_bytes
         self.inline_flush_files = inline_flush_files
         self._flushing: set[tuple[str, str, str]] = set()
+        self.key_indexes = KeyIndexes(key_index_rows)
+
+    def key_index(
+        self,
+        target: Target,
+        columns: tuple[Field, ...],
+        key: Sequence[str],
+        files: Sequence[DataFile],
+    ) -> TableIndex | None:
+        """The table's key index for ``key``, if the key can have one (one integer
+        column) and the table fits (``LEDGERLAKE_KEY_INDEX_ROWS``)."""
+        if not indexable(columns, key):
+            return None
+        rows = sum(f.rows for f in files)
+        name = (target.org, target.super_, target.table)
+        return self.key_indexes.get(name, columns, key[0], rows)
 
     async def _commit(
         self,

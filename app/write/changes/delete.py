@@ -1,4 +1,5 @@
-"""Deletes by key list or restricted condition, copy-on-write."""
+"""Deletes by key list or restricted condition (merge-on-read, or copy-on-write per
+file)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from projections.query.predicate import check_predicate
 
 
 class Deletes(ChangeLoop):
-    """Deletes by key list or restricted condition, copy-on-write."""
+    """Deletes by key list or restricted condition."""
 
     async def delete(
         self,
@@ -39,10 +40,16 @@ class Deletes(ChangeLoop):
                 condition = check_predicate(where, table.columns)
                 files = list(table.files)
                 key_rows = None
+                index = None
             else:
                 assert keys is not None
                 key_rows = key_table(keys, table.columns)
-                files = candidates(table.files, table.columns, key_rows, key_rows.column_names)
+                index = self.key_index(target, table.columns, key_rows.column_names, table.files)
+                files = (
+                    list(table.files)
+                    if index is not None
+                    else candidates(table.files, table.columns, key_rows, key_rows.column_names)
+                )
                 condition = " AND ".join(
                     f"__k.{quote_ident(c)} = __s.{quote_ident(c)}" for c in key_rows.column_names
                 )
@@ -56,6 +63,7 @@ class Deletes(ChangeLoop):
                         key_rows,
                         self.engine.resolve_path,
                         self.in_place,
+                        index,
                     )
                 )
             )

@@ -14,8 +14,10 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from app.write.bodies import Plan, Source
+from app.write.changes.keyindex import TableIndex, Written
 from events.errors import InvalidInput, TypeMismatch
 from events.model import DataFile, DataType, Field, FileDeletes, pack_positions
 from projections.arrow import (
@@ -26,7 +28,7 @@ from projections.arrow import (
     to_arrow,
     type_name,
 )
-from projections.query.views import conform_to, ordered_files_sql
+from projections.query.views import cast_list, conform_to, ordered_files_sql
 
 KEY_KINDS = frozenset({
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -125,18 +127,27 @@ def candidates(
     """The files that may hold one of the incoming keys, by their min/max statistics:
     a file is skipped when, for some key column, no incoming value falls in its range
     (or the column is all null in it: a null key never matches)."""
+    return [files[i] for i in candidate_indexes(files, columns, incoming, key)]
+
+
+def candidate_indexes(
+    files: Sequence[DataFile],
+    columns: tuple[Field, ...],
+    incoming: pa.Table,
+    key: Sequence[str],
+) -> list[int]:
+    """``candidates`` as indexes into ``files``."""
     types = {f.name: f.type for f in columns}
     values: dict[str, list[Any]] = {}
     for name in key:
         if types[name].kind in _ORDERABLE:
             raw = incoming.column(name).to_pylist()
             values[name] = sorted(_comparable(types[name], v) for v in raw if v is not None)
-    out = []
-    for f in files:
-        if any(_prunes(f, name, types[name], vals) for name, vals in values.items()):
-            continue
-        out.append(f)
-    return out
+    return [
+        i
+        for i, f in enumerate(files)
+        if not any(_prunes(f, name, types[name], vals) for name, vals in values.items())
+    ]
 
 
 def _prunes(f: DataFile, name: str, t: DataType, sorted_values: list[Any]) -> bool:
@@ -229,14 +240,18 @@ def merge_rows(
     newer_than: str | None,
     resolve_path: Callable[[str], str],
     in_place: Callable[[DataFile, int], bool],
-) -> tuple[pa.Table, dict[str, int], Gone]:
-    """The upsert on candidate ``files``: (rows to write, counts, the stored rows it
-    replaces). Rows written: the kept rows of each file rewritten, in order, then the
-    applied incoming rows, in order.
+    index: TableIndex | None = None,
+) -> tuple[pa.Table, dict[str, int], Gone, Written | None]:
+    """The upsert on the table's ``files``: (rows to write, counts, the stored rows it
+    replaces, and when the ``index`` decided and no file is rewritten, the keys and row
+    hashes of the rows to write, for ``index.adopt``). Rows written: the kept rows of
+    each file rewritten, in order, then the applied incoming rows, in order.
 
-    One scan of the candidates finds the stored rows of the incoming keys (a semi
-    join: DuckDB hashes the incoming keys and streams the files past them); only those
-    rows are kept, and only the files it rewrites are read in full."""
+    With a key ``index`` the stored rows of the incoming keys come from it. Otherwise
+    (or when an incoming row may equal its stored one, which only the rows can tell)
+    one scan of the candidate files finds them (a semi join: DuckDB hashes the incoming
+    keys and streams the files past them). Only the files it rewrites are read in
+    full."""
     rows = conform_to(incoming, columns)
     rows = rows.append_column("__o", pa.array(range(rows.num_rows), pa.int64()))
     if _unique_keys(rows, key, columns):
@@ -249,22 +264,93 @@ def merge_rows(
             f"CREATE TEMP TABLE __i AS SELECT * FROM __incoming "
             f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {last}) = 1"
         )
-    on = " AND ".join(f"__s.{quote_ident(k)} = __i.{quote_ident(k)}" for k in key)
-    scan = ordered_files_sql(con, columns, files, resolve_path)
-    decided, whats, replaced = _decide(con, columns, scan, on, newer_than)
+    found: tuple[list[int], list[str], dict[int, list[int]]] | None = None
+    described = None
+    if index is not None and newer_than is None:
+        with index.lock:
+            indexed = _indexed_decide(con, columns, files, key[0], index, resolve_path)
+        if indexed is not None:
+            found, described = indexed[:3], indexed[3]
+    if found is None:
+        on = " AND ".join(f"__s.{quote_ident(k)} = __i.{quote_ident(k)}" for k in key)
+        only = candidate_indexes(files, columns, incoming, key)
+        scan = ordered_files_sql(con, columns, files, resolve_path, only=only)
+        found = _decide(con, columns, scan, on, newer_than)
+    decided, whats, replaced = found
     # Stored rows replaced: every stored row whose key an applied update carries.
     removed_rows, gone = _split(files, replaced, in_place)
     applied = sorted(o for o, what in zip(decided, whats, strict=True) if what != "keep")
     out = rows.take(pa.array(applied, pa.int64())).drop_columns(["__o"])
+    written = None
     if gone.rewrite:
         out = pa.concat_tables([_kept(con, columns, files, gone, replaced, resolve_path), out])
+    elif described is not None:
+        written = [described[o][0] for o in applied], [described[o][1] for o in applied]
     counts = {
         "inserted": whats.count("insert"),
         "updated": whats.count("update"),
         "unchanged": whats.count("keep"),
         "rows_removed": removed_rows,
     }
-    return out, counts, gone
+    return out, counts, gone, written
+
+
+def _row_hash(columns: Sequence[Field]) -> str:
+    return f"hash({_col_list(columns)})"
+
+
+def index_rows(
+    con: duckdb.DuckDBPyConnection,
+    columns: tuple[Field, ...],
+    files: Sequence[DataFile],
+    key: str,
+    resolve_path: Callable[[str], str],
+) -> pa.Table:
+    """Every physical row of ``files`` with a key, for a key index (``INDEX_COLUMNS``:
+    file index, position, key, hash of the row in the table's schema)."""
+    scan = ordered_files_sql(con, columns, files, resolve_path, deleted=True)
+    k = quote_ident(key)
+    return con.execute(
+        f"SELECT __f, __r, CAST({k} AS BIGINT) AS __k, {_row_hash(columns)} AS __h "
+        f"FROM ({scan}) WHERE {k} IS NOT NULL"
+    ).to_arrow_table()
+
+
+def _indexed_decide(
+    con: duckdb.DuckDBPyConnection,
+    columns: tuple[Field, ...],
+    files: list[DataFile],
+    key: str,
+    index: TableIndex,
+    resolve_path: Callable[[str], str],
+) -> tuple[list[int], list[str], dict[int, list[int]], dict[int, tuple[int, int]]] | None:
+    """``_decide`` by the key index (and each incoming row's key and row hash, by
+    ``__o``), or None if an incoming row has the hash of the one stored row of its key
+    (it may be unchanged: the scan compares the rows)."""
+    index.update(files, lambda new: index_rows(con, columns, new, key, resolve_path))
+    incoming = con.execute(
+        f"SELECT __o, CAST({quote_ident(key)} AS BIGINT), {_row_hash(columns)} "
+        f"FROM (SELECT {cast_list(columns)}, __o FROM __i)"
+    ).fetchall()
+    hits = index.lookup(sorted({k for _, k, _ in incoming}), files)
+    decided: list[int] = []
+    whats: list[str] = []
+    replaced: dict[int, list[int]] = {}
+    for o, k, row_hash in incoming:
+        stored = hits[k]
+        if not stored:
+            what = "insert"
+        elif len(stored) == 1 and stored[0][2] == row_hash:
+            return None
+        else:
+            what = "update"
+            for at, position, _ in stored:
+                replaced.setdefault(at, []).append(position)
+        decided.append(o)
+        whats.append(what)
+    for positions in replaced.values():
+        positions.sort()
+    return decided, whats, replaced, {o: (k, h) for o, k, h in incoming}
 
 
 def _matches(con: duckdb.DuckDBPyConnection, condition: str, key_rows: pa.Table | None) -> str:
@@ -284,19 +370,34 @@ def delete_rows(
     key_rows: pa.Table | None,
     resolve_path: Callable[[str], str],
     in_place: Callable[[DataFile, int], bool],
+    index: TableIndex | None = None,
 ) -> tuple[pa.Table, int, Gone]:
     """(kept rows of the files rewritten, rows removed, the rows removed by file).
-    One scan finds the rows to remove (DuckDB reads only the columns ``condition``
-    names); only the files it rewrites are read in full."""
-    scan = ordered_files_sql(con, columns, files, resolve_path)
-    match = _matches(con, condition, key_rows)
-    by_file = {
-        int(f): [int(r) for r in positions]
-        for f, positions in con.execute(
-            f"SELECT __s.__f, list(__s.__r ORDER BY __s.__r) FROM ({scan}) AS __s "
-            f"WHERE {match} GROUP BY __s.__f"
-        ).fetchall()
-    }
+    With ``key_rows`` of one key column and its ``index``, the rows to remove come from
+    the index; otherwise one scan finds them (DuckDB reads only the columns
+    ``condition`` names). Only the files it rewrites are read in full."""
+    if index is not None and key_rows is not None:
+        with index.lock:
+            (name,) = key_rows.column_names
+            index.update(files, lambda new: index_rows(con, columns, new, name, resolve_path))
+            keys = pc.cast(key_rows.column(name), pa.int64()).to_pylist()
+            hits = index.lookup(sorted(set(keys)), files)
+        by_file: dict[int, list[int]] = {}
+        for stored in hits.values():
+            for at, position, _ in stored:
+                by_file.setdefault(at, []).append(position)
+        for positions in by_file.values():
+            positions.sort()
+    else:
+        scan = ordered_files_sql(con, columns, files, resolve_path)
+        match = _matches(con, condition, key_rows)
+        by_file = {
+            int(f): [int(r) for r in positions]
+            for f, positions in con.execute(
+                f"SELECT __s.__f, list(__s.__r ORDER BY __s.__r) FROM ({scan}) AS __s "
+                f"WHERE {match} GROUP BY __s.__f"
+            ).fetchall()
+        }
     removed_rows, gone = _split(files, by_file, in_place)
     if not gone.rewrite:
         return conform_to(arrow_schema(columns).empty_table(), columns), removed_rows, gone

@@ -1,4 +1,4 @@
-"""Upserts: merge incoming rows by key, copy-on-write."""
+"""Upserts: merge incoming rows by key (merge-on-read, or copy-on-write per file)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from projections.catalog import TableState
 
 
 class Upserts(ChangeLoop):
-    """Upserts: merge incoming rows by key, copy-on-write."""
+    """Upserts: merge incoming rows by key (merge-on-read, or copy-on-write per file)."""
 
     async def upsert(
         self,
@@ -37,6 +37,7 @@ class Upserts(ChangeLoop):
         with the greatest ``newer_than``; with ``newer_than``, an incoming row that is not
         newer than the stored row of its key is skipped (``unchanged``)."""
         key = check_key_list(key)
+        inlined = False
 
         async def prepare(table: TableState | None) -> Change | None:
             plan = plan_schema(table.columns if table else None, source.fields, text=source.text)
@@ -48,7 +49,8 @@ class Upserts(ChangeLoop):
                         f"key column {name!r} has a null in the body", code="null_key"
                     )
             columns = plan.columns
-            files = candidates(table.files if table else (), columns, incoming, key)
+            files = list(table.files) if table else []
+            index = self.key_index(target, columns, key, files) if newer_than is None else None
             merged = await anyio.to_thread.run_sync(
                 lambda: self._run_sql(
                     lambda con: merge_rows(
@@ -60,14 +62,20 @@ class Upserts(ChangeLoop):
                         newer_than,
                         self.engine.resolve_path,
                         self.in_place,
+                        index,
                     )
                 )
             )
-            out_rows, counts, gone = merged
+            out_rows, counts, gone, written = merged
             if counts["inserted"] + counts["updated"] == 0:
                 return Change(lambda _: [], {**counts, "key": list(key), "newer_than": newer_than})
             out = await self._output(target, out_rows, columns, inline_ok=True)
+            if index is not None and out is not None and written is not None:
+                with index.lock:
+                    index.adopt(out, written)
             added = [out] if out else []
+            nonlocal inlined
+            inlined = out is not None and out.is_inline
             removed, inputs, deletes = gone.removal(files)
             base = target.base()
 
@@ -113,5 +121,6 @@ class Upserts(ChangeLoop):
         outcome = await self._commit(target, prepare, allow_new=True)
         if outcome.event_id is None:
             return outcome  # every incoming row matched an identical or newer stored row
-        await self.after_inline_write(target.org, target.super_, target.table)
+        if inlined:  # (a change that inlined nothing cannot have made a flush due)
+            await self.after_inline_write(target.org, target.super_, target.table)
         return outcome
