@@ -1,4 +1,4 @@
-"""The ``Mutator``: every copy-on-write change of a table, one class composed of the
+"""The ``Mutator``: every change of a table, one class composed of the
 changes' modules (the services hold one)."""
 
 from __future__ import annotations
