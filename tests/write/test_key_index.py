@@ -114,6 +114,19 @@ def test_adopted_files_are_never_read() -> None:
     assert store.read == ["a", "x"]
 
 
+def test_a_failed_read_indexes_nothing() -> None:
+    store, index = Store(), TableIndex(COLUMNS, "id")
+    a = store.file("a", [1])
+
+    def failing(files: Sequence[DataFile]) -> pa.Table:
+        raise OSError("storage unavailable")
+
+    with pytest.raises(OSError):
+        index.update([a], failing)
+    index.update([a], store.reader)  # the next change reads it again
+    assert found(index, [1], [a]) == {1: {(0, 0, hash_of("a", 0))}}
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     versions=st.lists(

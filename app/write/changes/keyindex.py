@@ -119,14 +119,14 @@ class TableIndex:
         new = [f for f in files if f.path not in self._slot_of]
         fresh = None
         if new:
+            rows = read(new)  # first: a file whose read failed must stay unindexed
+            self.reads += len(new)
             slots = []
             for f in new:
                 self._slot_of[f.path] = self._next_slot
                 self._slot_rows[self._next_slot] = f.rows
                 slots.append(self._next_slot)
                 self._next_slot += 1
-            rows = read(new)
-            self.reads += len(new)
             fresh = pa.table({
                 "__k": rows.column("__k").cast(pa.int64()),
                 "__s": pc.take(pa.array(slots, pa.int64()), rows.column("__f")),
