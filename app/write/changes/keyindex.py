@@ -157,9 +157,7 @@ class TableIndex:
         self._recent_rows += data_file.rows
 
     def _add_recent(self, fresh: pa.Table) -> None:
-        keys, slots, rows, hashes = (
-            fresh.column(c).to_pylist() for c in ("__k", "__s", "__r", "__h")
-        )
+        keys, slots, rows, hashes = (fresh.column(c).to_pylist() for c in _RUN_COLUMNS)
         for k, s, r, h in zip(keys, slots, rows, hashes, strict=True):
             self._recent.setdefault(k, []).append((s, r, h))
         self._recent_rows += fresh.num_rows
