@@ -12,14 +12,13 @@ rewritten.
 
 from __future__ import annotations
 
-import bisect
-import sys
-from array import array
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeAlias
 
 import msgspec
+
+from events.positions import unpack_positions
 
 CURRENT_VERSION = 1
 
@@ -72,46 +71,6 @@ class DeletionVector(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
 
     def rows(self) -> list[int]:
         return unpack_positions(self.positions).tolist()
-
-
-def pack_positions(positions: Iterable[int]) -> bytes:
-    """Row positions as a ``DeletionVector`` stores them (sorted, unique)."""
-    out = array("I", sorted(set(positions)))
-    if sys.byteorder != "little":
-        out.byteswap()
-    return out.tobytes()
-
-
-def unpack_positions(packed: bytes) -> array[int]:
-    """Packed positions (as a ``DeletionVector`` stores them) as an ``array`` of uint32."""
-    out = array("I")
-    out.frombytes(packed)
-    if sys.byteorder != "little":
-        out.byteswap()
-    return out
-
-
-def merge_positions(a: bytes, b: bytes) -> tuple[int, bytes]:
-    """(count, packed) of the union of two packed position lists. Linear copies around
-    a binary search per position of the shorter one: an upsert adds a few positions to
-    a file's vector, and every process folds it (writer, reader, projector), so this is
-    on the path of every change (a set and a sort were 3x slower)."""
-    old, new = unpack_positions(a), unpack_positions(b)
-    if len(new) > len(old):
-        old, new = new, old
-    out = array("I")
-    at = 0
-    for p in new:
-        i = bisect.bisect_left(old, p, at)
-        out.extend(old[at:i])
-        if i == len(old) or old[i] != p:
-            out.append(p)
-        at = i
-    out.extend(old[at:])
-    count = len(out)
-    if sys.byteorder != "little":
-        out.byteswap()
-    return count, out.tobytes()
 
 
 class FileDeletes(msgspec.Struct, frozen=True, gc=False):

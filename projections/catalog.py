@@ -38,8 +38,8 @@ from events.model import (
     TableOverwritten,
     TableRestored,
     VersionsExpired,
-    merge_positions,
 )
+from events.positions import merge_positions
 
 
 class TableState(msgspec.Struct, frozen=True, gc=False):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from events import model
+from events import model, positions
 from events.model import (
     CURRENT_VERSION,
     DataType,
@@ -84,8 +84,9 @@ def test_stream_ids_compare_numerically() -> None:
     st.sets(st.integers(0, 2**32 - 1), max_size=200),
 )
 def test_merge_positions_is_the_sorted_union(a: set[int], b: set[int]) -> None:
-    count, packed = model.merge_positions(model.pack_positions(a), model.pack_positions(b))
+    packs = positions.pack_positions
+    count, packed = positions.merge_positions(packs(a), packs(b))
     union = sorted(a | b)
     assert count == len(union)
-    assert packed == model.pack_positions(union)
+    assert packed == positions.pack_positions(union)
     assert model.DeletionVector(1, count, packed).rows() == union

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from app.write.changes import keyindex
 from app.write.changes.keyindex import KeyIndexes, TableIndex, indexable
-from events.model import DataFile, DataType, DeletionVector, Field, pack_positions
+from events.model import DataFile, DataType, DeletionVector, Field
+from events.positions import pack_positions
 
 COLUMNS = (Field("id", DataType("int64")), Field("v", DataType("string")))
 

@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from events.model import DataFile, Field, unpack_positions
+from events.model import DataFile, Field
+from events.positions import unpack_positions
 
 INDEXED_KINDS = frozenset({"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"})
 # Rows of files read since the last rebuild, kept in the dict before a rebuild folds

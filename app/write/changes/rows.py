@@ -17,9 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from app.write.bodies import Plan, Source
+from app.write.changes.indexed import index_rows, indexed_decide
 from app.write.changes.keyindex import TableIndex, Written
 from events.errors import InvalidInput, TypeMismatch
-from events.model import DataFile, DataType, Field, FileDeletes, pack_positions
+from events.model import DataFile, DataType, Field, FileDeletes
+from events.positions import merge_positions, pack_positions
 from projections.arrow import (
     arrow_schema,
     conform,
@@ -28,7 +30,7 @@ from projections.arrow import (
     to_arrow,
     type_name,
 )
-from projections.query.views import cast_list, conform_to, ordered_files_sql
+from projections.query.views import conform_to, ordered_files_sql
 
 KEY_KINDS = frozenset({
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -268,7 +270,7 @@ def merge_rows(
     described = None
     if index is not None and newer_than is None:
         with index.lock:
-            indexed = _indexed_decide(con, columns, files, key[0], index, resolve_path)
+            indexed = indexed_decide(con, columns, files, key[0], index, resolve_path)
         if indexed is not None:
             found, described = indexed[:3], indexed[3]
     if found is None:
@@ -293,64 +295,6 @@ def merge_rows(
         "rows_removed": removed_rows,
     }
     return out, counts, gone, written
-
-
-def _row_hash(columns: Sequence[Field]) -> str:
-    return f"hash({_col_list(columns)})"
-
-
-def index_rows(
-    con: duckdb.DuckDBPyConnection,
-    columns: tuple[Field, ...],
-    files: Sequence[DataFile],
-    key: str,
-    resolve_path: Callable[[str], str],
-) -> pa.Table:
-    """Every physical row of ``files`` with a key, for a key index (``INDEX_COLUMNS``:
-    file index, position, key, hash of the row in the table's schema)."""
-    scan = ordered_files_sql(con, columns, files, resolve_path, deleted=True)
-    k = quote_ident(key)
-    return con.execute(
-        f"SELECT __f, __r, CAST({k} AS BIGINT) AS __k, {_row_hash(columns)} AS __h "
-        f"FROM ({scan}) WHERE {k} IS NOT NULL"
-    ).to_arrow_table()
-
-
-def _indexed_decide(
-    con: duckdb.DuckDBPyConnection,
-    columns: tuple[Field, ...],
-    files: list[DataFile],
-    key: str,
-    index: TableIndex,
-    resolve_path: Callable[[str], str],
-) -> tuple[list[int], list[str], dict[int, list[int]], dict[int, tuple[int, int]]] | None:
-    """``_decide`` by the key index (and each incoming row's key and row hash, by
-    ``__o``), or None if an incoming row has the hash of the one stored row of its key
-    (it may be unchanged: the scan compares the rows)."""
-    index.update(files, lambda new: index_rows(con, columns, new, key, resolve_path))
-    incoming = con.execute(
-        f"SELECT __o, CAST({quote_ident(key)} AS BIGINT), {_row_hash(columns)} "
-        f"FROM (SELECT {cast_list(columns)}, __o FROM __i)"
-    ).fetchall()
-    hits = index.lookup(sorted({k for _, k, _ in incoming}), files)
-    decided: list[int] = []
-    whats: list[str] = []
-    replaced: dict[int, list[int]] = {}
-    for o, k, row_hash in incoming:
-        stored = hits[k]
-        if not stored:
-            what = "insert"
-        elif len(stored) == 1 and stored[0][2] == row_hash:
-            return None
-        else:
-            what = "update"
-            for at, position, _ in stored:
-                replaced.setdefault(at, []).append(position)
-        decided.append(o)
-        whats.append(what)
-    for positions in replaced.values():
-        positions.sort()
-    return decided, whats, replaced, {o: (k, h) for o, k, h in incoming}
 
 
 def _matches(con: duckdb.DuckDBPyConnection, condition: str, key_rows: pa.Table | None) -> str:
@@ -412,6 +356,7 @@ class Gone:
 
     rewrite: list[int] = field(default_factory=list)
     deletes: dict[int, list[int]] = field(default_factory=dict)
+    packed: dict[int, bytes] = field(default_factory=dict)  # ``deletes``, packed
 
     def removal(
         self, files: Sequence[DataFile]
@@ -419,7 +364,9 @@ class Gone:
         """(paths of the files rewritten, their identities, the in-place deletes)."""
         rewritten = [files[i] for i in self.rewrite]
         deletes = tuple(
-            FileDeletes(files[i].path, len(positions), pack_positions(positions))
+            FileDeletes(
+                files[i].path, len(positions), self.packed.get(i) or pack_positions(positions)
+            )
             for i, positions in sorted(self.deletes.items())
         )
         return tuple(f.path for f in rewritten), tuple(f.identity for f in rewritten), deletes
@@ -435,8 +382,14 @@ def _split(
     gone)`` decides per file)."""
     gone = Gone()
     for index in sorted(by_file):
-        if in_place(files[index], len(by_file[index])):
+        f = files[index]
+        if in_place(f, len(by_file[index])):
             gone.deletes[index] = by_file[index]
+            packed = gone.packed[index] = pack_positions(by_file[index])
+            if f.deleted is not None:
+                # Merged here, in a worker thread, the folds of the change's event
+                # (on event loops) find it done.
+                merge_positions(f.deleted.positions, packed)
         else:
             gone.rewrite.append(index)
     return sum(len(p) for p in by_file.values()), gone
