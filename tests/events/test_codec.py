@@ -90,3 +90,16 @@ def test_merge_positions_is_the_sorted_union(a: set[int], b: set[int]) -> None:
     assert count == len(union)
     assert packed == positions.pack_positions(union)
     assert model.DeletionVector(1, count, packed).rows() == union
+
+
+def test_remembered_merges_stay_within_their_budget() -> None:
+    merged = positions._Merged(budget=200)
+    merged.put((b"a" * 10, b"b" * 10), (1, b"c" * 10))  # 30 bytes
+    assert merged.get((b"a" * 10, b"b" * 10)) == (1, b"c" * 10)
+    merged.put((b"x" * 30, b""), (1, b"y" * 30))  # over a quarter of the budget: not kept
+    assert merged.get((b"x" * 30, b"")) is None
+    for i in range(6):
+        merged.put((bytes([i]) * 10, b"k" * 10), (i, b"v" * 10))
+    assert merged.used <= 200
+    assert merged.get((b"a" * 10, b"b" * 10)) is None  # the oldest went first
+    assert merged.get((bytes([5]) * 10, b"k" * 10)) == (5, b"v" * 10)
