@@ -99,6 +99,8 @@ class Services:
             max_temp_bytes=settings.query_max_temp_bytes,
             max_sql_chars=settings.query_max_sql_chars,
             concurrency=settings.query_concurrency,
+            grace_s=settings.query_kill_after_s,
+            worker_address_space=settings.query_worker_memory_bytes,
         )
         engine = QueryEngine(
             storage.engine_path,

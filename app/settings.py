@@ -66,7 +66,14 @@ SETTINGS_DOC: dict[str, str] = {
     "query_memory_limit": "DuckDB memory limit per query.",
     "query_max_temp_bytes": "Disk a query may spill to (in its own temp directory).",
     "query_max_sql_chars": "Longest accepted SQL text.",
-    "query_concurrency": "Queries run at once per process; more wait for a slot.",
+    "query_concurrency": "Queries run at once per process, each in a worker process of its "
+    "own; more wait for a slot.",
+    "query_workers_warm": "Query worker processes started with the service (more start on "
+    "demand, up to `LEDGERLAKE_QUERY_CONCURRENCY`).",
+    "query_worker_memory_bytes": "Address space of each query worker process (`RLIMIT_AS`); a "
+    "query past it is stopped with 413. Keep it above `LEDGERLAKE_QUERY_MEMORY_LIMIT`.",
+    "query_kill_after_s": "A query still running this long past its timeout is killed with "
+    "its worker process (408); the worker is replaced.",
     "idempotency_ttl_s": "How long an `Idempotency-Key` is remembered.",
     "gc_grace_s": "`ledgerlake gc` deletes unreferenced data files older than this (seconds). "
     "Writes re-upload a file that waited half of it for its append.",
@@ -198,6 +205,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     query_max_temp_bytes: str = "8GB"
     query_max_sql_chars: int = 100_000
     query_concurrency: int = 4
+    query_workers_warm: int = 1
+    query_worker_memory_bytes: int = 8 * 2**30
+    query_kill_after_s: float = 0.5
     idempotency_ttl_s: int = 86_400
     write_retries: int = 20
     gc_grace_s: float = 3600.0
@@ -322,6 +332,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 "LEDGERLAKE_DELETION_MAX_RATIO and LEDGERLAKE_COMPACT_DELETED_RATIO must be "
                 "fractions in (0, 1]"
             )
+        if self.query_concurrency < 1 or not 0 <= self.query_workers_warm <= self.query_concurrency:
+            raise SystemExit(
+                "LEDGERLAKE_QUERY_CONCURRENCY must be positive and LEDGERLAKE_QUERY_WORKERS_WARM "
+                "between 0 and it"
+            )
+        if self.query_worker_memory_bytes < 2**29:
+            raise SystemExit("LEDGERLAKE_QUERY_WORKER_MEMORY_BYTES must be at least 512 MiB")
+        if not 0 < self.query_kill_after_s <= 1:
+            raise SystemExit("LEDGERLAKE_QUERY_KILL_AFTER_S must be in (0, 1]")
         if self.key_index_rows < 0:
             raise SystemExit("LEDGERLAKE_KEY_INDEX_ROWS must be 0 or more")
         if self.redis_appendfsync not in ("always", "everysec", "no"):

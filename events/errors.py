@@ -70,6 +70,13 @@ class PayloadTooLarge(LedgerError):
     code = "payload_too_large"
 
 
+class QueryTooLarge(PayloadTooLarge):
+    """A query needed more memory than its limit (the engine's, or its worker process's
+    address space) and was stopped."""
+
+    code = "query_out_of_memory"
+
+
 class QueryRejected(LedgerError):
     """A query is not allowed (not a single SELECT, touches files or settings)."""
 

@@ -235,12 +235,18 @@ def _openapi_config() -> OpenAPIConfig:
 
 
 def create_app(
-    settings: Settings, redis_url: str, *, run_projector: bool = True, bootstrap: bool = False
+    settings: Settings,
+    redis_url: str,
+    *,
+    run_projector: bool = True,
+    bootstrap: bool = False,
+    warm: bool = False,
 ) -> Litestar:
     """The API. With ``run_projector`` the projections run in this process. With
     ``bootstrap`` (``serve`` on loopback), a deployment without any principal nor
     ``LEDGERLAKE_API_TOKEN`` gets an admin token, printed once and written to
-    ``<data-dir>/admin-token``."""
+    ``<data-dir>/admin-token``. With ``warm`` (``serve``), the first
+    ``LEDGERLAKE_QUERY_WORKERS_WARM`` query workers start with the app."""
 
     mcp = McpMount(settings)
 
@@ -249,6 +255,8 @@ def create_app(
         services = Services.build(settings, redis_url)
         await services.start()
         app.state.services = services
+        if warm:
+            services.engine.warm(settings.query_workers_warm)
         if bootstrap and not settings.api_token:
             token = await bootstrap_admin(services.auth, settings.data_dir)
             if token is not None:

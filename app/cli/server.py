@@ -30,7 +30,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             "with LEDGERLAKE_JWT_*)"
         )
     with redis_for(settings) as url:
-        app = create_app(settings, url, bootstrap=is_loopback(settings.host))
+        app = create_app(settings, url, bootstrap=is_loopback(settings.host), warm=True)
         uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     return 0
 

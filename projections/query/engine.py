@@ -12,10 +12,14 @@ is a view over exactly its current Parquet files. Before the user's SQL runs:
   rewrites into SELECTs);
 * results are streamed up to a row and byte limit, and a timer interrupts the query at
   its timeout.
+
+Queries run in worker processes (``workers``) under operating-system limits: a query
+that does not stop at its interrupt is killed with its worker a moment later.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import uuid
@@ -25,22 +29,16 @@ from pathlib import Path
 
 import anyio
 import duckdb
+import msgspec
 import pyarrow as pa
 
-from events.errors import (
-    InvalidInput,
-    LedgerError,
-    QueryRejected,
-    QueryTimeout,
-    Unavailable,
-    first_line,
-)
-from projections.arrow import quote_ident, sql_literal
+from events.errors import InvalidInput, LedgerError, QueryTimeout
 from projections.catalog import SuperState
 from projections.query.analysis import analyze_sql
 from projections.query.current import current_views
 from projections.query.extensions import install_extensions
-from projections.query.pool import ConnectionPool, Pooled, views_key
+from projections.query.pool import views_key
+from projections.query.sandbox import base_connection
 from projections.query.types import (
     Analysis,
     QueryLimits,
@@ -50,15 +48,10 @@ from projections.query.types import (
     Restricted,
     ViewSource,
 )
-from projections.query.views import version_sql
+from projections.query.wire import EngineConfig, Job, View
+from projections.query.workers import Overtime, WorkerDied, WorkerPool, lost_error
 
-_DISABLED_OPTIONS = {
-    "autoinstall_known_extensions": False,
-    "autoload_known_extensions": False,
-    "allow_community_extensions": False,
-    "allow_unsigned_extensions": False,
-    "python_enable_replacements": False,
-}
+_encode = msgspec.msgpack.Encoder().encode
 
 
 @dataclass(frozen=True)
@@ -98,20 +91,33 @@ class QueryEngine:
             if extension_dir is None:
                 raise ValueError("S3 queries need an extension directory for httpfs")
             install_extensions(extension_dir, ["httpfs"])
-        # At most `concurrency` engines run at once. The semaphore is taken and released
-        # by the query's own thread, so a query abandoned after its timeout keeps its
-        # slot until it really ends. The limiter bounds the threads (running or waiting
-        # for a slot) so queries cannot starve the pool ingestion and storage use.
-        self._running = threading.BoundedSemaphore(limits.concurrency)
-        self._pool = ConnectionPool(2 * limits.concurrency)
+        # Queries run in at most `concurrency` worker processes; the limiter bounds the
+        # service's threads that wait on them (running or waiting for a worker) so
+        # queries cannot starve the threads ingestion and storage use.
+        self.config = EngineConfig(
+            threads=limits.threads,
+            memory_limit=limits.memory_limit,
+            max_temp_bytes=limits.max_temp_bytes,
+            extension_dir=str(extension_dir) if extension_dir is not None else None,
+            s3=s3_secret is not None,
+            address_space=limits.worker_address_space,
+            max_result_bytes=limits.max_result_bytes,
+            temp_root=str(temp_root),
+            pooled=2 * limits.concurrency,
+        )
+        self.workers = WorkerPool(self.config, limits.concurrency)
         self._threads = anyio.CapacityLimiter(limits.concurrency * 2)
         self._internal: duckdb.DuckDBPyConnection | None = None
         self._internal_secret: dict[str, str] | None = None
         self._internal_lock = threading.Lock()
 
+    def warm(self, count: int) -> None:
+        """Starts ``count`` query workers in the background (and keeps that many)."""
+        self.workers.warm(count)
+
     def close(self) -> None:
-        """Close the idle connections (queries still running close their own)."""
-        self._pool.close()
+        """Stop the idle workers (a query still running stops its own when it ends)."""
+        self.workers.close()
         with self._internal_lock:
             if self._internal is not None:
                 self._internal.close()
@@ -186,8 +192,9 @@ class QueryEngine:
             limiter=self._threads,
         )
         views = await resolve(analysis)
-        # `timeout` waiting for a slot and running, then the grace period.
-        with anyio.move_on_after(timeout + self.limits.grace_s):
+        # `timeout` waiting for a worker and running, then the grace period after which
+        # the worker is killed; the margin past that is only a safety net.
+        with anyio.move_on_after(timeout + self.limits.grace_s + _SAFETY_S):
             if scope is None and isinstance(source, SuperState):
                 scope = f"{source.org}/{source.name}"
             job = _Job(views, analysis, rows, timeout, offset, plan_only, scope)
@@ -215,202 +222,80 @@ class QueryEngine:
         with self._internal_lock:
             if self._internal is None or self._internal_secret != secret:
                 # The old database lives on while cursors on it run, then goes.
-                self._internal = self._base_connection(
-                    self.temp_root / f"internal-{uuid.uuid4().hex}", secret
+                self._internal = base_connection(
+                    self.config, self.temp_root / f"internal-{uuid.uuid4().hex}", secret
                 )
                 self._internal_secret = secret
             return self._internal.cursor()
 
-    def _base_connection(
-        self, temp_dir: Path, secret: dict[str, str] | None
-    ) -> duckdb.DuckDBPyConnection:
-        config: dict[str, str | bool | int | float | list[str]] = {
-            **_DISABLED_OPTIONS,
-            "threads": self.limits.threads,
-            "memory_limit": self.limits.memory_limit,
-            # Each query spills into a directory of its own: DuckDB names its spill
-            # files alike, and two queries sharing one directory crash the process.
-            "temp_directory": str(temp_dir),
-            "max_temp_directory_size": self.limits.max_temp_bytes,
-        }
-        if self.extension_dir is not None:
-            config["extension_directory"] = str(self.extension_dir)
-        con = duckdb.connect(":memory:", config=config)
-        try:
-            # Data files never change once published: a pooled connection keeps their
-            # footers. (An extension's setting: it cannot be part of ``config``.)
-            con.execute("SET parquet_metadata_cache = true")
-            if self.s3_secret is not None:
-                # Loaded from the project-local directory (installed offline at start);
-                # the credentials live in a scoped secret, never in the SQL text.
-                con.execute("LOAD httpfs")
-                if secret is not None:
-                    options = ", ".join(f"{k} {sql_literal(v)}" for k, v in secret.items())
-                    con.execute(f"CREATE SECRET ledgerlake_storage (TYPE s3, {options})")
-        except duckdb.Error:
-            con.close()
-            raise
-        return con
-
-    def _connect(self, views: dict[str, ViewSource], temp_dir: Path) -> duckdb.DuckDBPyConnection:
-        try:
-            secret = self.s3_secret() if self.s3_secret is not None else None
-            con = self._base_connection(temp_dir, secret)
-        except duckdb.Error as exc:
-            raise Unavailable(
-                f"the object store cannot be set up: {first_line(exc)}",
-                code="data_unavailable",
-            ) from exc
-        try:
-            # Only the tables the query names become views (and readable files).
-            tables = {v: s.table if isinstance(s, Restricted) else s for v, s in views.items()}
-            paths = [
-                self.resolve_path(f.path)
-                for t in tables.values()
-                for f in t.files
-                if not f.is_inline
-            ]
-            # A literal list: as a parameter, DuckDB's Python converter tried to import
-            # pandas twice per path (a third of a 100-file point lookup's time).
-            listing = ", ".join(sql_literal(p) for p in paths)
-            con.execute(f"SET allowed_paths = [{listing}]")
-            con.execute("SET enable_external_access = false")
-            for view, table in tables.items():
-                body = version_sql(con, table.columns, table.files, self.resolve_path)
-                source = views[view]
-                if isinstance(source, Restricted):
-                    # The policy is part of the view itself: no SQL can reach around it.
-                    body = (
-                        f"SELECT {source.select} FROM ({body}) AS __ll_source WHERE {source.where}"
-                    )
-                con.execute(f"CREATE VIEW {quote_ident(view)} AS {body}")
-            con.execute("SET lock_configuration = true")
-        except duckdb.Error as exc:
-            con.close()
-            # Only our own statements ran: a failure is a missing or unreadable file.
-            raise Unavailable(
-                f"a data file of this super cannot be read: {first_line(exc)}",
-                code="data_unavailable",
-            ) from exc
-        return con
-
     def _run_slot(self, job: _Job) -> QueryResult | QueryPlan:
-        # One deadline for both: the time spent waiting for a slot is not run again.
+        # One deadline for both: the time spent waiting for a worker is not run again.
         started = time.monotonic()
-        if not self._running.acquire(timeout=job.timeout):
-            raise Unavailable(
-                f"all {self.limits.concurrency} query slots stayed busy for {job.timeout:g}s; "
-                "try again later",
-                code="query_busy",
+        secret = self.s3_secret() if self.s3_secret is not None else None
+        key = _job_key(job, secret)
+        worker = self.workers.acquire(key, job.timeout)
+        run_for = max(job.timeout - (time.monotonic() - started), 0.05)
+        healthy = False
+        try:
+            wire = self._wire(job, key, secret, run_for)
+            kill_at = time.monotonic() + run_for + self.limits.grace_s
+            schema, batches, end = worker.run(wire, kill_at)
+            healthy = True
+        except Overtime:
+            raise QueryTimeout(
+                f"the query ran longer than its timeout of {job.timeout:g}s and did not "
+                "stop; its worker process was killed"
+            ) from None
+        except WorkerDied as exc:
+            raise lost_error(exc, self.config.address_space) from None
+        except LedgerError:
+            healthy = True  # the query's own error: the worker is fine
+            raise
+        finally:
+            self.workers.release(worker, healthy)
+        assert schema is not None
+        if job.plan_only:
+            return QueryPlan(schema, frozenset(job.analysis.tables), end.plan or "")
+        table = pa.Table.from_batches(batches, schema=schema)
+        return QueryResult(table=table, truncated=end.truncated, elapsed_ms=end.elapsed_ms)
+
+    def _wire(self, job: _Job, key: str, secret: dict[str, str] | None, run_for: float) -> bytes:
+        views: dict[str, View] = {}
+        paths: dict[str, str] = {}
+        for name, source in job.views.items():
+            if isinstance(source, Restricted):
+                t = source.table
+                views[name] = View(t.columns, t.files, source.select, source.where)
+            else:
+                views[name] = View(source.columns, source.files)
+            for f in views[name].files:
+                if not f.is_inline:
+                    paths[f.path] = self.resolve_path(f.path)
+        return _encode(
+            Job(
+                key=key,
+                views=views,
+                paths=paths,
+                sql=job.analysis.sql,
+                limit=job.limit,
+                offset=job.offset,
+                timeout=job.timeout,
+                run_for=run_for,
+                plan_only=job.plan_only,
+                secret=secret,
             )
-        try:
-            left = max(job.timeout - (time.monotonic() - started), 0.05)
-            return self._run_sync(job, left)
-        finally:
-            self._running.release()
-
-    def _run_sync(self, job: _Job, run_for: float) -> QueryResult | QueryPlan:
-        """The query, interrupted after ``run_for`` seconds (what is left of its
-        timeout once it got a slot)."""
-        views, analysis, limit, timeout, offset = (
-            job.views, job.analysis, job.limit, job.timeout, job.offset
-        )  # fmt: skip
-        started = time.perf_counter()
-        key = (job.scope, views_key(views))
-        pooled = self._pool.take(key) if job.scope is not None else None
-        if pooled is None:
-            temp_dir = self.temp_root / uuid.uuid4().hex
-            pooled = Pooled(self._connect(views, temp_dir), temp_dir)
-        con = pooled.con
-        # Whether the timer interrupted this query, decided under a lock: a connection
-        # the timer may still reach must not serve another query.
-        guard = threading.Lock()
-        state = {"done": False, "fired": False}
-
-        def interrupt() -> None:
-            with guard:
-                if state["done"]:
-                    return
-                state["fired"] = True
-                con.interrupt()
-
-        timer = threading.Timer(run_for, interrupt)
-        timer.start()
-        sql = analysis.sql
-        reusable = False
-        try:
-            if job.plan_only:
-                # A relation is bound (names, types, functions checked) but not run.
-                relation = con.sql(sql)
-                schema = relation.limit(0).to_arrow_table().schema
-                plan = QueryPlan(schema, frozenset(analysis.tables), relation.explain())
-                reusable = True
-                return plan
-            table, truncated = self._read_result(con, sql, limit, offset)
-            # A truncated result leaves the query unfinished on the connection (its
-            # state, maybe spill files): such a connection is not kept.
-            reusable = not truncated
-        except duckdb.Error as exc:
-            raise _engine_error(exc, timeout) from exc
-        finally:
-            timer.cancel()
-            with guard:
-                state["done"] = True
-            # A connection goes back to the pool only after a query that ended well and
-            # was never interrupted (an interrupt could reach its next query).
-            keep = reusable and not state["fired"] and job.scope is not None
-            if not (keep and self._pool.give(key, pooled)):
-                pooled.close()
-        return QueryResult(
-            table=table, truncated=truncated, elapsed_ms=(time.perf_counter() - started) * 1000
         )
 
-    def _read_result(
-        self, con: duckdb.DuckDBPyConnection, sql: str, limit: int, offset: int
-    ) -> tuple[pa.Table, bool]:
-        """The rows of ``sql`` past ``offset``, up to ``limit`` rows and the byte limit,
-        and whether it was cut there."""
-        reader = con.execute(sql).to_arrow_reader(min(limit + 1, 65536))
-        batches: list[pa.RecordBatch] = []
-        count, size, truncated = 0, 0, False
-        for batch in reader:
-            if offset:  # skipped rows of the same plan: pages keep the engine's order
-                skip = min(offset, batch.num_rows)
-                offset -= skip
-                batch = batch.slice(skip)
-                if not batch.num_rows:
-                    continue
-            if count + batch.num_rows > limit:
-                batch = batch.slice(0, limit - count)
-                truncated = True
-            batches.append(batch)
-            count += batch.num_rows
-            size += batch.nbytes
-            if truncated or size > self.limits.max_result_bytes:
-                truncated = truncated or size > self.limits.max_result_bytes
-                break
-        return pa.Table.from_batches(batches, schema=reader.schema), truncated
+
+# How long past the kill the service waits for a worker's thread before answering 408
+# anyway (the kill answers first; this only guards against a wedged thread).
+_SAFETY_S = 5.0
 
 
-def _engine_error(exc: duckdb.Error, timeout: float) -> LedgerError:
-    """What a query's engine error is to the caller."""
-    if isinstance(exc, duckdb.InterruptException):
-        return QueryTimeout(
-            f"the query ran longer than its timeout of {timeout:g}s and was stopped"
-        )
-    if isinstance(exc, duckdb.PermissionException):
-        return QueryRejected(
-            f"the query tried something the engine does not allow: {first_line(exc)}",
-            code="query_forbidden",
-        )
-    if isinstance(exc, duckdb.IOException | duckdb.HTTPException):
-        # External access is off: the only files a query reaches are ours.
-        return Unavailable(
-            f"a data file could not be read: {first_line(exc)}", code="data_unavailable"
-        )
-    if isinstance(exc, duckdb.OutOfMemoryException):
-        return QueryRejected(
-            f"the query needs more memory than allowed: {first_line(exc)}",
-            code="query_out_of_memory",
-        )
-    return InvalidInput(f"SQL error: {first_line(exc)}", code="sql_error")
+def _job_key(job: _Job, secret: dict[str, str] | None) -> str:
+    """The pool key of a job's connection ("" for none): its super, its views (with
+    their versions and policies) and the storage credentials it opens with."""
+    if job.scope is None:
+        return ""
+    text = repr((job.scope, views_key(job.views), sorted((secret or {}).items())))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

@@ -6,6 +6,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Pooled:
     con: duckdb.DuckDBPyConnection
     temp_dir: Path
     opened: float = field(default_factory=time.monotonic)
+    serial: int = 0  # which connection of its process this is (for watching reuse)
 
     def close(self) -> None:
         self.con.close()
@@ -58,12 +60,12 @@ class ConnectionPool:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.idle: OrderedDict[tuple[object, ...], list[Pooled]] = OrderedDict()
+        self.idle: OrderedDict[Hashable, list[Pooled]] = OrderedDict()
         self.count = 0
         self.closed = False
         self.lock = threading.Lock()
 
-    def take(self, key: tuple[object, ...]) -> Pooled | None:
+    def take(self, key: Hashable) -> Pooled | None:
         with self.lock:
             free = self.idle.get(key)
             if not free:
@@ -77,7 +79,7 @@ class ConnectionPool:
             return None
         return pooled
 
-    def give(self, key: tuple[object, ...], pooled: Pooled) -> bool:
+    def give(self, key: Hashable, pooled: Pooled) -> bool:
         """Keep ``pooled`` for the next query of ``key`` (evicting the least recently
         used); False if the pool keeps nothing."""
         if self.size <= 0:
@@ -98,6 +100,11 @@ class ConnectionPool:
         for old in evicted:
             old.close()
         return True
+
+    def held(self) -> list[Hashable]:
+        """The keys of the idle connections, least recently used first."""
+        with self.lock:
+            return list(self.idle)
 
     def close(self) -> None:
         with self.lock:

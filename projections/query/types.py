@@ -29,8 +29,10 @@ class QueryLimits:
     max_offset: int = 10_000_000
     concurrency: int = 4
     # How long past its timeout a query that does not react to the interrupt is waited
-    # for before the client gets its 408 anyway (the engine thread is then abandoned).
-    grace_s: float = 2.0
+    # for before its worker process is killed (and the client gets its 408).
+    grace_s: float = 0.5
+    # The address space (RLIMIT_AS) of each query worker process, bytes; 0: no limit.
+    worker_address_space: int = 8 * 2**30
 
 
 @dataclass(frozen=True)

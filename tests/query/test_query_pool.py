@@ -18,14 +18,18 @@ import pytest
 import redis
 from litestar.testing import TestClient
 
-import projections.query.engine as engine_module
 import projections.query.pool as pool_module
 from app.settings import Settings
+from events.errors import Unavailable
 from events.redis_log import Keys
+from projections.catalog import SuperState
 from projections.query.engine import QueryEngine
 from projections.query.pool import ConnectionPool, Pooled
 from projections.query.types import Analysis, QueryLimits, ViewSource
+from projections.query.wire import End, Failure
+from projections.query.workers import Worker
 from tests.support.lake import assert_error, ok
+from tests.support.workers import Starts
 
 Client = TestClient[Any]
 ORG, SUP = "acme", "sales"
@@ -49,38 +53,37 @@ def rows_url(table: str, base: str = BASE) -> str:
     return f"{base}/tables/{table}/rows"
 
 
+@dataclass(frozen=True)
+class Answer:
+    """Which connection served a query: its worker process and serial number there."""
+
+    pid: int
+    connection: int
+    reused: bool
+
+
 class Watch:
-    """Records what the app's pool hands out, and checks that a connection is never
-    handed to a query while another one holds it."""
+    """Records, from the workers' answers, which connection served each query."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
-        self.pool = pool
-        self.hits: list[Pooled] = []
-        self.in_use: dict[int, Pooled] = {}  # strong refs: ids cannot be recycled
+    def __init__(self, engine: QueryEngine) -> None:
+        self.answers: list[Answer] = []
         self.lock = threading.Lock()
-        self.take_orig, self.give_orig = pool.take, pool.give
+        engine.workers.on_answer = self.answered
 
-    def take(self, key: tuple[object, ...]) -> Pooled | None:
-        pooled = self.take_orig(key)
-        if pooled is not None:
-            with self.lock:
-                assert id(pooled) not in self.in_use, "one connection served two queries"
-                self.in_use[id(pooled)] = pooled
-                self.hits.append(pooled)
-        return pooled
-
-    def give(self, key: tuple[object, ...], pooled: Pooled) -> bool:
+    def answered(self, worker: Worker, answer: End | Failure) -> None:
         with self.lock:
-            self.in_use.pop(id(pooled), None)
-        return self.give_orig(key, pooled)
+            self.answers.append(Answer(worker.pid, answer.connection, answer.reused))
+
+    @property
+    def hits(self) -> list[Answer]:
+        """The answers of queries that ran on a kept connection."""
+        return [a for a in self.answers if a.reused]
 
 
 def watch(client: Client, monkeypatch: pytest.MonkeyPatch) -> Watch:
-    pool = client.app.state.services.engine._pool
-    w = Watch(pool)
-    monkeypatch.setattr(pool, "take", w.take)
-    monkeypatch.setattr(pool, "give", w.give)
-    return w
+    engine = client.app.state.services.engine
+    monkeypatch.setattr(engine.workers, "on_answer", None)
+    return Watch(engine)
 
 
 def is_closed(pooled: Pooled) -> bool:
@@ -89,6 +92,11 @@ def is_closed(pooled: Pooled) -> bool:
     except duckdb.ConnectionException:
         return True
     return False
+
+
+def kept(engine: QueryEngine) -> int:
+    """How many connections the engine's idle workers keep."""
+    return sum(len(w.kept) for w in engine.workers.idle)
 
 
 # -- every write is seen by the next query -----------------------------------------------
@@ -304,14 +312,16 @@ def test_a_timed_out_query_does_not_return_its_connection(
     assert q(client, "select count(*), sum(v) from orders") == want  # warms the pool
     r = client.post(f"{BASE}/query", json={"sql": SLOW, "timeout_s": 0.3})
     assert_error(r, 408, "query_timeout")
-    interrupted = w.hits[-1]  # the slow query ran on the warm connection of orders
-    assert is_closed(interrupted)
-    seen = len(w.hits)
+    interrupted = w.answers[-1]
+    assert interrupted.reused  # the slow query ran on the warm connection of orders
+    seen = len(w.answers)
     for _ in range(3):
         assert q(client, "select count(*), sum(v) from orders") == want
         assert q(client, "select v from orders where id = 4") == [[16]]
-    later = w.hits[seen:]
-    assert later and all(h is not interrupted for h in later)
+    later = [a for a in w.answers[seen:] if a.reused]
+    assert later and all(
+        (a.pid, a.connection) != (interrupted.pid, interrupted.connection) for a in later
+    )
     assert q(client, "select count(*) from range(1000)") == [[1000]]
 
 
@@ -369,7 +379,7 @@ def test_concurrent_queries_on_the_same_views_are_correct(
     for sql, rows in results:
         assert rows == expected[sql], sql
     assert w.hits  # connections were reused under load
-    assert not w.in_use  # every one came back
+    assert len(w.answers) == len(sqls)
 
 
 # -- one engine, two supers -----------------------------------------------------------------
@@ -413,22 +423,34 @@ def test_same_event_ids_in_two_supers_do_not_share_a_connection(
 # -- the engine and its pool, directly -----------------------------------------------------
 
 
-def test_a_query_that_ends_after_close_does_not_stay_in_the_pool(tmp_path: Path) -> None:
+def test_a_query_under_way_at_close_ends_and_its_worker_with_it(tmp_path: Path) -> None:
     engine = QueryEngine(lambda p: p, QueryLimits(), tmp_path / "q")
-
-    async def closing(analysis: Analysis) -> dict[str, ViewSource]:
-        engine.close()  # shutdown while this query is under way
-        return {}
+    starts = Starts(engine)
 
     async def main() -> list[Any]:
-        result = await engine.run(closing, "select 42 as answer", scope="o/s")
-        return list(result.table.column("answer").to_pylist())
+        async with anyio.create_task_group() as tg:
+            results: list[Any] = []
 
-    assert anyio.run(main) == [42]
-    # Regression: close() says queries still running close their own connection, but
-    # one that ended after close() gave it back to the (closed) pool: it stayed open,
-    # with its temp directory, after Services.close().
-    assert engine._pool.count == 0
+            async def run() -> None:
+                sql = "select count(*) as n from range(300000000)"
+                result = await engine.run(empty, sql, scope="o/s")
+                results.extend(result.table.column("n").to_pylist())
+
+            tg.start_soon(run)
+            # The worker has started: close while the query runs on it.
+            assert await anyio.to_thread.run_sync(starts.first.wait, 30)
+            engine.close()
+        return results
+
+    empty = SuperState(org="o", name="s")
+    assert anyio.run(main) == [300000000]
+    # Regression: a query that ended after close() gave its connection back to the
+    # (closed) pool; now its worker is not kept either, and nothing stays behind.
+    assert [w.proc.poll() is not None for w in starts.workers] == [True]
+    assert engine.workers.total == 0 and engine.workers.idle == []
+    with pytest.raises(Unavailable):
+        anyio.run(lambda: engine.run(empty, "select 1", scope="o/s"))
+    assert not any((tmp_path / "q").glob("worker-*"))
 
 
 def pooled(tmp_path: Path, name: str) -> Pooled:
@@ -498,39 +520,6 @@ def test_pool_evicts_the_oldest_connection_of_the_least_recent_key(tmp_path: Pat
     pool.close()
 
 
-def test_a_connection_whose_timer_fired_is_not_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The timeout timer may fire just as the query ends: that connection was
-    interrupted (or is about to be) and must not serve the next query."""
-
-    class LateTimer:
-        def __init__(self, interval: float, function: Any) -> None:
-            self.function = function
-
-        def start(self) -> None:
-            pass
-
-        def cancel(self) -> None:
-            self.function()  # it fired between the last row and the cancel
-
-    engine = QueryEngine(lambda p: p, QueryLimits(), tmp_path / "q")
-
-    async def nothing(analysis: Analysis) -> dict[str, ViewSource]:
-        return {}
-
-    async def main() -> list[Any]:
-        result = await engine.run(nothing, "select 7 as x", scope="o/s")
-        return list(result.table.column("x").to_pylist())
-
-    assert anyio.run(main) == [7]
-    assert engine._pool.count == 1  # a query that ended well leaves its connection
-    monkeypatch.setattr(engine_module.threading, "Timer", LateTimer)
-    assert anyio.run(main) == [7]
-    assert engine._pool.count == 0
-    engine.close()
-
-
 def test_pool_does_not_reuse_an_old_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -582,7 +571,7 @@ def test_a_truncated_result_does_not_leave_its_connection_in_the_pool(tmp_path: 
         return result.table.num_rows, result.truncated
 
     assert anyio.run(main, 3) == (3, True)
-    assert engine._pool.count == 0
+    assert kept(engine) == 0
     assert anyio.run(main, 100) == (10, False)
-    assert engine._pool.count == 1
+    assert kept(engine) == 1
     engine.close()
