@@ -32,7 +32,7 @@ import duckdb
 import msgspec
 import pyarrow as pa
 
-from events.errors import InvalidInput, LedgerError, QueryTimeout
+from events.errors import InvalidInput, LedgerError, QueryTimeout, Unavailable
 from projections.catalog import SuperState
 from projections.query.analysis import analyze_sql
 from projections.query.current import current_views
@@ -49,7 +49,7 @@ from projections.query.types import (
     ViewSource,
 )
 from projections.query.wire import EngineConfig, Job, View
-from projections.query.workers import Overtime, WorkerDied, WorkerPool, lost_error
+from projections.query.workers import Overtime, WorkerDied, WorkerGone, WorkerPool, lost_error
 
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -233,7 +233,21 @@ class QueryEngine:
         started = time.monotonic()
         secret = self.s3_secret() if self.s3_secret is not None else None
         key = _job_key(job, secret)
-        worker = self.workers.acquire(key, job.timeout)
+        for attempt in range(2):
+            try:
+                return self._run_on_worker(job, key, secret, started)
+            except WorkerGone:
+                if attempt:  # a second idle worker gone: something kills them
+                    raise Unavailable(
+                        "query workers keep ending before they run a query",
+                        code="query_unavailable",
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _run_on_worker(
+        self, job: _Job, key: str, secret: dict[str, str] | None, started: float
+    ) -> QueryResult | QueryPlan:
+        worker = self.workers.acquire(key, max(job.timeout - (time.monotonic() - started), 0))
         run_for = max(job.timeout - (time.monotonic() - started), 0.05)
         healthy = False
         try:
@@ -246,6 +260,8 @@ class QueryEngine:
                 f"the query ran longer than its timeout of {job.timeout:g}s and did not "
                 "stop; its worker process was killed"
             ) from None
+        except WorkerGone:
+            raise
         except WorkerDied as exc:
             raise lost_error(exc, self.config.address_space) from None
         except LedgerError:

@@ -11,7 +11,6 @@ its key when there is one, so connection reuse works as it did in process.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -59,6 +58,10 @@ class WorkerDied(Exception):
         self.returncode = returncode
 
 
+class WorkerGone(WorkerDied):
+    """The worker had ended before it got the job: the job can run on another."""
+
+
 class Worker:
     """One worker process and its end of the socket pair."""
 
@@ -91,6 +94,8 @@ class Worker:
             os.close(life_r)
         self.conn = Connection(ours.detach())
         self.kept: tuple[str, ...] = ()
+        self.killed = False
+        self.lock = threading.Lock()
         self.last: End | Failure | None = None  # the answer to the last job
         self.conn.send_bytes(msgspec.msgpack.encode(config))
         try:
@@ -110,7 +115,12 @@ class Worker:
         end. Raises the query's domain error, ``Overtime`` (the worker has then been
         killed) or ``WorkerDied``."""
         self.last = None
-        self.conn.send_bytes(job)
+        try:
+            self.conn.send_bytes(job)
+        except OSError:
+            # It died while idle (the OOM killer, an operator): nothing of the job ran.
+            self.kill()
+            raise WorkerGone(self.proc.poll()) from None
         schema: pa.Schema | None = None
         batches: list[pa.RecordBatch] = []
         while True:
@@ -149,11 +159,14 @@ class Worker:
     def kill(self, *, wait: bool = False) -> None:
         """Ends the process (SIGKILL) and removes what it spilled; with ``wait`` once it
         has ended, else at once (the process is reaped in the background)."""
+        with self.lock:
+            if self.killed:
+                return  # once: a second close of the pipe could close a reused fd
+            self.killed = True
         if self.proc.poll() is None:
             self.proc.kill()
         self.conn.close()
-        with contextlib.suppress(OSError):  # closed before
-            os.close(self.life)
+        os.close(self.life)
         if wait:
             self._reap()
         else:

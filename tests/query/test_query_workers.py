@@ -256,3 +256,16 @@ def test_workers_end_with_the_service(tmp_path: Path) -> None:
 def test_bad_worker_settings_are_refused(settings: Settings, setting: str, value: Any) -> None:
     with pytest.raises(SystemExit):
         msgspec.structs.replace(settings, **{setting: value}).validate()
+
+
+def test_a_worker_that_died_idle_is_replaced_without_failing_the_query(tmp_path: Path) -> None:
+    eng = engine(tmp_path, concurrency=1)
+    starts = Starts(eng)
+    assert run(eng, "select 1 as x").table.to_pylist() == [{"x": 1}]
+    idle = starts.workers[0]
+    os.kill(idle.pid, signal.SIGKILL)
+    assert idle.proc.wait(10) == -signal.SIGKILL
+    # Nothing of the next query ran on it: it runs on a new worker, and succeeds.
+    assert run(eng, "select 2 as x").table.to_pylist() == [{"x": 2}]
+    assert len(starts.workers) == 2
+    eng.close()
