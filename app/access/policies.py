@@ -2,9 +2,11 @@
 the view its queries read (``projections.query.engine.Restricted``).
 
 A caller with no role but policy-bound ones on a table reads it through them. Several
-such roles: the rows any of their filters allows, and a column hidden or masked only if
-every one of them hides or masks it. Platform admins, org admins of the table and any
-role without a policy on the table read it all. ``:principal.<attr>`` in a filter is
+such roles: the rows any of their filters allows, and each column as the most open of
+them shows it (plain, then hashed, then nulled, then hidden: a column one role hides and
+another masks is masked). Platform admins, org admins of the table and any role without
+a policy on the table read it all. What such a caller sees of the table's metadata
+follows from the same policies, in ``visibility.py``. ``:principal.<attr>`` in a filter is
 the caller's attribute as a SQL literal (NULL if it has none: no rows match).
 """
 
@@ -87,10 +89,16 @@ def applied_policies(caller: Caller, org: str, super_: str, current: TableState)
     return [by_role[role] for role in sorted(roles)]
 
 
-def hidden_columns(caller: Caller, org: str, super_: str, current: TableState) -> set[str]:
-    """The columns the caller's policies hide (all of them must hide a column)."""
-    applied = applied_policies(caller, org, super_, current)
-    return set.intersection(*(set(p.hidden) for p in applied)) if applied else set()
+HIDDEN = "hidden"
+# From the most open treatment of a column to the most closed (None: plain).
+_OPENNESS: tuple[str | None, ...] = (None, "hash", "null", HIDDEN)
+
+
+def treatment(applied: list[Policy], column: str) -> str | None:
+    """How the ``applied`` policies together show ``column``: None (plain), ``hash``,
+    ``null`` or ``hidden``, the most open of what each of them does to it."""
+    each = {HIDDEN if column in p.hidden else p.masks.get(column) for p in applied}
+    return min(each, key=_OPENNESS.index)
 
 
 def restrict(
@@ -108,16 +116,15 @@ def restrict(
             break
         bound = bind(policy.row_filter, caller.principal.attributes)
         filters.append(f"({check_predicate(bound, version.columns)})")
-    hidden = set.intersection(*(set(p.hidden) for p in applied))
     select = []
     for field in version.columns:
-        if field.name in hidden:
-            continue
-        masks = {p.masks.get(field.name) for p in applied}
+        shown = treatment(applied, field.name)
         name = quote_ident(field.name)
-        if masks == {"null"}:
+        if shown == HIDDEN:
+            continue
+        if shown == "null":
             select.append(f"CAST(NULL AS {duckdb_type(field.type)}) AS {name}")
-        elif None not in masks:  # hashed (or hashed by one, nulled by another)
+        elif shown == "hash":
             select.append(f"sha256(CAST({name} AS VARCHAR)) AS {name}")
         else:
             select.append(name)

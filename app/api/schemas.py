@@ -1,4 +1,9 @@
-"""Wire schemas of the HTTP API (kept apart from stored events so each can evolve)."""
+"""Wire schemas of the HTTP API (kept apart from stored events so each can evolve).
+
+``withheld`` / ``withheld_reason`` (and a column's ``masked`` / ``mask``) appear only in
+what a caller bound by row policies gets (``app/access/visibility.py``): the figures
+named in ``withheld`` are null (or empty), and the reason says why.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from events.model import ColumnStats, Field
 from mirrors.status import MirrorInfo
@@ -135,11 +141,13 @@ class VersionDetail(msgspec.Struct):
     table: str
     version: int
     columns: list[ColumnOut]
-    row_count: int
-    files: list[FileOut]
+    row_count: int | None
+    files: list[FileOut] | None
     committed_at: datetime
     committed_by: str
     event_id: str
+    withheld: list[str] | UnsetType = UNSET
+    withheld_reason: str | UnsetType = UNSET
 
 
 class OrgOut(msgspec.Struct):
@@ -167,21 +175,26 @@ class ColumnOut(msgspec.Struct):
     name: str
     type: str
     nullable: bool
+    # Set for a column the caller's policies mask: its values read as ``mask``.
+    masked: bool | UnsetType = UNSET
+    mask: str | UnsetType = UNSET
 
 
 class TableSummary(msgspec.Struct):
     name: str
     version: int
-    row_count: int
-    file_count: int
-    size_bytes: int
+    row_count: int | None
+    file_count: int | None
+    size_bytes: int | None
     updated_at: datetime
+    withheld: list[str] | UnsetType = UNSET
 
 
 class TableList(msgspec.Struct):
     org: str
     super: str
     tables: list[TableSummary]
+    withheld_reason: str | UnsetType = UNSET
 
 
 class ColumnStatsOut(msgspec.Struct):
@@ -196,17 +209,19 @@ class TableDetail(msgspec.Struct):
     name: str
     version: int
     columns: list[ColumnOut]
-    row_count: int
-    file_count: int
-    size_bytes: int
+    row_count: int | None
+    file_count: int | None
+    size_bytes: int | None
     stats: dict[str, ColumnStatsOut]
     created_at: datetime
     created_by: str
     updated_at: datetime
     updated_by: str
     retained_from: int
-    inline_batches: int
+    inline_batches: int | None
     mirrors: list[MirrorInfo] = []
+    withheld: list[str] | UnsetType = UNSET
+    withheld_reason: str | UnsetType = UNSET
 
 
 class HistoryEntry(msgspec.Struct):
@@ -216,15 +231,17 @@ class HistoryEntry(msgspec.Struct):
     actor: str
     time: datetime
     request_id: str
-    rows_added: int
-    rows_removed: int
+    rows_added: int | None
+    rows_removed: int | None
     columns_added: list[str] = []
+    withheld: list[str] | UnsetType = UNSET
 
 
 class History(msgspec.Struct):
     table: str
     entries: list[HistoryEntry]
     next_after: str | None
+    withheld_reason: str | UnsetType = UNSET
 
 
 class QueryRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -258,11 +275,13 @@ class SuperMeta(msgspec.Struct):
     created_at: datetime
     created_by: str
     table_count: int
-    row_count: int
-    file_count: int
-    size_bytes: int
+    row_count: int | None
+    file_count: int | None
+    size_bytes: int | None
     updated_at: datetime | None
     tables: list[TableSummary]
+    withheld: list[str] | UnsetType = UNSET
+    withheld_reason: str | UnsetType = UNSET
 
 
 class ServiceInfo(msgspec.Struct):
@@ -292,6 +311,7 @@ class QueryResponse(msgspec.Struct):
 class EventPage(msgspec.Struct):
     events: list[dict[str, Any]]
     next_after: str | None
+    withheld_reason: str | UnsetType = UNSET
 
 
 def columns_out(columns: tuple[Field, ...]) -> list[ColumnOut]:

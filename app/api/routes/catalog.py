@@ -1,9 +1,11 @@
-"""The catalog: orgs, supers, tables, versions and history as the caller may see them;
-dropping a table and choosing its mirror formats.
+"""The catalog: orgs, supers, tables, versions and history as the caller may see them
+(what its policies withhold is decided by ``app.access.visibility``); dropping a table
+and choosing its mirror formats.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 import msgspec
@@ -12,7 +14,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from app.access.audit import check_cursor, history_fields, scan_super
-from app.access.policies import binds, hidden_columns
+from app.access.visibility import SuperVisibility, visibility
 from app.api.guards import caller_of, visible
 from app.api.routes.params import (
     IdempotencyKey,
@@ -35,6 +37,7 @@ from app.api.schemas import (
     SuperOut,
     TableDetail,
     TableList,
+    TableSummary,
     VersionDetail,
     table_detail,
     table_summary,
@@ -43,6 +46,7 @@ from app.api.schemas import (
 from app.services import Services
 from app.settings import MIRROR_FORMATS
 from events.errors import InvalidInput, NotFound
+from projections.catalog import SuperState
 
 
 @get("/v1/orgs")
@@ -93,20 +97,48 @@ async def super_meta(
     sup = info.supers.get(super_name) if info is not None else None
     if sup is None:
         raise NotFound(f"super {org}/{super_name} does not exist", code="super_not_found")
-    state = visible(caller_of(request), await services.reader.require_super(org, super_name))
-    tables = [table_summary(t) for t in sorted(state.tables.values(), key=lambda t: t.name)]
-    return SuperMeta(
+    caller = caller_of(request)
+    state = visible(caller, await services.reader.require_super(org, super_name))
+    tables, reason = _summaries(SuperVisibility(caller, state), state)
+    meta = SuperMeta(
         org=org,
         name=super_name,
         created_at=sup.created_at,
         created_by=sup.created_by,
         table_count=len(tables),
-        row_count=sum(t.row_count for t in tables),
-        file_count=sum(t.file_count for t in tables),
-        size_bytes=sum(t.size_bytes for t in tables),
+        row_count=_total(t.row_count for t in tables),
+        file_count=_total(t.file_count for t in tables),
+        size_bytes=_total(t.size_bytes for t in tables),
         updated_at=max((t.updated_at for t in tables), default=None),
         tables=tables,
     )
+    if reason is None:
+        return meta
+    # A total over a table whose figures are withheld would give them away.
+    totals = [k for k in ("row_count", "file_count", "size_bytes") if getattr(meta, k) is None]
+    return msgspec.structs.replace(meta, withheld=totals, withheld_reason=reason)
+
+
+def _summaries(seen: SuperVisibility, state: SuperState) -> tuple[list[TableSummary], str | None]:
+    """The tables of ``state`` as the caller may see them, by name, and why figures
+    are withheld (None: nothing is)."""
+    tables, reason = [], None
+    for t in sorted(state.tables.values(), key=lambda t: t.name):
+        shown = seen.table(t)
+        tables.append(shown.apply(table_summary(t)))
+        if shown.filtered:
+            reason = shown.reason
+    return tables, reason
+
+
+def _total(values: Iterable[int | None]) -> int | None:
+    """The sum, or None if a value is withheld."""
+    total = 0
+    for value in values:
+        if value is None:
+            return None
+        total += value
+    return total
 
 
 @get("/v1/{org:str}/{super:str}/tables", opt={"perm": "see"})
@@ -117,9 +149,12 @@ async def list_tables(
     super_name: SuperName,
 ) -> TableList:
     """The tables of the super the caller can see."""
-    state = visible(caller_of(request), await services.reader.require_super(org, super_name))
-    tables = [table_summary(t) for t in sorted(state.tables.values(), key=lambda t: t.name)]
-    return TableList(org, super_name, tables)
+    caller = caller_of(request)
+    state = visible(caller, await services.reader.require_super(org, super_name))
+    tables, reason = _summaries(SuperVisibility(caller, state), state)
+    if reason is None:
+        return TableList(org, super_name, tables)
+    return TableList(org, super_name, tables, withheld_reason=reason)
 
 
 @get(
@@ -136,14 +171,8 @@ async def describe_table(
 ) -> Response[TableDetail]:
     found = await services.reader.require_table(org, super_name, table)
     mirrors = await services.table_mirrors(org, super_name, found)
-    detail = table_detail(org, super_name, found, mirrors)
-    caller = caller_of(request)
-    if binds(caller, org, super_name, found):
-        # Row filters or masks apply to the caller: no min/max of what they hide, and
-        # no hidden column (its name would only lead to a query that cannot name it).
-        hidden = hidden_columns(caller, org, super_name, found)
-        columns = [c for c in detail.columns if c.name not in hidden]
-        detail = msgspec.structs.replace(detail, stats={}, columns=columns)
+    shown = visibility(caller_of(request), org, super_name, found)
+    detail = shown.apply(table_detail(org, super_name, found, mirrors))
     # The version is the entity tag: send it back as If-Match to write conditionally.
     return Response(detail, headers={"ETag": f'"{found.version}"'})
 
@@ -154,15 +183,18 @@ async def describe_table(
     opt={"perm": "read"},
 )
 async def describe_version(
+    request: Request[Any, Any, Any],
     services: NamedDependency[Services],
     org: FromPath[str],
     super_name: SuperName,
     table: FromPath[str],
     version: FromPath[int],
 ) -> VersionDetail:
-    """One version's schema and files (410 once it has expired)."""
+    """One version's schema and files (410 once it has expired), under the table's
+    current policies."""
+    current = await services.reader.require_table(org, super_name, table)
     state = await services.reader.table_at(org, super_name, table, version=version)
-    return version_detail(state)
+    return visibility(caller_of(request), org, super_name, current).apply(version_detail(state))
 
 
 @get("/v1/{org:str}/{super:str}/tables/{table:str}/history", opt={"perm": "read"})
@@ -176,28 +208,33 @@ async def table_history(
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
 ) -> History:
     """One entry per version, oldest first, paged with ``after`` = ``next_after``."""
-    current = await services.reader.require_table(org, super_name, table)
-    hidden = hidden_columns(caller_of(request), org, super_name, current)
+    state = await services.reader.require_super(org, super_name)
+    if table not in state.tables:
+        raise NotFound(f"table {org}/{super_name}/{table} does not exist", code="table_not_found")
+    seen = SuperVisibility(caller_of(request), state)
     events, cursor = await scan_super(
         services.log, org, super_name, after=check_cursor(after), limit=limit, table=table
     )
-    entries = []
+    entries, reason = [], None
     for e in events:
         added, removed, columns = history_fields(e)
-        entries.append(
-            HistoryEntry(
-                version=e.version,
-                event_type=type(e).__name__,
-                event_id=e.id,
-                actor=e.actor,
-                time=e.time,
-                request_id=e.request_id,
-                rows_added=added,
-                rows_removed=removed,
-                columns_added=[c for c in columns if c not in hidden],
-            )
+        entry = HistoryEntry(
+            version=e.version,
+            event_type=type(e).__name__,
+            event_id=e.id,
+            actor=e.actor,
+            time=e.time,
+            request_id=e.request_id,
+            rows_added=added,
+            rows_removed=removed,
+            columns_added=columns,
         )
-    return History(table, entries, cursor)
+        shown = seen.of_event(e)
+        entries.append(shown.apply(entry))
+        reason = shown.reason if shown.bound else reason
+    if reason is None:
+        return History(table, entries, cursor)
+    return History(table, entries, cursor, withheld_reason=reason)
 
 
 @delete(

@@ -12,18 +12,13 @@ from litestar.di import NamedDependency
 from litestar.params import QueryParameter
 
 from app.access.audit import audit_entries, check_cursor, scan_org, scan_super
-from app.access.policies import binds, hidden_columns
+from app.access.visibility import SuperVisibility
 from app.api.guards import caller_of
 from app.api.schemas import EventPage
 from app.services import Services
 from events.errors import InvalidInput, NotFound
 from events.model import to_builtins
 from projections.query.analysis import parse_time
-
-# Event fields that carry row values (file statistics, deleted keys, filters).
-REDACTED_EVENT_FIELDS = frozenset(
-    {"files", "keys", "where", "removed_files", "deletes", "policies"}
-)
 
 
 @get("/v1/events")
@@ -57,33 +52,23 @@ async def list_events(
             services.log, org, super_name, after=cursor, limit=limit, table=table
         )
     shown = [e for e in events if caller.can("read", org, e.super_, e.table)]
-    # Tables whose policies bind the caller, per super (one catalog read per super).
-    # (and the columns they hide)
-    bound: dict[str, dict[str, set[str]]] = {}
+    # What the caller's policies let it see of each event (one catalog read per super).
+    seen: dict[str, SuperVisibility] = {}
     if not caller.admin:
         for sup in {e.super_ for e in shown if e.table}:
-            tables = (await services.reader.super_state(org, sup)).tables.values()
-            bound[sup] = {
-                t.name: hidden_columns(caller, org, sup, t)
-                for t in tables
-                if binds(caller, org, sup, t)
-            }
-    out = []
+            seen[sup] = SuperVisibility(caller, await services.reader.super_state(org, sup))
+    out, reasons = [], set()
     for event in shown:
         data = to_builtins(event)
-        hidden = bound.get(event.super_, {}).get(event.table)
-        if hidden is not None:
-            # Row filters or masks apply: no per-file min/max, deleted keys, filters or
-            # policies, and no column the policies hide.
-            data = {k: v for k, v in data.items() if k not in REDACTED_EVENT_FIELDS}
-            for key in ("columns", "added", "promoted"):
-                if key in data:
-                    data[key] = [
-                        c for c in data[key]
-                        if (c["name"] if isinstance(c, dict) else c) not in hidden
-                    ]  # fmt: skip
+        if event.super_ in seen and event.table:
+            visible = seen[event.super_].of_event(event)
+            data = visible.event(data)
+            if "withheld" in data:
+                reasons.add(visible.reason)
         out.append(data)
-    return EventPage(out, nxt)
+    if not reasons:
+        return EventPage(out, nxt)
+    return EventPage(out, nxt, withheld_reason="; ".join(sorted(reasons)))
 
 
 @get("/v1/audit")

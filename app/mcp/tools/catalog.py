@@ -22,10 +22,15 @@ from app.mcp.tools.common import (
     choose_columns,
     fetch,
     is_nested,
+    masked_columns,
+    masked_stats,
     quote,
     run_query,
     view_columns,
 )
+
+# What get_table_stats withholds of a masked column.
+STATS_OF_A_COLUMN = ["null_count", "min", "max", "distinct_estimate"]
 
 
 def register(server: MCPServer, backend: Backend) -> None:
@@ -83,12 +88,22 @@ def _register_table_detail(server: MCPServer, backend: Backend) -> None:
         description="A table's schema (column names, types, nullability), row count, "
         "version, files, size, per-column min/max/null counts (when your access shows "
         "them), its creation and last update, and its Delta/Iceberg mirrors. Read this "
-        "before writing SQL against the table.",
+        "before writing SQL against the table. Under row policies, what they keep from "
+        "you is null and named in withheld (the row count is then the rows you may read, "
+        "counted now); masked columns are flagged masked.",
         annotations=READ_ONLY,
     )
     async def describe_table(ctx: Context, org: Org, super: Super, table: Table) -> Reply:
         async with backend.call(ctx) as api:
             detail: dict[str, Any] = await api.get(path(org, super, "tables", table))
+            withheld = detail.get("withheld", [])
+            if "row_count" in withheld:
+                # A row filter applies: the count the caller may know, through its view.
+                sql = f"SELECT count(*) FROM {quote(table)}"
+                counted = await run_query(api, org, super, {"sql": sql})
+                detail["row_count"] = counted["rows"][0][0]
+                detail["withheld"] = [w for w in withheld if w != "row_count"]
+                detail["row_count_note"] = "the rows your policies let you read, counted now"
         if estimate_tokens(detail) > budget:
             detail["stats"] = {}
             detail["note"] = (
@@ -100,7 +115,8 @@ def _register_table_detail(server: MCPServer, backend: Backend) -> None:
     @server.tool(
         description="Per-column statistics of a table computed now over the rows you "
         "can read: min, max, null count and an approximate distinct count (HyperLogLog), "
-        "plus the row count. Scans the table; pass columns to limit the work.",
+        "plus the row count. Scans the table; pass columns to limit the work. Columns "
+        "your policies mask get no statistics (masked, withheld).",
         annotations=READ_ONLY,
     )
     async def get_table_stats(
@@ -118,11 +134,19 @@ def _register_table_detail(server: MCPServer, backend: Backend) -> None:
         async with backend.call(ctx) as api:
             available = await view_columns(api, org, super, table, as_of_version)
             chosen = choose_columns(available, columns)
-            sql = _stats_sql(chosen, table)
+            masked = await masked_columns(api, org, super, table)
+            plain = [c for c in chosen if c["name"] not in masked]
+            sql = _stats_sql(plain, table)
             result = await run_query(api, org, super, {"sql": sql, "as_of_version": as_of_version})
         row = result["rows"][0]
+        stats = _column_stats(plain, row)
+        for c in chosen:
+            if c["name"] in masked:
+                withheld = masked_stats(masked[c["name"]], STATS_OF_A_COLUMN)
+                stats[c["name"]] = {"type": c["type"], **withheld}
+        ordered = {c["name"]: stats[c["name"]] for c in chosen}  # in the order asked for
         return answer({"org": org, "super": super, "table": table, "row_count": row[0],
-                      "columns": _column_stats(chosen, row)}, budget)  # fmt: skip
+                      "columns": ordered}, budget)  # fmt: skip
 
 
 def _stats_sql(chosen: list[dict[str, str]], table: str) -> str:

@@ -106,3 +106,21 @@ async def view_columns(
     )
     columns: list[dict[str, str]] = plan["columns"]
     return columns
+
+
+MASKED_NOTE = (
+    "this column is masked by your policies: its statistics and values are withheld "
+    "(its values read as its mask)"
+)
+
+
+async def masked_columns(api: LedgerlakeApi, org: str, sup: str, table: str) -> dict[str, str]:
+    """The columns of the table the caller's policies mask (name -> mask), as the
+    table's detail flags them; their statistics are withheld by every tool."""
+    detail = await api.get(path(org, sup, "tables", table))
+    return {c["name"]: c.get("mask", "") for c in detail["columns"] if c.get("masked")}
+
+
+def masked_stats(mask: str, withheld: list[str]) -> dict[str, Any]:
+    """What a tool says of a masked column's statistics instead of them."""
+    return {"masked": True, "mask": mask, "withheld": withheld, "note": MASKED_NOTE}

@@ -27,10 +27,16 @@ from app.mcp.tools.common import (
     choose_columns,
     is_nested,
     is_numeric,
+    masked_columns,
+    masked_stats,
     quote,
     run_query,
     view_columns,
 )
+
+# What profile_column withholds of a masked column.
+PROFILE_WITHHELD = ["null_count", "distinct_estimate", "min", "max", "mean", "stddev",
+                    "top_values", "histogram"]  # fmt: skip
 
 
 def register(server: MCPServer, backend: Backend) -> None:
@@ -72,7 +78,12 @@ def _register_sample_rows(server: MCPServer, backend: Backend) -> None:
             sample = f" USING SAMPLE reservoir({n} ROWS) REPEATABLE (42)" if random else ""
             sql = f"SELECT {select} FROM {quote(table)}{sample} LIMIT {n}"
             result = await run_query(api, org, super, {"sql": sql, "limit": n})
-        return answer(_rows_page(result, budget, cursor_state=None), budget)
+            masked = await masked_columns(api, org, super, table)
+        page = _rows_page(result, budget, cursor_state=None)
+        shown = [c["name"] for c in result["columns"] if c["name"] in masked]
+        if shown:  # their values are the masks, not the data
+            page["masked_columns"] = {name: masked[name] for name in shown}
+        return answer(page, budget)
 
 
 def _register_profile_column(server: MCPServer, backend: Backend) -> None:
@@ -82,7 +93,8 @@ def _register_profile_column(server: MCPServer, backend: Backend) -> None:
     @server.tool(
         description="A profile of one column: row and null counts, approximate distinct "
         "count, min and max, the most frequent values with their counts, and for numbers "
-        "the mean, standard deviation and an equal-width histogram.",
+        "the mean, standard deviation and an equal-width histogram. A column your "
+        "policies mask gets its row count only (masked, withheld).",
         annotations=READ_ONLY,
     )
     async def profile_column(
@@ -97,6 +109,13 @@ def _register_profile_column(server: MCPServer, backend: Backend) -> None:
         async with backend.call(ctx) as api:
             (col,) = choose_columns(await view_columns(api, org, super, table), [column])
             q, t, numeric = quote(col["name"]), quote(table), is_numeric(col["type"])
+            masked = await masked_columns(api, org, super, table)
+            if col["name"] in masked:  # its row count only: the rest is of its values
+                count = await run_query(api, org, super, {"sql": f"SELECT count(*) FROM {t}"})
+                withheld = masked_stats(masked[col["name"]], PROFILE_WITHHELD)
+                only = {"column": col["name"], "type": col["type"],
+                        "row_count": count["rows"][0][0], **withheld}  # fmt: skip
+                return answer(only, budget)
             exprs = ["count(*)", f"count(*) - count({q})"]
             if not is_nested(col["type"]):
                 exprs += [f"approx_count_distinct({q})", f"min({q})", f"max({q})"]
@@ -205,6 +224,7 @@ async def _search(
                 return
         found[(o, s, t)] = [
             {"org": o, "super": s, "table": t, "column": c["name"], "type": c["type"]}
+            | ({"masked": True} if c.get("masked") else {})
             for c in detail["columns"]
             if fnmatch.fnmatchcase(c["name"].lower(), glob)
             and (not type_prefix or c["type"].startswith(type_prefix.lower()))
