@@ -14,19 +14,27 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import msgspec
 from litestar import Litestar, Request, Response, Router
+
+# Private, but the public plugin base would mean copying it; litestar is pinned exactly.
+from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
 from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins import ReceiveRoutePlugin
+from litestar.routes import BaseRoute, HTTPRoute
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from app.access.auth import Forbidden, TooManyRequests, bootstrap_admin
 from app.api.guards import require_token
-from app.api.iceberg_rest import ICEBERG_HANDLERS, iceberg_error_body
+from app.api.iceberg_rest import ICEBERG_HANDLERS, iceberg_error_body, iceberg_error_responses
 from app.api.mcp_mount import McpMount
 from app.api.routes import DEPENDENCIES, ROUTES
+from app.api.routes.params import error_responses
 from app.api.schemas import ErrorBody, ErrorResponse
 from app.services import Services
 from app.settings import Settings
@@ -234,6 +242,55 @@ def _openapi_config() -> OpenAPIConfig:
     )
 
 
+class ImplicitResponses(ReceiveRoutePlugin):
+    """Documents on each operation the answers that no handler lists itself, because
+    they come from around it: request validation's 400 (with the body the error
+    handlers really send, not Litestar's default), and under /v1 and /iceberg the token
+    guard's 401, 429 and 503, plus the 404 (and 403) of a handler whose ``perm`` the
+    guard checks on the org in its path. A handler's own ``responses`` win."""
+
+    def receive_route(self, route: BaseRoute) -> None:
+        if not isinstance(route, HTTPRoute):
+            return
+        for handler in route.route_handlers:
+            # Assigned, never updated in place: the dict is shared with the handler the
+            # module defines (each app registers a shallow copy).
+            handler.responses = {**_implicit(route, handler), **(handler.responses or {})}
+
+
+class StrictStructSchemas(StructSchemaPlugin):
+    """Request structs refuse unknown fields (``forbid_unknown_fields``, 400
+    invalid_request): their schemas say so (``additionalProperties: false``), which
+    Litestar's own struct plugin leaves out."""
+
+    def to_openapi_schema(self, field_definition: Any, schema_creator: Any) -> Any:
+        schema = super().to_openapi_schema(field_definition, schema_creator)
+        struct: type[msgspec.Struct] = field_definition.type_
+        if struct.__struct_config__.forbid_unknown_fields:
+            schema.additional_properties = False
+        return schema
+
+
+def _implicit(route: HTTPRoute, handler: Any) -> dict[int, ResponseSpec]:
+    codes = set()
+    params = set(handler.parsed_fn_signature.parameters) - {"request", "services"}
+    if route.path_parameters or params:
+        codes.add(400)
+    # The change target's headers (app/api/routes/params.py): a stale If-Match is 409,
+    # an Idempotency-Key reused for another request 422.
+    if "if_match" in params:
+        codes.add(409)
+    if "idempotency_key" in params:
+        codes.add(422)
+    if route.path.startswith(("/v1/", "/iceberg/")):
+        codes |= {401, 429, 503}
+        perm = handler.opt.get("perm")
+        if perm and "org" in route.path_parameters:
+            codes |= {404} if perm == "see" else {403, 404}
+    documented = iceberg_error_responses if route.path.startswith("/iceberg/") else error_responses
+    return documented(*sorted(codes))
+
+
 def create_app(
     settings: Settings,
     redis_url: str,
@@ -287,6 +344,7 @@ def create_app(
             Exception: handle_unexpected,
         },
         openapi_config=_openapi_config(),
+        plugins=[ImplicitResponses(), StrictStructSchemas()],
         request_max_body_size=settings.max_body_bytes,
         debug=False,
         logging_config=None,

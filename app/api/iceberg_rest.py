@@ -19,8 +19,10 @@ import json
 from typing import Any
 
 import anyio
+import msgspec
 from litestar import Request, Response, get, head, post
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery
 
 from app.access.auth import Caller
@@ -49,6 +51,29 @@ _TYPES = {
     "namespace_not_found": "NoSuchNamespaceException",
     "unauthorized": "NotAuthorizedException",
 }
+
+
+class IcebergErrorModel(msgspec.Struct):
+    message: str
+    type: str
+    code: int
+
+
+class IcebergError(msgspec.Struct):
+    """The error body of the Iceberg REST spec."""
+
+    error: IcebergErrorModel
+
+
+def iceberg_error_responses(*codes: int) -> dict[int, ResponseSpec]:
+    """Error responses of the catalog, for the OpenAPI document."""
+    described = {
+        400: "bad request", 401: "missing or wrong bearer token",
+        404: "no such namespace or table (or not granted)",
+        429: "over the caller's rate limit; see Retry-After",
+        503: "Redis or storage unreachable; retry",
+    }  # fmt: skip
+    return {c: ResponseSpec(IcebergError, description=described[c]) for c in codes}
 
 
 def _paths(suffix: str) -> list[str]:
@@ -112,7 +137,7 @@ def config(warehouse: FromQuery[str | None] = None) -> dict[str, Any]:
     return {"defaults": {}, "overrides": overrides, "endpoints": ENDPOINTS}
 
 
-@get(_paths("/namespaces"))
+@get(_paths("/namespaces"), responses=iceberg_error_responses(404))
 async def list_namespaces(
     request: Request[Any, Any, Any],
     services: NamedDependency[Services],
@@ -133,7 +158,7 @@ async def list_namespaces(
     return {"namespaces": [_shown([parts[0], s], prefix) for s in supers]}
 
 
-@get(_paths("/namespaces/{namespace:str}"))
+@get(_paths("/namespaces/{namespace:str}"), responses=iceberg_error_responses(404))
 async def load_namespace(
     request: Request[Any, Any, Any], services: NamedDependency[Services], namespace: FromPath[str]
 ) -> dict[str, Any]:
@@ -153,7 +178,7 @@ async def namespace_exists(
     return Response(None, status_code=204)
 
 
-@get(_paths("/namespaces/{namespace:str}/tables"))
+@get(_paths("/namespaces/{namespace:str}/tables"), responses=iceberg_error_responses(404))
 async def list_tables(
     request: Request[Any, Any, Any], services: NamedDependency[Services], namespace: FromPath[str]
 ) -> dict[str, Any]:
@@ -181,7 +206,10 @@ async def _metadata_location(
     )
 
 
-@get(_paths("/namespaces/{namespace:str}/tables/{table:str}"))
+@get(
+    _paths("/namespaces/{namespace:str}/tables/{table:str}"),
+    responses=iceberg_error_responses(404),
+)
 async def load_table(
     request: Request[Any, Any, Any],
     services: NamedDependency[Services],

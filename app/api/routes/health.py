@@ -9,17 +9,24 @@ from typing import Any
 
 from litestar import Request, Response, get
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
 
 from app.access.auth import Forbidden
 from app.api.guards import caller_of
+from app.api.routes.params import error_responses
 from app.api.schemas import ServiceInfo
 from app.services import Services
 from app.settings import package_version
 from events.errors import LedgerError
 from events.redis_log import guarded
 
+PROMETHEUS = "text/plain; version=0.0.4"
 
-@get("/health")
+
+@get(
+    "/health",
+    responses={503: ResponseSpec(dict[str, Any], description="Redis cannot be reached")},
+)
 async def health(services: NamedDependency[Services]) -> Response[dict[str, Any]]:
     """Redis reachability and projection lag. 503 when Redis cannot be reached."""
     started = time.perf_counter()
@@ -38,7 +45,13 @@ async def health(services: NamedDependency[Services]) -> Response[dict[str, Any]
     return Response(body, status_code=200)
 
 
-@get("/metrics", media_type="text/plain; version=0.0.4")
+@get(
+    "/metrics",
+    media_type=PROMETHEUS,
+    responses={
+        503: ResponseSpec(str, media_type=PROMETHEUS, description="Redis cannot be reached")
+    },
+)
 async def metrics(services: NamedDependency[Services]) -> Response[str]:
     """Prometheus metrics: the lag of each projection (the catalog and each mirror
     format), in events and seconds. 503 when Redis cannot be reached."""
@@ -101,7 +114,7 @@ async def service_info(services: NamedDependency[Services]) -> ServiceInfo:
     )
 
 
-@get("/v1/config")
+@get("/v1/config", responses=error_responses(403, notes={403: "not a platform admin"}))
 async def effective_config(
     request: Request[Any, Any, Any], services: NamedDependency[Services]
 ) -> dict[str, Any]:

@@ -22,7 +22,8 @@ SuperName = Annotated[str, PathParameter(name="super", description="the super ta
 
 
 # Error responses, for the OpenAPI document (the body is always ErrorResponse).
-def error_responses(*codes: int) -> dict[int, ResponseSpec]:
+def error_responses(*codes: int, notes: dict[int, str] | None = None) -> dict[int, ResponseSpec]:
+    """The ErrorResponse of each status, described (``notes`` replaces descriptions)."""
     described = {
         400: "bad input or a refused query", 401: "missing or wrong bearer token",
         403: "visible but not allowed to the caller",
@@ -34,6 +35,7 @@ def error_responses(*codes: int) -> dict[int, ResponseSpec]:
         429: "over the caller's rate limit; see Retry-After",
         503: "Redis or storage unreachable; retry",
     }  # fmt: skip
+    described.update(notes or {})
     return {c: ResponseSpec(ErrorResponse, description=described[c]) for c in codes}
 
 

@@ -16,6 +16,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from app.access.auth import Caller, Forbidden, new_id, new_token
 from app.api.guards import caller_of, request_id
+from app.api.routes.params import error_responses
 from app.api.schemas import (
     GrantIn,
     GrantOut,
@@ -43,6 +44,18 @@ from events.model import (
 from projections.auth import ROLES, Grant, Principal
 
 KINDS = ("user", "service")
+MAX_EXPIRY_S = 100 * 365 * 86400
+
+# What these routes answer besides the guard's statuses (documented by the app).
+_NOTES = {
+    403: "visible, but the caller may not manage it",
+    404: "unknown principal, token, grant or org (or not the caller's to manage)",
+    409: "another principal has that external id",
+}
+
+
+def _errors(*codes: int) -> Any:
+    return error_responses(*codes, notes=_NOTES)
 
 
 def _principal_out(p: Principal) -> PrincipalOut:
@@ -85,7 +98,7 @@ def _base(request: Request[Any, Any, Any], org: str, **scope: str) -> dict[str, 
     }
 
 
-@post("/v1/principals", status_code=201)
+@post("/v1/principals", status_code=201, responses=_errors(403, 404, 409))
 async def create_principal(
     request: Request[Any, Any, Any],
     services: NamedDependency[Services],
@@ -146,7 +159,7 @@ async def list_principals(
     return [_principal_out(p) for p in sorted(shown, key=lambda p: (p.org, p.name, p.id))]
 
 
-@patch("/v1/principals/{principal_id:str}")
+@patch("/v1/principals/{principal_id:str}", responses=_errors(403, 404))
 async def change_principal(
     request: Request[Any, Any, Any],
     services: NamedDependency[Services],
@@ -174,7 +187,7 @@ async def change_principal(
     return _principal_out(state.principals[principal.id])
 
 
-@post("/v1/principals/{principal_id:str}/tokens", status_code=201)
+@post("/v1/principals/{principal_id:str}/tokens", status_code=201, responses=_errors(403, 404))
 async def issue_token(
     request: Request[Any, Any, Any],
     services: NamedDependency[Services],
@@ -185,8 +198,12 @@ async def issue_token(
     service keeps its hash."""
     caller = caller_of(request)
     principal = await _principal(services, caller, principal_id)
-    if data.expires_in_s is not None and data.expires_in_s <= 0:
-        raise InvalidInput("expires_in_s must be positive", code="invalid_expiry")
+    if data.expires_in_s is not None and not 0 < data.expires_in_s <= MAX_EXPIRY_S:
+        # Past the cap, the expiry instant overflows datetime (a 500 before).
+        raise InvalidInput(
+            f"expires_in_s must be positive and at most {MAX_EXPIRY_S} (100 years)",
+            code="invalid_expiry",
+        )
     expires = now() + timedelta(seconds=data.expires_in_s) if data.expires_in_s else None
     if not _manages(caller, principal):
         # A principal's own token: never outliving the credential that asks for it (so
@@ -215,7 +232,7 @@ async def issue_token(
     return TokenOut(token_id, principal.id, data.name, expires, token)
 
 
-@delete("/v1/tokens/{token_id:str}", status_code=200)
+@delete("/v1/tokens/{token_id:str}", status_code=200, responses=_errors(404))
 async def revoke_token(
     request: Request[Any, Any, Any], services: NamedDependency[Services], token_id: FromPath[str]
 ) -> TokenOut:
@@ -236,7 +253,7 @@ async def revoke_token(
     return TokenOut(token.id, token.principal_id, token.name, token.expires_at)
 
 
-@post("/v1/grants", status_code=201)
+@post("/v1/grants", status_code=201, responses=_errors(403, 404))
 async def add_grant(
     request: Request[Any, Any, Any], services: NamedDependency[Services], data: JSONBody[GrantIn]
 ) -> GrantOut:
@@ -284,7 +301,7 @@ async def list_grants(
     return [_grant_out(g) for g in sorted(shown, key=lambda g: (g.org, g.super_, g.table, g.id))]
 
 
-@delete("/v1/grants/{grant_id:str}", status_code=200)
+@delete("/v1/grants/{grant_id:str}", status_code=200, responses=_errors(403, 404))
 async def remove_grant(
     request: Request[Any, Any, Any], services: NamedDependency[Services], grant_id: FromPath[str]
 ) -> GrantOut:
@@ -306,7 +323,7 @@ async def remove_grant(
 PERMISSIONS = ("read", "write", "grant")
 
 
-@put("/v1/roles/{name:str}")
+@put("/v1/roles/{name:str}", responses=_errors(403, 404))
 async def define_role(
     request: Request[Any, Any, Any],
     services: NamedDependency[Services],
@@ -334,7 +351,7 @@ async def define_role(
     return {"org": data.org, "name": name, "permissions": list(permissions)}
 
 
-@get("/v1/roles")
+@get("/v1/roles", responses=_errors(404))
 async def list_roles(
     request: Request[Any, Any, Any],
     services: NamedDependency[Services],
