@@ -10,6 +10,7 @@ by its own good will. It exits when the service does (``LIFE_FD`` reaches end of
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -72,7 +73,8 @@ class _Alarm:
                 if left > 0:
                     self.cond.wait(left)
                     continue
-                self.con.interrupt()
+                with contextlib.suppress(duckdb.Error):  # closed: nothing to stop
+                    self.con.interrupt()
                 self.fired, self.con = True, None
 
 
