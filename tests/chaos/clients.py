@@ -39,12 +39,16 @@ def error_kind(response: httpx.Response) -> str:
 
 
 class Session:
-    """One client's HTTP connection to whichever ``serve`` is running now."""
+    """One client's HTTP connections to the ``serve`` processes running now: its home
+    server first, the next one after a failed attempt (a load balancer's retry)."""
 
-    def __init__(self, cluster: ChaosCluster, ledger: Ledger, rng: random.Random) -> None:
+    def __init__(
+        self, cluster: ChaosCluster, ledger: Ledger, rng: random.Random, home: int = 0
+    ) -> None:
         self.cluster = cluster
         self.ledger = ledger
         self.rng = rng
+        self.home = home
         self.http = httpx.Client(timeout=REQUEST_TIMEOUT_S, headers=cluster.headers())
 
     def send(
@@ -57,7 +61,7 @@ class Session:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 response = self.http.post(
-                    self.cluster.url + path,
+                    self.cluster.url(self.home + attempt - 1) + path,
                     json=body,
                     params=params,
                     headers={"Idempotency-Key": key},
@@ -77,7 +81,7 @@ class Session:
         """Rows of a query, or None if it failed (counted, not retried: readers go on)."""
         try:
             response = self.http.post(
-                self.cluster.url + QUERY, json={"sql": sql, "limit": QUERY_LIMIT}
+                self.cluster.url(self.home) + QUERY, json={"sql": sql, "limit": QUERY_LIMIT}
             )
         except httpx.TransportError as exc:
             self.ledger.read_failed(type(exc).__name__)
@@ -111,7 +115,8 @@ class Client(threading.Thread):
         self.ledger = ledger
         self.seed = seed
         self.rng = random.Random(f"{seed}/{name}")
-        self.session = Session(cluster, ledger, random.Random(f"{seed}/{name}/backoff"))
+        backoff = random.Random(f"{seed}/{name}/backoff")
+        self.session = Session(cluster, ledger, backoff, home=n)
 
     def run(self) -> None:
         try:
@@ -230,6 +235,7 @@ class Reader(Client):
         if self.stop.is_set():
             return
         rows_floor, version_floor = self.ledger.floor(APPENDS)
+        self.session.home = i  # each read from the next server
         if rows_floor and self.rng.random() < 0.5:  # (no table before the first append)
             rows = self.session.query(f"select count(*), count(distinct id) from {APPENDS}")
             if rows is not None:
@@ -244,7 +250,7 @@ class Reader(Client):
 
     def detail(self, i: int, floor: int) -> None:
         try:
-            response = self.session.http.get(self.session.cluster.url + table_path(APPENDS))
+            response = self.session.http.get(self.session.cluster.url(i) + table_path(APPENDS))
         except httpx.TransportError as exc:
             self.ledger.read_failed(type(exc).__name__)
             return

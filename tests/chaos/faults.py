@@ -34,14 +34,20 @@ WAIT_TIMEOUT_S = 600.0
 class Fault:
     at: int  # logical writes finished when it strikes
     kind: str
+    server: int  # the serve process it kills, if it kills one
+
+    def __str__(self) -> str:
+        return f"{self.kind}@{self.at}" + (f"/serve{self.server}" if "serve" in self.kind else "")
 
 
-def fault_plan(rng: random.Random, total: int, per_kind: dict[str, int]) -> list[Fault]:
+def fault_plan(
+    rng: random.Random, total: int, per_kind: dict[str, int], servers: int = 1
+) -> list[Fault]:
     """Faults in a shuffled order, at distinct points between 5% and 85% of the writes."""
     kinds = [kind for kind in KINDS for _ in range(per_kind.get(kind, 0))]
     rng.shuffle(kinds)
     points = sorted(rng.sample(range(total // 20, total * 17 // 20), len(kinds)))
-    return [Fault(at, kind) for at, kind in zip(points, kinds, strict=True)]
+    return [Fault(at, kind, rng.randrange(servers)) for at, kind in zip(points, kinds, strict=True)]
 
 
 class Injector(threading.Thread):
@@ -69,29 +75,29 @@ class Injector(threading.Thread):
                 )
                 assert reached, f"the writers never reached {fault.at} writes"
                 self.idle += self.done.is_set()
-                self.inject(fault.kind)
+                self.inject(fault)
         except BaseException as exc:
             self.error = exc
             self.ledger.anomaly(f"the fault injector failed: {exc!r}")
 
-    def inject(self, kind: str) -> None:
-        self.ledger.fault(kind)
-        for step in self.steps(kind):
+    def inject(self, fault: Fault) -> None:
+        self.ledger.fault(fault.kind)
+        for step in self.steps(fault):
             step()
             self.cluster.bump()  # wake the clients waiting out the outage
 
-    def steps(self, kind: str) -> list[Callable[[], object]]:
-        c = self.cluster
+    def steps(self, fault: Fault) -> list[Callable[[], object]]:
+        c, server = self.cluster, self.cluster.servers[fault.server]
         down_redis, down_s3 = self.outage(c.redis.kill), self.outage(c.s3.stop)
         plans: dict[str, list[Callable[[], object]]] = {
-            "serve_sigkill": [c.server.kill9, c.server.start],
+            "serve_sigkill": [server.kill9, server.start],
             "redis_sigkill": [down_redis, c.redis.start, c.wait_healthy],
             "s3_stop": [down_s3, c.s3.start],
-            "serve_sigkill_in_redis_outage": [down_redis, c.server.kill9, c.redis.start,
-                                              c.server.start],
-            "serve_sigkill_in_s3_outage": [down_s3, c.server.kill9, c.s3.start, c.server.start],
+            "serve_sigkill_in_redis_outage": [down_redis, server.kill9, c.redis.start,
+                                              c.wait_healthy, server.start],
+            "serve_sigkill_in_s3_outage": [down_s3, server.kill9, c.s3.start, server.start],
         }  # fmt: skip
-        return plans[kind]
+        return plans[fault.kind]
 
     def outage(self, begin: Callable[[], object]) -> Callable[[], None]:
         """A step that starts an outage, then waits until the writers felt it (a few

@@ -8,7 +8,8 @@ and both mirrors must read back what a query returns.
 
 ``CHAOS_SEED=<n>`` repeats a run (the seed is printed, and in every failure message);
 the interleaving of the threads is not part of the seed, the plan and payloads are.
-``CHAOS_SCALE=<k>`` multiplies the writes and faults (a longer soak; default 1)."""
+``CHAOS_SCALE=<k>`` multiplies the writes and faults (a longer soak; default 1), and
+``CHAOS_SETTINGS="compact_interval_s=1 deletion_vectors=false"`` adds settings of serve."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from tests.chaos.verify import Census, census, check_mirrors, check_rows, replay
 from tests.support.chaos import ChaosCluster
 from tests.support.processes import Procs
 
+SERVERS = int(os.environ.get("CHAOS_SERVERS", "2"))  # API pods on one Redis and bucket
 APPENDERS, APPEND_OPS = 2, 90
 KEY_WRITERS, KEY_OPS = 2, 60
 FAULTS_PER_KIND = {
@@ -45,6 +47,12 @@ JOIN_TIMEOUT_S = 600.0
 def chaos_seed() -> int:
     raw = os.environ.get("CHAOS_SEED")
     return int(raw) if raw else random.SystemRandom().randrange(2**32)
+
+
+def serve_settings() -> dict[str, str]:
+    """More settings of serve, from ``CHAOS_SETTINGS="compact_interval_s=1 ..."``."""
+    pairs = (item.split("=", 1) for item in os.environ.get("CHAOS_SETTINGS", "").split())
+    return {name.lower(): value for name, value in pairs}
 
 
 def commit() -> str:
@@ -69,7 +77,7 @@ def test_acknowledged_writes_survive_chaos(
     ledger = Ledger()
     before = Census()
     injector: Injector | None = None
-    cluster = ChaosCluster(procs, tmp_path / "chaos")
+    cluster = ChaosCluster(procs, tmp_path / "chaos", SERVERS, **serve_settings())
     try:
         cluster.start()
         writers = [
@@ -79,8 +87,9 @@ def test_acknowledged_writes_survive_chaos(
               for n in range(KEY_WRITERS)),
         ]  # fmt: skip
         total = APPENDERS * APPEND_OPS * scale + KEY_WRITERS * KEY_OPS * scale
-        plan = fault_plan(rng, total, {k: n * scale for k, n in FAULTS_PER_KIND.items()})
-        print("fault plan:", ", ".join(f"{f.kind}@{f.at}" for f in plan))
+        per_kind = {k: n * scale for k, n in FAULTS_PER_KIND.items()}
+        plan = fault_plan(rng, total, per_kind, SERVERS)
+        print("fault plan:", ", ".join(map(str, plan)))
         done, stop = threading.Event(), threading.Event()
         reader = Reader("reader", 0, 100_000, cluster, ledger, seed, stop=stop)
         injector = Injector(cluster, ledger, plan, done)

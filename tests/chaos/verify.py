@@ -48,13 +48,13 @@ def settle(cluster: ChaosCluster) -> str | None:
     with httpx.Client(timeout=10.0, headers=cluster.headers()) as http:
         while time.monotonic() < deadline:
             try:
-                health = http.get(f"{cluster.url}/health").json()
+                health = http.get(f"{cluster.url()}/health").json()
                 lags = {name: (p["lag_events"], p.get("failed_tables", 0))
                         for name, p in health.get("projections", {}).items()}  # fmt: skip
                 behind = {
                     f"{table}/{m['format']}": m["lag_versions"]
                     for table in (APPENDS, KEYED)
-                    for m in http.get(cluster.url + table_path(table)).json()["mirrors"]
+                    for m in http.get(cluster.url() + table_path(table)).json()["mirrors"]
                 }
             except (httpx.TransportError, ValueError, KeyError) as exc:
                 last = repr(exc)
@@ -112,15 +112,14 @@ def check_rows(session: Session, ledger: Ledger) -> dict[str, str]:
 
 
 def replay_verify(procs: Procs, cluster: ChaosCluster) -> str | None:
-    data_dir = cluster.workdir / "data"
-    done = procs.cli("replay", "--verify", "--data-dir", data_dir, env=cluster.env)
+    done = procs.cli("replay", "--verify", "--data-dir", cluster.data_dir, env=cluster.env)
     if done.returncode != 0 or " 0 difference(s)" not in done.stdout:
         return f"exit {done.returncode}: {done.stdout.strip()} {done.stderr.strip()[-2000:]}"
     return None
 
 
 def settings_of(cluster: ChaosCluster) -> Settings:
-    return Settings.from_env({**cluster.env, "LEDGERLAKE_DATA_DIR": str(cluster.workdir / "data")})
+    return Settings.from_env({**cluster.env, "LEDGERLAKE_DATA_DIR": str(cluster.data_dir)})
 
 
 def census(cluster: ChaosCluster) -> tuple[Census, Census]:
@@ -185,7 +184,7 @@ def check_mirrors(cluster: ChaosCluster, session: Session) -> dict[str, str]:
     findings: dict[str, str] = {}
     for table, column in ((APPENDS, "id"), (KEYED, "k")):
         expected = Counter(r[0] for r in query_all(session, f"select {column} from {table}"))
-        detail = session.http.get(session.cluster.url + table_path(table)).json()
+        detail = session.http.get(session.cluster.url() + table_path(table)).json()
         for m in detail["mirrors"]:
             try:
                 if m["format"] == "delta":

@@ -1,11 +1,12 @@
 """A deployment whose parts fail on demand, for the chaos suite (tests/chaos): a durable
 redis-server (AOF, ``appendfsync always``) on a fixed loopback port, a SeaweedFS S3
-server (``weed mini``) on fixed loopback ports, and one ``ledgerlake serve`` on both.
+server (``weed mini``) on fixed loopback ports, and ``ledgerlake serve`` on both.
 
 Each part can be killed (``serve`` and Redis: SIGKILL) or stopped (S3: SIGTERM, as an
 object store going away; its own durability is not what is under test) and brought
 back with its data: Redis and S3 on the same addresses, ``serve`` on a fresh free port
-(``url`` follows it). Every process is one this module started, stopped by pid.
+(``url`` follows it). Several ``serve`` processes are API pods behind a load balancer.
+Every process is one this module started, stopped by pid.
 """
 
 from __future__ import annotations
@@ -106,10 +107,11 @@ class ChaosS3:
 
 
 class ChaosCluster:
-    """Redis, S3 and ``serve``, with a generation that moves on each fault and repair so
-    that clients waiting out an outage wake as soon as something changed."""
+    """Redis, S3 and ``servers`` ``serve`` processes (API pods on the same Redis and
+    bucket, each with its own data dir), with a generation that moves on each fault and
+    repair so that clients waiting out an outage wake as soon as something changed."""
 
-    def __init__(self, procs: Procs, workdir: Path) -> None:
+    def __init__(self, procs: Procs, workdir: Path, servers: int = 1, **settings: str) -> None:
         (workdir / "redis").mkdir(parents=True)
         (workdir / "s3").mkdir()
         self.workdir = workdir
@@ -130,16 +132,24 @@ class ChaosCluster:
             s3_secret_access_key=SECRET_KEY,
             s3_max_attempts="3",
             api_token=TOKEN,
+            **settings,
         )
-        self.server = Server(procs, workdir / "data", self.env, workdir)
+        self.servers = [
+            Server(procs, workdir / f"data{n}", self.env, workdir) for n in range(servers)
+        ]
 
     def start(self) -> ChaosCluster:
-        self.server.start()
+        for server in self.servers:
+            server.start()
         return self
 
     @property
-    def url(self) -> str:
-        return self.server.url
+    def data_dir(self) -> Path:
+        return self.servers[0].data_dir
+
+    def url(self, n: int = 0) -> str:
+        """The address of server ``n`` (modulo their number) as it is now."""
+        return self.servers[n % len(self.servers)].url
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {TOKEN}"}
@@ -157,21 +167,24 @@ class ChaosCluster:
             return self.generation
 
     def wait_healthy(self) -> None:
-        """Poll ``/health`` until the server says ok (it reconnects to Redis by itself)."""
+        """Poll ``/health`` until every running server says ok (they reconnect to Redis
+        by themselves)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         with httpx.Client(timeout=5.0) as client:
-            while True:
-                try:
-                    if client.get(f"{self.url}/health").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "serve did not become healthy again"
-                self.wait_change(self.generation, 0.05)  # polling readiness, not a result
+            for server in self.servers:
+                while server.proc is not None and server.proc.poll() is None:
+                    try:
+                        if client.get(f"{server.url}/health").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    assert time.monotonic() < deadline, "serve did not become healthy again"
+                    self.wait_change(self.generation, 0.05)  # polling readiness
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            if self.server.proc is not None:
-                self.server.stop(signal.SIGKILL)
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                if server.proc is not None:
+                    server.stop(signal.SIGKILL)
         self.s3.close()
         self.redis.close()
