@@ -24,7 +24,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +275,7 @@ class AuthStore:
                 name="LEDGERLAKE_API_TOKEN",
                 kind="service",
                 org="",
-                created_at=datetime.fromtimestamp(0),
+                created_at=datetime.fromtimestamp(0, UTC),
                 created_by="settings",
                 admin=True,
             )

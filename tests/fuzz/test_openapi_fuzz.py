@@ -43,7 +43,6 @@ from schemathesis.specs.openapi.checks import (
 from app.api.app import create_app
 from app.settings import Settings
 from tests.fuzz import hints
-from tests.fuzz.known import is_known
 from tests.fuzz.world import World, diff, start_world
 
 EXAMPLES = int(os.environ.get("LEDGERLAKE_FUZZ_EXAMPLES", "25"))
@@ -110,18 +109,12 @@ def http() -> Iterator[requests.Session]:
 
 
 def _schema(world: World) -> Any:
-    """The document as the live server serves it, with the hints and the known
-    failures' filter."""
+    """The document as the live server serves it, with the hints."""
     config = schemathesis.Config.from_dict({"generation": {"max-examples": EXAMPLES}})
     schema = schemathesis.openapi.from_url(
         f"{world.url}/schema/openapi.json", config=config, headers=world.auth
     )
     hints.register(schema, world)
-
-    @schema.hook
-    def filter_failure(context: Any, failure: Any, case: Any, response: Any) -> bool:
-        return not is_known(failure, case, response)
-
     return schema
 
 

@@ -14,6 +14,7 @@ from litestar.params import QueryParameter
 from app.access.audit import audit_entries, check_cursor, scan_org, scan_super
 from app.access.visibility import SuperVisibility
 from app.api.guards import caller_of
+from app.api.routes.params import error_responses
 from app.api.schemas import EventPage
 from app.services import Services
 from events.errors import InvalidInput, NotFound
@@ -21,7 +22,7 @@ from events.model import to_builtins
 from projections.query.analysis import parse_time
 
 
-@get("/v1/events")
+@get("/v1/events", responses=error_responses(400, 404))
 async def list_events(
     request: Request[Any, Any, Any],
     services: NamedDependency[Services],
@@ -71,7 +72,7 @@ async def list_events(
     return EventPage(out, nxt, withheld_reason="; ".join(sorted(reasons)))
 
 
-@get("/v1/audit")
+@get("/v1/audit", responses=error_responses(400, 403, 404))
 async def read_audit(
     request: Request[Any, Any, Any],
     services: NamedDependency[Services],
