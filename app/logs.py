@@ -18,6 +18,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,  # which of serve's processes (``--workers``)
             "message": record.getMessage(),
         }
         data.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
@@ -38,7 +39,8 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        text = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+        handler.setFormatter(TextFormatter(text))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -155,10 +157,14 @@ class Services:
 
     async def compact_forever(self, interval_s: float) -> None:
         """The background compaction policy: every ``interval_s``, compact every table
-        that has something to merge. Failures are logged; the loop goes on."""
+        that has something to merge. Failures are logged; the loop goes on. Of the
+        processes sharing the Redis (``serve --workers``, pods), one per interval
+        compacts: the one that takes the round's lease."""
         while True:
             await anyio.sleep(interval_s)
             try:
+                if not await self.compaction_turn(interval_s):
+                    continue
                 for org, sup, table in await self.tables():
                     try:
                         await self.mutator.compact(Target(org, sup, table, actor="ledgerlake"))
@@ -166,6 +172,14 @@ class Services:
                         log.warning("compacting %s/%s/%s: %s", org, sup, table, exc.message)
             except Exception:
                 log.exception("background compaction failed; retrying next interval")
+
+    async def compaction_turn(self, interval_s: float) -> bool:
+        """Whether this process compacts this round: the first of the processes on this
+        Redis to ask takes the round's lease, which lapses before the next round."""
+        lease = f"{self.keys.prefix}:{{compact}}:lease"
+        holder = f"{socket.gethostname()}:{os.getpid()}:{id(self)}"
+        ms = max(1, int(interval_s * 900))
+        return bool(await self.redis.set(lease, holder, nx=True, px=ms))
 
     def views(
         self,

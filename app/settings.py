@@ -54,6 +54,8 @@ SETTINGS_DOC: dict[str, str] = {
     "on loopback "
     "without it, the first start creates an admin token (`<data-dir>/admin-token`).",
     "port": "Port `serve` listens on.",
+    "serve_workers": "Server processes `serve` runs on its port, each a full peer (as "
+    "separate pods are; projections keep their leases). 0: one per core.",
     "api_token": "A static platform-admin bearer token (besides the principals' API "
     "tokens). Required for non-loopback binds.",
     "max_body_bytes": "Largest accepted ingest body (413 above).",
@@ -164,7 +166,7 @@ _AWS_FALLBACKS = {
 }
 
 
-def _decode_path(t: type, value: Any) -> Any:
+def decode_path(t: type, value: Any) -> Any:
     if t is Path and isinstance(value, str | Path):
         return Path(value)
     raise NotImplementedError(f"cannot read a {t.__name__} setting from {value!r}")
@@ -193,6 +195,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     s3_max_attempts: int = 5
     host: str = "127.0.0.1"
     port: int = 8000
+    serve_workers: int = 0
     api_token: str | None = None
     max_body_bytes: int = 512 * 1024 * 1024
     query_default_limit: int = 1000
@@ -268,7 +271,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 raw[name] = env[aws]
         raw.update({k: v for k, v in overrides.items() if v is not None})
         try:
-            settings = msgspec.convert(raw, cls, strict=False, dec_hook=_decode_path)
+            settings = msgspec.convert(raw, cls, strict=False, dec_hook=decode_path)
         except msgspec.ValidationError as exc:
             raise SystemExit(f"invalid setting: {exc}") from exc
         settings.validate()
@@ -332,6 +335,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 "LEDGERLAKE_DELETION_MAX_RATIO and LEDGERLAKE_COMPACT_DELETED_RATIO must be "
                 "fractions in (0, 1]"
             )
+        if self.serve_workers < 0:
+            raise SystemExit("LEDGERLAKE_SERVE_WORKERS must be 0 (one per core) or more")
         if self.query_concurrency < 1 or not 0 <= self.query_workers_warm <= self.query_concurrency:
             raise SystemExit(
                 "LEDGERLAKE_QUERY_CONCURRENCY must be positive and LEDGERLAKE_QUERY_WORKERS_WARM "
@@ -365,6 +370,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """The ``mirrors`` setting as a sorted tuple of format names."""
         names = {f.strip().lower() for f in self.mirrors.split(",")} - {"", "none"}
         return tuple(sorted(names))
+
+    @property
+    def server_processes(self) -> int:
+        """How many server processes ``serve`` runs (``serve_workers``; 0: the cores
+        this process may run on)."""
+        return self.serve_workers or len(os.sched_getaffinity(0))
 
     @property
     def external_redis(self) -> bool:

@@ -199,6 +199,16 @@ class RequestIdMiddleware:
             )
 
 
+async def bootstrap_token(services: Services, settings: Settings) -> None:
+    """Without ``LEDGERLAKE_API_TOKEN`` and any principal: create the admin token and
+    print it once (``serve`` on loopback)."""
+    if settings.api_token:
+        return
+    token = await bootstrap_admin(services.auth, settings.data_dir)
+    if token is not None:
+        _announce_admin_token(settings, token)
+
+
 def _announce_admin_token(settings: Settings, token: str) -> None:
     """Print the bootstrapped admin token, once (never through the log handlers)."""
     path = settings.data_dir / "admin-token"
@@ -314,10 +324,8 @@ def create_app(
         app.state.services = services
         if warm:
             services.engine.warm(settings.query_workers_warm)
-        if bootstrap and not settings.api_token:
-            token = await bootstrap_admin(services.auth, settings.data_dir)
-            if token is not None:
-                _announce_admin_token(settings, token)
+        if bootstrap:
+            await bootstrap_token(services, settings)
         try:
             async with mcp.running(app), anyio.create_task_group() as tg:
                 if run_projector:

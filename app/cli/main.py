@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", cmd_serve, "Run the HTTP API and the projector.")
     p.add_argument("--host", help="bind address (LEDGERLAKE_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (LEDGERLAKE_PORT, default 8000)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="server processes on the port (LEDGERLAKE_SERVE_WORKERS, default one per core)",
+    )
     p = command("worker", cmd_worker, "Run projections only (scale-out).")
     p.add_argument("--burst", action="store_true", help="catch up once, then exit")
     p = command("replay", cmd_replay, "Rebuild every projection from the event log.")
@@ -128,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "data_dir": args.data_dir,
         "host": getattr(args, "host", None),
         "port": getattr(args, "port", None),
+        "serve_workers": getattr(args, "workers", None),
     }
     settings = Settings.from_env(**overrides)
     setup_logging(settings.log_format, settings.log_level)

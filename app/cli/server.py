@@ -4,15 +4,23 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import sys
+from typing import Any
 
 import anyio
+import msgspec
 
 from app.cli.common import is_loopback, redis_for
 from app.services import Services
-from app.settings import Settings
+from app.settings import Settings, decode_path
+
+# How ``serve``'s server processes get their settings and Redis URL: the processes are
+# spawned by uvicorn, which can only name a factory, so the parent leaves them here.
+PEER_ENV = "_LEDGERLAKE_SERVE_PEER"
+PR_SET_PDEATHSIG = 1
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -29,10 +37,57 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             "authentication is configured (set LEDGERLAKE_API_TOKEN, or a JWT provider "
             "with LEDGERLAKE_JWT_*)"
         )
+    processes = settings.server_processes
     with redis_for(settings) as url:
-        app = create_app(settings, url, bootstrap=is_loopback(settings.host), warm=True)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+        if processes == 1:
+            app = create_app(settings, url, bootstrap=is_loopback(settings.host), warm=True)
+            uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
+                        access_log=False)  # fmt: skip
+            return 0
+        if is_loopback(settings.host):
+            _bootstrap(settings, url)  # once, here, not raced by the peers
+        peer = {"settings": settings, "redis_url": url, "parent": os.getpid()}
+        os.environ[PEER_ENV] = msgspec.json.encode(peer, enc_hook=str).decode()
+        # uvicorn binds the port here and hands it to each process, restarts one that
+        # dies, and stops them all (SIGTERM, graceful) on SIGINT or SIGTERM.
+        uvicorn.run("app.cli.server:peer_app", factory=True, workers=processes,
+                    host=settings.host, port=settings.port, log_config=None,
+                    access_log=False)  # fmt: skip
     return 0
+
+
+def _bootstrap(settings: Settings, url: str) -> None:
+    from app.api.app import bootstrap_token
+
+    async def main() -> None:
+        async with Services.open(settings, url) as services:
+            await bootstrap_token(services, settings)
+
+    anyio.run(main)
+
+
+def peer_app() -> Any:
+    """The app of one of ``serve``'s server processes (uvicorn calls this in each
+    process it spawned): a full peer, as a separate pod would be."""
+    from app.api.app import create_app
+    from app.logs import setup_logging
+
+    peer = msgspec.json.decode(os.environ[PEER_ENV])
+    _die_with(peer["parent"])
+    settings = msgspec.convert(peer["settings"], Settings, strict=False, dec_hook=decode_path)
+    setup_logging(settings.log_format, settings.log_level)
+    return create_app(settings, peer["redis_url"], warm=True)
+
+
+def _die_with(parent: int) -> None:
+    """Be killed when ``serve`` dies, even by SIGKILL: otherwise this process would keep
+    the port. (The signal follows the thread that spawned this process: uvicorn spawns
+    from its main thread, which lives as long as ``serve``.)"""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # serve died before the line above took effect
+        os._exit(1)
 
 
 async def _until_signal(stop: anyio.Event) -> None:

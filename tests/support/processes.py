@@ -241,7 +241,9 @@ class Server:
     def _spawn(self, err: IO[bytes]) -> subprocess.Popen[bytes]:
         args = [LEDGERLAKE, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         args += ["--data-dir", str(self.data_dir)]
-        return self.procs.spawn(args, self.env, stdout=err, stderr=err)
+        # One server process unless the test asks for more (the default is one per core).
+        env = {"LEDGERLAKE_SERVE_WORKERS": "1", **self.env}
+        return self.procs.spawn(args, env, stdout=err, stderr=err)
 
     def _wait_healthy(self, timeout: float) -> bool:
         """Poll /health until it answers 200, the process dies, or the deadline passes."""
