@@ -24,6 +24,8 @@ REQUEST_TIMEOUT_S = 30.0
 ID_SPAN = 10_000_000  # appender n writes ids n * ID_SPAN + op * 1000 + row
 KEY_SPAN = 100_000  # key writer n owns keys n * KEY_SPAN + [0, keys)
 QUERY_LIMIT = 100_000
+GATE_TIMEOUT_S = 600.0
+RESEND = 0.1  # the share of acknowledged writes sent once more with their key
 
 
 def table_path(table: str, suffix: str = "") -> str:
@@ -117,10 +119,14 @@ class Client(threading.Thread):
         self.rng = random.Random(f"{seed}/{name}")
         backoff = random.Random(f"{seed}/{name}/backoff")
         self.session = Session(cluster, ledger, backoff, home=n)
+        self.resends = random.Random(f"{seed}/{name}/resend")
 
     def run(self) -> None:
         try:
             for i in range(self.ops):
+                if not self.ledger.pass_gate(GATE_TIMEOUT_S):
+                    self.ledger.anomaly(f"{self.name}: the fault injector never let it go on")
+                    return
                 self.one(i)
         except Exception as exc:
             self.ledger.anomaly(f"{self.name} crashed: {exc!r}")
@@ -143,6 +149,25 @@ class Client(threading.Thread):
         self.ledger.acked(kind, table, answer, attempts)
         return answer
 
+    def resend(
+        self, what: str, path: str, key: str, body: Any, answer: dict[str, Any],
+        params: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        """Now and then (``RESEND``), send an acknowledged write again with its key, as a
+        client that lost the answer would: it must be answered as the first, not applied
+        again."""
+        if self.resends.random() >= RESEND:
+            return
+        response, _ = self.session.send(path, key=key, body=body, params=params)
+        self.ledger.resent_one()
+        if response is None or response.status_code != 200:
+            status = "no answer" if response is None else f"{response.status_code} {response.text}"
+            self.ledger.anomaly(f"{what} sent again: {status}")
+            return
+        again = response.json()
+        if not again.get("replayed") or again.get("version") != answer.get("version"):
+            self.ledger.anomaly(f"{what} sent again was applied again: {again} after {answer}")
+
 
 class Appender(Client):
     """Appends batches of rows with unique ids: mostly a few rows (inlined in the event),
@@ -162,6 +187,7 @@ class Appender(Client):
         if answer["rows"] != size:
             self.ledger.anomaly(f"append {key}: {answer['rows']} rows acknowledged of {size}")
         self.ledger.appended(batch)
+        self.resend(f"append {key}", table_path(APPENDS, "/rows"), key, rows, answer)
 
 
 class KeyWriter(Client):
@@ -205,6 +231,7 @@ class KeyWriter(Client):
             self.ledger.changed(values, sure=False)
             return
         self.ledger.changed(values, sure=True)
+        self.resend(f"{kind} {key}", path, key, body, answer, params)
         if self.rng.random() < 0.3:
             self.read_back(key, values)
 

@@ -26,6 +26,7 @@ KINDS = (
     "serve_sigkill_in_s3_outage",  # serve killed while S3 is down
 )
 OUTAGE_FAILURES = 3
+LEAD = 6  # writes that may finish past a fault's point before it strikes
 OUTAGE_MAX_S = 3.0
 WAIT_TIMEOUT_S = 600.0
 
@@ -68,34 +69,49 @@ class Injector(threading.Thread):
 
     def run(self) -> None:
         try:
-            for fault in self.plan:
+            for n, fault in enumerate(self.plan):
+                # The writers may run at most LEAD writes past the point before it strikes.
+                self.ledger.set_gate(fault.at + LEAD)
                 reached = self.ledger.wait_for(
                     lambda ledger, at=fault.at: ledger.finished >= at or self.done.is_set(),
                     WAIT_TIMEOUT_S,
                 )
                 assert reached, f"the writers never reached {fault.at} writes"
                 self.idle += self.done.is_set()
+                if n + 1 == len(self.plan):
+                    self.ledger.set_gate(float("inf"))
                 self.inject(fault)
         except BaseException as exc:
             self.error = exc
             self.ledger.anomaly(f"the fault injector failed: {exc!r}")
+        finally:
+            self.ledger.set_gate(float("inf"))
 
     def inject(self, fault: Fault) -> None:
         self.ledger.fault(fault.kind)
         for step in self.steps(fault):
+            if self.cluster.closed:
+                return  # the test ended (failed) under it: start nothing again
             step()
             self.cluster.bump()  # wake the clients waiting out the outage
 
     def steps(self, fault: Fault) -> list[Callable[[], object]]:
-        c, server = self.cluster, self.cluster.servers[fault.server]
+        c, n = self.cluster, fault.server
+
+        def kill() -> None:
+            c.kill_server(n)
+
+        def start() -> None:
+            c.restart_server(n)
+
         down_redis, down_s3 = self.outage(c.redis.kill), self.outage(c.s3.stop)
         plans: dict[str, list[Callable[[], object]]] = {
-            "serve_sigkill": [server.kill9, server.start],
+            "serve_sigkill": [kill, start],
             "redis_sigkill": [down_redis, c.redis.start, c.wait_healthy],
             "s3_stop": [down_s3, c.s3.start],
-            "serve_sigkill_in_redis_outage": [down_redis, server.kill9, c.redis.start,
-                                              c.wait_healthy, server.start],
-            "serve_sigkill_in_s3_outage": [down_s3, server.kill9, c.s3.start, server.start],
+            "serve_sigkill_in_redis_outage": [down_redis, kill, c.redis.start, c.wait_healthy,
+                                              start],
+            "serve_sigkill_in_s3_outage": [down_s3, kill, c.s3.start, start],
         }  # fmt: skip
         return plans[fault.kind]
 

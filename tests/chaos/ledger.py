@@ -39,6 +39,7 @@ class Ledger:
         self.max_version: dict[str, int] = {}
         self.writes = Counter[str]()  # acknowledged, by kind (append, upsert, delete)
         self.replayed = 0  # acknowledged by a retry that the first attempt had applied
+        self.resent = 0  # acknowledged writes sent once more on purpose (must replay)
         self.retried = 0  # acknowledged writes that needed more than one attempt
         self.gave_up = 0
         self.failures = Counter[str]()  # failed write attempts, by kind
@@ -47,6 +48,9 @@ class Ledger:
         self.faults = Counter[str]()
         self.anomalies: list[str] = []
         self.finished = 0  # logical writes done (acknowledged or given up)
+        # Writers start no write past this many finished ones until the injector moves
+        # it on, so that every fault strikes while writes are in flight.
+        self.gate = float("inf")
         self.lost = -1  # acknowledged writes missing or wrong at the end (-1: not counted)
         self.duplicates = -1  # rows present more than once at the end
 
@@ -63,6 +67,10 @@ class Ledger:
             self.replayed += bool(answer.get("replayed"))
             self.retried += attempts > 1
             self.max_version[table] = max(self.max_version.get(table, 0), answer["version"])
+
+    def resent_one(self) -> None:
+        with self._lock:
+            self.resent += 1
 
     def appended(self, batch: Batch) -> None:
         with self._lock:
@@ -123,6 +131,16 @@ class Ledger:
         with self._lock:
             return bool(self._lock.wait_for(lambda: predicate(self), timeout=timeout))
 
+    def set_gate(self, gate: float) -> None:
+        with self._lock:
+            self.gate = gate
+            self._lock.notify_all()
+
+    def pass_gate(self, timeout: float) -> bool:
+        """Wait until a writer may start its next write (False: timed out)."""
+        with self._lock:
+            return bool(self._lock.wait_for(lambda: self.finished < self.gate, timeout=timeout))
+
     def notify(self) -> None:
         with self._lock:
             self._lock.notify_all()
@@ -135,6 +153,7 @@ class Ledger:
                 "rows_acknowledged": self.acked_rows,
                 "retried": self.retried,
                 "replayed": self.replayed,
+                "resent": self.resent,
                 "gave_up": self.gave_up,
                 "failed_attempts": dict(sorted(self.failures.items())),
                 "reads": self.reads,

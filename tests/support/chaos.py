@@ -134,9 +134,14 @@ class ChaosCluster:
             api_token=TOKEN,
             **settings,
         )
+        # The first pod runs two server processes (``serve --workers 2``), the others one.
         self.servers = [
-            Server(procs, workdir / f"data{n}", self.env, workdir) for n in range(servers)
-        ]
+            Server(procs, workdir / f"data{n}",
+                   {**self.env, "LEDGERLAKE_SERVE_WORKERS": "2" if n == 0 else "1"}, workdir)
+            for n in range(servers)
+        ]  # fmt: skip
+        self.down: set[int] = set()  # the servers killed on purpose, not yet restarted
+        self.closed = False  # set first by close(): nothing is started any more
 
     def start(self) -> ChaosCluster:
         for server in self.servers:
@@ -146,6 +151,24 @@ class ChaosCluster:
     @property
     def data_dir(self) -> Path:
         return self.servers[0].data_dir
+
+    def kill_server(self, n: int) -> None:
+        self.down.add(n)
+        self.servers[n].kill9()
+
+    def restart_server(self, n: int) -> None:
+        if not self.closed:
+            self.servers[n].start()
+            self.down.discard(n)
+
+    def crashed(self) -> list[str]:
+        """The servers that exited by themselves (not killed by the injector), with the
+        end of their stderr."""
+        return [
+            f"serve{n} exited with {server.proc.returncode}: {server.stderr()[-1500:]}"
+            for n, server in enumerate(self.servers)
+            if n not in self.down and server.proc is not None and server.proc.poll() is not None
+        ]
 
     def url(self, n: int = 0) -> str:
         """The address of server ``n`` (modulo their number) as it is now."""
@@ -171,8 +194,9 @@ class ChaosCluster:
         by themselves)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         with httpx.Client(timeout=5.0) as client:
-            for server in self.servers:
-                while server.proc is not None and server.proc.poll() is None:
+            for n, server in enumerate(self.servers):
+                while n not in self.down:
+                    assert not (crashed := self.crashed()), "; ".join(crashed)
                     try:
                         if client.get(f"{server.url}/health").status_code == 200:
                             break
@@ -182,6 +206,7 @@ class ChaosCluster:
                     self.wait_change(self.generation, 0.05)  # polling readiness
 
     def close(self) -> None:
+        self.closed = True
         for server in self.servers:
             with contextlib.suppress(Exception):
                 if server.proc is not None:
