@@ -4,7 +4,9 @@ history (table detail, versions, history, events, ``/meta``, the table lists; th
 tools read those through the API).
 
 The rules, for a caller the table's policies bind (``policies.applied_policies``); a
-caller none binds (a role with no policy, an org admin, a platform admin) sees it all:
+caller none binds (a role with no policy, an org admin, a platform admin) sees it all,
+but one that may not read a table with policies (a write-only role) sees it as under a
+row filter, its schema whole:
 
 - a column the policies hide is absent: from schemas, column lists, history and events;
 - a masked column stays, flagged ``masked`` with its ``mask`` (``hash`` or ``null``);
@@ -43,9 +45,13 @@ FILTERED_REASON = (
     "count what you may see"
 )
 MASKED_REASON = (
-    "your policies hide or mask columns of this table: its stored statistics (over "
-    "every row and column) are withheld; query the table for statistics of what you "
-    "may see"
+    "a policy of yours applies to this table: its stored statistics (over every row "
+    "and column, hidden and masked ones included) are withheld; query the table for "
+    "statistics of what you may see"
+)
+UNREAD_REASON = (
+    "you may not read this table and it has row policies: figures over its rows (row "
+    "and file counts, sizes, files, statistics) are withheld"
 )
 UNKNOWN_REASON = (
     "this table no longer exists and the policies it had are not known: its figures, "
@@ -82,11 +88,14 @@ class Visibility:
     hidden: frozenset[str] = frozenset()
     masks: Mapping[str, str] = field(default_factory=dict)
     unknown: bool = False
+    unread: bool = False  # a caller that may not read the table (a write-only role)
 
     @property
     def reason(self) -> str:
         if self.unknown:
             return UNKNOWN_REASON
+        if self.unread:
+            return UNREAD_REASON
         return FILTERED_REASON if self.filtered else MASKED_REASON
 
     def shows(self, column: str) -> bool:
@@ -167,6 +176,10 @@ def _column_name(column: Any) -> str:
 
 FULL = Visibility()
 UNKNOWN = Visibility(bound=True, filtered=True, unknown=True)
+# Who may see a table but not read it (a write-only role) must not learn more of its
+# rows than a reader its policies bind: as under a row filter (the schema stays, to
+# write by).
+UNREAD = Visibility(bound=True, filtered=True, unread=True)
 
 
 def visibility(caller: Caller, org: str, super_: str, current: TableState) -> Visibility:
@@ -174,6 +187,12 @@ def visibility(caller: Caller, org: str, super_: str, current: TableState) -> Vi
     cover its past versions)."""
     applied = applied_policies(caller, org, super_, current)
     if not applied:
+        if current.policies and not (
+            caller.admin
+            or caller.can("grant", org, super_, current.name)
+            or caller.can("read", org, super_, current.name)
+        ):
+            return UNREAD
         return FULL
     hidden, masks = set(), {}
     for column in current.columns:

@@ -284,3 +284,27 @@ def test_events_of_a_dropped_table_are_withheld_from_all_but_admins(world: Any) 
         assert all("rows" not in e and "columns" not in e and "files" not in e for e in events)
     whole = ok(admin.get("/v1/events", params=params))["events"]
     assert HIDDEN in json.dumps(whole) and whole[-1]["rows"] == 1
+
+
+def test_a_caller_that_may_not_read_sees_no_more_than_a_bound_reader(world: Any) -> None:
+    """A write-only role lifts no policy: of a table with policies it sees the schema
+    (to write by) but none of the figures over its rows; of one without, all of it."""
+    admin, _reader, _analyst, settings = world
+    ok(admin.put("/v1/roles/loader", json={"org": "acme", "permissions": ["write"]}))
+    ok(admin.post(f"{SALES}/tables/plain/rows", json=[{"x": 1}, {"x": 2}]))
+    token = principal(admin, "loader", "loader")
+    with authed(client_of(settings), token) as loader:
+        for url in (f"{SALES}/meta", f"{SALES}/tables"):
+            listed = {t["name"]: t for t in ok(loader.get(url))["tables"]}
+            for name in ("people", "contacts"):
+                assert listed[name]["row_count"] is None and listed[name]["size_bytes"] is None
+                assert listed[name]["file_count"] is None, name
+            assert listed["plain"]["row_count"] == 2  # no policies: nothing to withhold
+        meta = ok(loader.get(f"{SALES}/meta"))
+        assert meta["row_count"] is None and "may not read" in meta["withheld_reason"]
+        assert_error(loader.get(URL), 403, "forbidden")  # the detail needs read, as before
+        # It writes by the schema it sees, and its write changes no figure it is shown.
+        assert ok(loader.post(f"{URL}/rows", json=[{**MORE[0], "id": 9}]))["rows"] == 1
+        after = {t["name"]: t for t in ok(loader.get(f"{SALES}/tables"))["tables"]}
+        assert after["people"]["row_count"] is None
+    assert ok(admin.get(URL))["row_count"] == 6

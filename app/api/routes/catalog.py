@@ -215,7 +215,7 @@ async def table_history(
     events, cursor = await scan_super(
         services.log, org, super_name, after=check_cursor(after), limit=limit, table=table
     )
-    entries, reason = [], None
+    entries, reasons = [], set()
     for e in events:
         added, removed, columns = history_fields(e)
         entry = HistoryEntry(
@@ -231,10 +231,11 @@ async def table_history(
         )
         shown = seen.of_event(e)
         entries.append(shown.apply(entry))
-        reason = shown.reason if shown.bound else reason
-    if reason is None:
+        if shown.bound:
+            reasons.add(shown.reason)
+    if not reasons:
         return History(table, entries, cursor)
-    return History(table, entries, cursor, withheld_reason=reason)
+    return History(table, entries, cursor, withheld_reason="; ".join(sorted(reasons)))
 
 
 @delete(
