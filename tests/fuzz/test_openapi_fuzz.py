@@ -84,7 +84,12 @@ class Worlds:
         if role not in self.running:
             gen = start_world(role, self.redis_url, self.tmp.mktemp(role))
             world = next(gen)
-            self.running[role] = (world, gen, _schema(world))
+            try:
+                schema = _schema(world)
+            except BaseException:
+                gen.close()  # stops its server now, not whenever it is collected
+                raise
+            self.running[role] = (world, gen, schema)
         world, _, schema = self.running[role]
         return world, schema
 
