@@ -51,7 +51,8 @@ def test_a_port_in_use_is_a_clear_error() -> None:
     taken = listen("127.0.0.1", 0)
     taken.listen()
     try:
-        with pytest.raises(SystemExit, match=r"cannot listen on 127\.0\.0\.1:\d+: Address already in use"):
+        in_use = r"cannot listen on 127\.0\.0\.1:\d+: Address already in use"
+        with pytest.raises(SystemExit, match=in_use):
             listen("127.0.0.1", taken.getsockname()[1])
     finally:
         taken.close()
