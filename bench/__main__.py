@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import ingest, isolation, lag, memory, query, replay, scaling, upserts, writes
+from bench import ingest, isolation, lag, memory, peers, query, replay, scaling, upserts, writes
 from bench.core import Measure, Server, markdown, serve
 
 Run = Callable[[Server, int, bool], list[Measure]]
@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, tuple[Run, dict[str, str]]] = {
     "upserts": (upserts.run, upserts.SERVER_ENV),
     "query": (query.run, {}),
     "isolation": (isolation.run, {}),
+    "peers": (peers.run, peers.SERVER_ENV),
     "scaling": (scaling.run, scaling.SERVER_ENV),
     "replay": (replay.run, {}),
     "lag": (lag.run, {"LEDGERLAKE_MIRRORS": "delta,iceberg"}),

@@ -84,13 +84,13 @@ def run(server: Server, runs: int, full: bool) -> list[Measure]:
 def _single(server: Server, runs: int, count: int, label: str) -> list[Measure]:
     p50 = Measure(
         "single-row write", f"1 row, JSON, durable ack, {label}", "p50", "ms", "lower",
-        raw_label="XADD, appendfsync always", target="≤ 5 ms",
-        check=lambda m: m.median <= 5,
+        raw_label="XADD, appendfsync always", target="≤ 2.5 ms",
+        check=lambda m: m.median <= 2.5,
     )  # fmt: skip
     p99 = Measure(
         "single-row write", f"1 row, JSON, durable ack, {label}", "p99", "ms", "lower",
-        raw_label="XADD, appendfsync always", target="≤ 20 ms",
-        check=lambda m: m.median <= 20,
+        raw_label="XADD, appendfsync always", target="≤ 10 ms",
+        check=lambda m: m.median <= 10,
     )  # fmt: skip
     for run in range(runs):
         # The first write creates the table; it is not a single-row append.
