@@ -59,7 +59,7 @@ def throughput(server: Server, seed: int) -> float:
     ]
     for p in procs:
         p.start()
-    counts = [out.get(timeout=SECONDS + 120) for _ in procs]
+    counts: list[int] = [out.get(timeout=SECONDS + 120) for _ in procs]
     for p in procs:
         p.join(timeout=60)
     return sum(counts) / (until - start)

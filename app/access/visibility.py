@@ -17,6 +17,7 @@ row filter, its schema whole:
   query counts the rows the caller may see);
 - events lose their files (per-file min/max), deletion vectors, deleted keys, delete
   filters and the policies themselves;
+- the mirrors keep their status and lag but lose their locations and publish errors;
 - an event of a table that no longer exists (dropped, or the name's earlier table
   before it was re-created) is shown whole only to callers no policy can bind: its
   policies are gone, so for anyone else it is treated as under a row filter that
@@ -136,6 +137,15 @@ class Visibility:
         if "stats" in fields:
             changes["stats"] = {}
             withheld.append("stats")
+        if any(m.location or m.metadata_location or m.error for m in values.get("mirrors") or []):
+            # Where the mirrors are holds every row and column: a bound caller that can
+            # reach the storage must not be pointed at it (the Iceberg REST catalog
+            # lists no bound table either), and a publish error may name any column.
+            changes["mirrors"] = [
+                msgspec.structs.replace(m, location=None, metadata_location=None, error=None)
+                for m in values["mirrors"]
+            ]
+            withheld.append("mirrors")
         if self.filtered:
             for name in FILTERED_FIELDS:
                 if name in fields:

@@ -5,8 +5,10 @@ what its policies allow, says what it withholds, and shows everyone else all of 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
+import msgspec
 import pytest
 from litestar.testing import TestClient
 
@@ -308,3 +310,25 @@ def test_a_caller_that_may_not_read_sees_no_more_than_a_bound_reader(world: Any)
         after = {t["name"]: t for t in ok(loader.get(f"{SALES}/tables"))["tables"]}
         assert after["people"]["row_count"] is None
     assert ok(admin.get(URL))["row_count"] == 6
+
+
+def test_a_bound_reader_is_not_pointed_at_the_mirrors(settings: Settings) -> None:
+    """A mirror holds every row and column: a reader its policies bind sees the mirror's
+    status, not where it is nor its publish errors (which may name any column)."""
+    with_mirrors = msgspec.structs.replace(settings, mirrors="delta,iceberg")
+    with authed(client_of(with_mirrors)) as admin:
+        ok(admin.post(f"{URL}/rows", json=ROWS))
+        ok(admin.put(f"{URL}/policies", json={"policies": [POLICY]}))
+        token = principal(admin, "eu", "reader", region="eu")
+        deadline = time.monotonic() + 60
+        full = ok(admin.get(URL))["mirrors"]
+        while not all(m["location"] for m in full):  # the runners publish in the background
+            assert time.monotonic() < deadline, f"the mirrors were not published: {full}"
+            full = ok(admin.get(URL))["mirrors"]
+        assert {m["format"] for m in full} == {"delta", "iceberg"}
+        with authed(client_of(with_mirrors), token) as reader:
+            mine = ok(reader.get(URL))
+    assert {m["format"] for m in mine["mirrors"]} == {"delta", "iceberg"}
+    assert all(m["location"] is None and m["metadata_location"] is None for m in mine["mirrors"])
+    assert all(m["error"] is None for m in mine["mirrors"]) and "mirrors" in mine["withheld"]
+    assert full[0]["location"] not in json.dumps(mine)
