@@ -29,6 +29,7 @@ PR_SET_PDEATHSIG = 1
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
     from app.api.app import create_app
@@ -49,7 +50,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                         access_log=False)  # fmt: skip
             return 0
-        if is_loopback(settings.host):
+        if is_loopback(settings.host) and not settings.api_token:
             _bootstrap(settings, url)  # once, here, not raced by the peers
         peer = {"settings": settings, "redis_url": url, "parent": os.getpid()}
         os.environ[PEER_ENV] = msgspec.json.encode(peer, enc_hook=str).decode()
@@ -61,7 +62,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
                  sock.getsockname()[1], processes)  # fmt: skip
         # uvicorn's supervisor hands the socket to each process, restarts one that dies,
         # and stops them all (SIGTERM, graceful) on SIGINT or SIGTERM.
-        Multiprocess(config, sockets=[sock]).run()
+        supervisor = Multiprocess(config, sockets=[sock])
+        supervisor.run()
+        if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+            return STARTUP_FAILURE  # a process could not start: uvicorn stopped them all
     return 0
 
 
