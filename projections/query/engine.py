@@ -23,6 +23,7 @@ import hashlib
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,10 @@ class QueryEngine:
             pooled=2 * limits.concurrency,
         )
         self.workers = WorkerPool(self.config, limits.concurrency)
+        # Checked statements by their text: the analysis depends on nothing else (the
+        # tables a caller may read, their versions and policies are resolved per query).
+        self._analyses: OrderedDict[str, Analysis] = OrderedDict()
+        self._analyses_lock = threading.Lock()  # (an engine may serve several loops)
         self._threads = anyio.CapacityLimiter(limits.concurrency * 2)
         self._internal: duckdb.DuckDBPyConnection | None = None
         self._internal_secret: dict[str, str] | None = None
@@ -186,11 +191,7 @@ class QueryEngine:
                 f"offset must be between 0 and {self.limits.max_offset}", code="invalid_offset"
             )
         resolve = current_views(source) if isinstance(source, SuperState) else source
-        # Parsing runs in a thread, off the event loop: a huge statement must not stall it.
-        analysis = await anyio.to_thread.run_sync(
-            lambda: analyze_sql(sql, max_chars=self.limits.max_sql_chars),
-            limiter=self._threads,
-        )
+        analysis = await self._analysis(sql)
         views = await resolve(analysis)
         # `timeout` waiting for a worker and running, then the grace period after which
         # the worker is killed; the margin past that is only a safety net.
@@ -208,6 +209,26 @@ class QueryEngine:
             f"the query ran longer than its timeout of {timeout:g}s and did not stop; "
             "it was abandoned"
         )
+
+    async def _analysis(self, sql: str) -> Analysis:
+        """The checked statement: kept for a text seen before (a dashboard's or a team
+        tool's), else parsed in a thread, off the event loop (a huge statement must not
+        stall it). Only accepted statements are kept, and only short ones."""
+        with self._analyses_lock:
+            kept = self._analyses.get(sql)
+            if kept is not None:
+                self._analyses.move_to_end(sql)
+                return kept
+        analysis = await anyio.to_thread.run_sync(
+            lambda: analyze_sql(sql, max_chars=self.limits.max_sql_chars),
+            limiter=self._threads,
+        )
+        if len(sql) <= ANALYSES_MAX_CHARS:
+            with self._analyses_lock:
+                self._analyses[sql] = analysis
+                if len(self._analyses) > ANALYSES_KEPT:
+                    self._analyses.popitem(last=False)
+        return analysis
 
     def connect_internal(self) -> duckdb.DuckDBPyConnection:
         """A DuckDB connection for the write side (upserts, deletes, compaction): it
@@ -302,6 +323,11 @@ class QueryEngine:
             )
         )
 
+
+# The statements whose analysis is kept (least recently used go first), and the longest
+# text kept: at most about 4 MB of SQL.
+ANALYSES_KEPT = 1024
+ANALYSES_MAX_CHARS = 4096
 
 # How long past the kill the service waits for a worker's thread before answering 408
 # anyway (the kill answers first; this only guards against a wedged thread).
