@@ -71,7 +71,9 @@ class Worker:
         config = msgspec.structs.replace(config, temp_root=str(self.temp_root))
         ours, theirs = socket.socketpair()
         life_r, self.life = os.pipe()
-        env = dict(os.environ)
+        # Hostile SQL runs here: none of the service's own settings (its API token, JWT
+        # secret, Redis password, serve's peer settings) are in this process's memory.
+        env = {k: v for k, v in os.environ.items() if not k.lstrip("_").startswith("LEDGERLAKE_")}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
         try:
             self.proc = subprocess.Popen(

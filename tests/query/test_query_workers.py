@@ -275,3 +275,21 @@ def test_a_worker_that_died_idle_is_replaced_without_failing_the_query(tmp_path:
     assert run(eng, "select 2 as x").table.to_pylist() == [{"x": 2}]
     assert len(starts.workers) == 2
     eng.close()
+
+
+def test_a_worker_holds_none_of_the_services_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hostile SQL runs in the worker: the service's secrets are not in its environment."""
+    monkeypatch.setenv("LEDGERLAKE_API_TOKEN", "the-service-token")
+    monkeypatch.setenv("_LEDGERLAKE_SERVE_PEER", '{"settings": {"api_token": "x"}}')
+    monkeypatch.setenv("UNRELATED_VARIABLE", "kept")
+    eng = engine(tmp_path, concurrency=1)
+    assert run(eng, "select 1 as x").table.to_pylist() == [{"x": 1}]
+    with eng.workers.cond:
+        (worker,) = eng.workers.idle
+    environ = Path(f"/proc/{worker.proc.pid}/environ").read_bytes().split(b"\0")
+    names = {entry.split(b"=", 1)[0] for entry in environ if entry}
+    assert b"UNRELATED_VARIABLE" in names
+    assert not any(b"LEDGERLAKE_" in name for name in names), names
+    eng.close()
