@@ -56,6 +56,12 @@ def base_connection(
         # Data files never change once published: a pooled connection keeps their
         # footers. (An extension's setting: it cannot be part of ``config``.)
         con.execute("SET parquet_metadata_cache = true")
+        # ...and no check that a cached file is unchanged before each use: that check is
+        # a file-system call per file per query, and with external access off it cost
+        # about 2-4.5 ms per 100-file query (docs/BENCHMARKS.md). A data file's name is
+        # new for every write and its bytes never change; a deleted one is in no version
+        # a query can reach.
+        con.execute("SET validate_external_file_cache = 'NO_VALIDATION'")
         if config.s3:
             # Loaded from the project-local directory (installed offline at start);
             # the credentials live in a scoped secret, never in the SQL text.
