@@ -293,3 +293,19 @@ def test_a_worker_holds_none_of_the_services_settings(
     assert b"UNRELATED_VARIABLE" in names
     assert not any(b"LEDGERLAKE_" in name for name in names), names
     eng.close()
+
+
+def test_connections_trust_the_cached_files(tmp_path: Path) -> None:
+    """Data files never change once published, so a connection does not re-validate a
+    cached file before each use (with external access off, that check dominated a
+    100-file query)."""
+    from projections.query.sandbox import base_connection
+
+    eng = engine(tmp_path)
+    con = base_connection(eng.config, tmp_path / "t", None)
+    try:
+        setting = "select current_setting('validate_external_file_cache')"
+        assert con.execute(setting).fetchone() == ("NO_VALIDATION",)
+    finally:
+        con.close()
+        eng.close()
