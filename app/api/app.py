@@ -308,19 +308,29 @@ def create_app(
     run_projector: bool = True,
     bootstrap: bool = False,
     warm: bool = False,
+    storage_checked: bool = False,
 ) -> Litestar:
     """The API. With ``run_projector`` the projections run in this process. With
     ``bootstrap`` (``serve`` on loopback), a deployment without any principal nor
     ``LEDGERLAKE_API_TOKEN`` gets an admin token, printed once and written to
     ``<data-dir>/admin-token``. With ``warm`` (``serve``), the first
-    ``LEDGERLAKE_QUERY_WORKERS_WARM`` query workers start with the app."""
+    ``LEDGERLAKE_QUERY_WORKERS_WARM`` query workers start with the app. With
+    ``storage_checked`` (a process of ``serve --workers``, whose supervisor checked the
+    object storage once), storage that cannot be reached at start is logged, not
+    fatal: a replacement process starting during an outage must not take ``serve``
+    down (uvicorn stops every process when one fails to start)."""
 
     mcp = McpMount(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         services = Services.build(settings, redis_url)
-        await services.start()
+        try:
+            await services.start()
+        except Unavailable as exc:
+            if not storage_checked:
+                raise
+            log.warning("starting while %s; requests that need it answer 503", exc.message)
         app.state.services = services
         if warm:
             services.engine.warm(settings.query_workers_warm)

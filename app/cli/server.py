@@ -50,8 +50,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                         access_log=False)  # fmt: skip
             return 0
-        if is_loopback(settings.host) and not settings.api_token:
-            _bootstrap(settings, url)  # once, here, not raced by the peers
+        # Once, here: the storage check (fail fast, as one process does) and the
+        # admin token's bootstrap (not raced by the processes).
+        _prepare(settings, url, bootstrap=is_loopback(settings.host))
         peer = {"settings": settings, "redis_url": url, "parent": os.getpid()}
         os.environ[PEER_ENV] = msgspec.json.encode(peer, enc_hook=str).decode()
         config = uvicorn.Config("app.cli.server:peer_app", factory=True, workers=processes,
@@ -86,12 +87,13 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _bootstrap(settings: Settings, url: str) -> None:
+def _prepare(settings: Settings, url: str, *, bootstrap: bool) -> None:
     from app.api.app import bootstrap_token
 
     async def main() -> None:
-        async with Services.open(settings, url) as services:
-            await bootstrap_token(services, settings)
+        async with Services.open(settings, url) as services:  # (reaches the storage)
+            if bootstrap:
+                await bootstrap_token(services, settings)
 
     anyio.run(main)
 
@@ -106,7 +108,7 @@ def peer_app() -> Any:
     _die_with(peer["parent"])
     settings = msgspec.convert(peer["settings"], Settings, strict=False, dec_hook=decode_path)
     setup_logging(settings.log_format, settings.log_level)
-    return create_app(settings, peer["redis_url"], warm=True)
+    return create_app(settings, peer["redis_url"], warm=True, storage_checked=True)
 
 
 def _die_with(parent: int) -> None:

@@ -191,3 +191,48 @@ def test_bad_worker_counts_are_refused(start_server: Any, tmp_path: Path, procs:
     done = procs.cli("serve", "--workers", "x", "--data-dir", tmp_path / "data", env=env)
     assert done.returncode == 2 and "--workers: invalid int value" in done.stderr
     assert not (tmp_path / "data" / "redis").exists()  # nothing was started
+
+
+def test_a_process_replaced_during_a_storage_outage_keeps_serve_up(
+    procs: Any, tmp_path: Path
+) -> None:
+    """A replacement that starts while S3 is down must not fail its start: uvicorn would
+    stop every process of serve. It starts, says so, and serves once S3 is back."""
+    from tests.support.chaos import ChaosCluster
+
+    cluster = ChaosCluster(procs, tmp_path / "c", 1)  # its first pod: --workers 2
+    try:
+        cluster.start()
+        server = cluster.servers[0]
+        with httpx.Client(base_url=server.url, headers=cluster.headers(), timeout=30) as http:
+            assert http.post(ROWS, json=[{"id": 1, "amount": 1.0}]).status_code == 200
+        first = peers(server)
+        assert len(first) == 2
+        cluster.s3.stop()
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        wait_exit(victim)
+        # The replacement's start is logged; serve neither dies nor stops its processes.
+        marker = "requests that need it answer 503"
+        for _ in range(MAX_TRIES):
+            if marker in server.stderr() or server.proc.poll() is not None:  # type: ignore[union-attr]
+                break
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                http.get("/health")
+        assert server.proc is not None and server.proc.poll() is None, server.stderr()[-3000:]
+        assert marker in server.stderr()
+        cluster.s3.start()
+        new = peers(server)
+        assert len(new) == 2 and new != first
+        rows = []
+        with httpx.Client(base_url=server.url, headers=cluster.headers(), timeout=30) as http:
+            for n in range(2, 12):  # fresh connections reach both processes
+                r = http.post(
+                    ROWS, json=[{"id": n, "amount": 1.0}], headers={"Connection": "close"}
+                )
+                assert r.status_code == 200, r.text
+                rows.append(n)
+            counted = http.post("/v1/acme/sales/query", json={"sql": "select count(*) from orders"})
+        assert counted.json()["rows"] == [[1 + len(rows)]]
+    finally:
+        cluster.close()
