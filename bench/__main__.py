@@ -23,7 +23,19 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import ingest, isolation, lag, memory, peers, query, replay, scaling, upserts, writes
+from bench import (
+    ingest,
+    isolation,
+    lag,
+    memory,
+    peers,
+    query,
+    replay,
+    scaling,
+    upserts,
+    versus,
+    writes,
+)
 from bench.core import Measure, Server, markdown, serve
 
 Run = Callable[[Server, int, bool], list[Measure]]
@@ -41,6 +53,7 @@ BENCHMARKS: dict[str, tuple[Run, dict[str, str]]] = {
     "replay": (replay.run, {}),
     "lag": (lag.run, {"LEDGERLAKE_MIRRORS": "delta,iceberg"}),
     "memory": (memory.run, {}),
+    "versus": (versus.run, versus.SERVER_ENV),
 }
 
 
