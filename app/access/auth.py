@@ -21,7 +21,6 @@ import hmac
 import os
 import re
 import secrets
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ import anyio
 import jwt
 import redis.asyncio as aioredis
 
+from app.access.ratelimit import RateLimiter
 from events.errors import LedgerError, NotFound, Unauthorized
 from events.model import EventBase, PrincipalCreated, TokenIssued, decode_event, encode_event, now
 from events.redis_log import Keys, guarded
@@ -47,17 +47,6 @@ class TooManyRequests(LedgerError):
     """The principal is over its rate limit (429, with Retry-After)."""
 
     code = "rate_limited"
-
-
-RATE_LUA = """
--- A counter of the current second only: it is neither written to the AOF nor sent to
--- replicas (lost on a restart or failover, harmlessly), so that, with appendfsync
--- always, counting a request is not an fsync every request waits for.
-redis.set_repl(redis.REPL_NONE)
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], 2) end
-return n
-"""
 
 
 class Forbidden(LedgerError):
@@ -217,6 +206,18 @@ class JwtVerifier:
         )
 
 
+# The principal of LEDGERLAKE_API_TOKEN, the static token.
+STATIC_ADMIN = Principal(
+    id="api-token",
+    name="LEDGERLAKE_API_TOKEN",
+    kind="service",
+    org="",
+    created_at=datetime.fromtimestamp(0, UTC),
+    created_by="settings",
+    admin=True,
+)
+
+
 class AuthStore:
     """The auth stream and its fold, brought up to date on every read."""
 
@@ -228,17 +229,14 @@ class AuthStore:
         self.jwt = JwtVerifier(jwt_config) if jwt_config and jwt_config.enabled else None
         self.stream = keys.auth_stream
         self._state = AuthState()
-        self._rate = client.register_script(RATE_LUA)
+        self._rate = RateLimiter(client, keys)
 
     async def limit(self, caller: Caller, per_second: int) -> None:
         """At most ``per_second`` requests per principal per second, counted in Redis
-        (so across every API pod); TooManyRequests past it."""
+        (so across every API pod, ``app/access/ratelimit.py``); TooManyRequests past it."""
         if per_second <= 0:
             return
-        second = int(time.time())
-        key = f"{self.keys.prefix}:{{rate:{caller.principal.id}}}:{second}"
-        count = int(await guarded(self._rate(keys=[key])))
-        if count > per_second:
+        if not await self._rate.admit(caller.principal.id, per_second):
             raise TooManyRequests(
                 f"more than {per_second} requests per second; retry shortly",
                 limit_per_s=per_second,
@@ -270,16 +268,7 @@ class AuthStore:
         if static_token and hmac.compare_digest(
             credential.encode("utf-8", "surrogateescape"), static_token.encode()
         ):
-            admin = Principal(
-                id="api-token",
-                name="LEDGERLAKE_API_TOKEN",
-                kind="service",
-                org="",
-                created_at=datetime.fromtimestamp(0, UTC),
-                created_by="settings",
-                admin=True,
-            )
-            return Caller(admin, "", ())
+            return Caller(STATIC_ADMIN, "", ())
         match = TOKEN_FORMAT.match(credential)
         if match:
             token_id, secret = match["id"], match["secret"]

@@ -12,9 +12,10 @@ import logging
 import random
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import msgspec
@@ -35,6 +36,7 @@ from events.log import NEW_TABLE, Idempotency
 from events.model import (
     DataFile,
     DataType,
+    Event,
     EventBase,
     OrgCreated,
     RowsAppended,
@@ -46,13 +48,15 @@ from events.model import (
 )
 from events.redis_log import RedisEventLog, record_writer_grace
 from events.storage.port import Storage
-from projections.catalog import TableState
+from projections.catalog import TableState, apply_table
 from projections.reader import CatalogReader
 
 log = logging.getLogger("ledgerlake.writes")
 
 
 T = TypeVar("T")
+# Tables whose state after this process's own last append is kept (see Writer._known).
+KNOWN_TABLES = 4096
 
 
 async def backoff(attempt: int) -> None:
@@ -165,6 +169,37 @@ class Writer(DataFileWriter):
             weakref.WeakValueDictionary()
         )
         self._grace_recorded = False
+        # Each table's state right after this process's last append to it: the next
+        # append starts from it instead of reading the log's tail (a round trip). If
+        # anyone else changed the table since, the append's compare-and-set on the
+        # table's version fails and the writer reads the tail then, as after any
+        # conflict: a table's state is a function of its own events, and its version
+        # moves with each of them. Forgotten when a change of this process commits to
+        # the table, and on any failed or uncertain append.
+        self._known: OrderedDict[tuple[str, str, str], TableState] = OrderedDict()
+
+    def forget(self, org: str, super_: str, table: str) -> None:
+        """Drop what this writer knows of the table (a change is committing to it)."""
+        self._known.pop((org, super_, table), None)
+
+    async def _table(self, req: IngestRequest) -> TableState | None:
+        """The table as this process last left it, or else as the log says now (an
+        If-Match is always checked against the log)."""
+        key = (req.org, req.super_, req.table)
+        known = self._known.get(key) if req.if_match is None else None
+        if known is not None:
+            self._known.move_to_end(key)
+            return known
+        return (await self.reader.super_state(req.org, req.super_)).tables.get(req.table)
+
+    def _remember(self, key: tuple[str, str, str], state: TableState | None) -> None:
+        if state is None:
+            self._known.pop(key, None)
+            return
+        self._known[key] = state
+        self._known.move_to_end(key)
+        while len(self._known) > KNOWN_TABLES:
+            self._known.popitem(last=False)
 
     async def ingest(
         self, req: IngestRequest, progress: Callable[[int], None] | None = None
@@ -185,7 +220,7 @@ class Writer(DataFileWriter):
         # unless the schema moved. Other processes' writes are still retried below.
         turn = self._turn(req)
         seen = turn.commits
-        table = (await self.reader.super_state(req.org, req.super_)).tables.get(req.table)
+        table = await self._table(req)
         self._check_if_match(req, table)
         known = {f.name: f.type for f in table.columns} if table else {}
         source = await off_loop(req.source, open_source, req.source, req.fmt, known)
@@ -271,8 +306,7 @@ class Writer(DataFileWriter):
                 raise _WaitedTooLong
             if turn.commits != at.seen and req.if_match is None:
                 at.seen = turn.commits
-                state = await self.reader.super_state(req.org, req.super_)
-                now_ = state.tables.get(req.table)
+                now_ = await self._table(req)
                 if now_ is None or at.table is None or now_.columns != at.table.columns:
                     raise ConflictError("the schema moved", current_version=-1)
                 at.table = now_
@@ -286,6 +320,7 @@ class Writer(DataFileWriter):
         self, req: IngestRequest, turn: _Turn, at: _Attempt, attempt: int
     ) -> None:
         """Read the table again after another process's commit won."""
+        self.forget(req.org, req.super_, req.table)
         await backoff(attempt)
         at.seen = turn.commits
         at.table = (await self.reader.super_state(req.org, req.super_)).tables.get(req.table)
@@ -412,6 +447,8 @@ class Writer(DataFileWriter):
         idempotency = Idempotency(
             key=key, fingerprint=fingerprint, result=msgspec.json.encode(stored), ttl_s=ttl
         )
+        table_key = (req.org, req.super_, req.table)
+        self.forget(*table_key)
         appended = await self.log.append(
             req.org,
             req.super_,
@@ -420,6 +457,12 @@ class Writer(DataFileWriter):
             expected_version=table.version if table else NEW_TABLE,
             idempotency=idempotency,
         )
+        if not appended.replayed and appended.version == events[-1].version:
+            # (A new table that continues a dropped one's versions is read next time.)
+            state = table
+            for event, event_id in zip(events, appended.event_ids, strict=True):
+                state = apply_table(cast(Event, msgspec.structs.replace(event, id=event_id)), state)
+            self._remember(table_key, state)
         if appended.replayed:
             first = msgspec.json.decode(appended.result, type=StoredIngest)
             if first.file != data_file.path:

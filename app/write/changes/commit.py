@@ -199,6 +199,7 @@ class ChangeLoop:
                     table, _ = await self._current(target, allow_new)
                     attempt.change = await _prepared(prepare, table)
                 async with turn.lock:
+                    self.writer.forget(target.org, target.super_, target.table)
                     table, current = await self._current(target, allow_new)
                     if not await self._still_applies(attempt, table):
                         if outside_turn:
