@@ -9,12 +9,14 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import anyio
 import redis.asyncio as aioredis
 
 from app.access.auth import AuthStore, JwtConfig
+from app.access.sessions import SessionStore
 from app.settings import MIRROR_FORMATS, Settings
 from app.write.append import Writer
 from app.write.changes.commit import Target
@@ -130,6 +132,16 @@ class Services:
         auth = AuthStore(client, keys, jwt_config(settings))
         return cls(
             settings, client, keys, log, store, reader, storage, writer, engine, mutator, auth
+        )
+
+    @cached_property
+    def sessions(self) -> SessionStore:
+        """The web console's sessions (in Redis: every process knows them)."""
+        return SessionStore(
+            self.redis,
+            self.keys,
+            idle_s=self.settings.console_idle_s,
+            absolute_s=self.settings.console_absolute_s,
         )
 
     async def start(self) -> None:

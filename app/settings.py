@@ -115,6 +115,8 @@ SETTINGS_DOC: dict[str, str] = {
     "rate_limit_per_s": "Requests per second each principal may make (per API deployment, "
     "counted in Redis); more get 429 with `Retry-After`. 0: no limit.",
     "audit_retention_s": "How long query audit records (`GET /v1/audit`) are kept.",
+    "console_idle_s": "A web console session ends after this long without a request.",
+    "console_absolute_s": "...and this long after its sign-in, at the latest.",
     "mirrors": "Mirror formats a new table gets, comma-separated: `delta`, `iceberg`, both "
     "(the default) or `none`. Per table: `PUT .../tables/{table}/mirrors`.",
     "mirror_checkpoint_interval": "A Delta mirror writes a checkpoint every this many commits.",
@@ -236,6 +238,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jwt_required_scopes: str = ""
     rate_limit_per_s: int = 1000
     audit_retention_s: float = 30 * 86400.0
+    console_idle_s: float = 1800.0
+    console_absolute_s: float = 12 * 3600.0
     mirrors: str = "delta,iceberg"
     mirror_checkpoint_interval: int = 10
     mirror_retention_s: float = 3600.0
@@ -315,6 +319,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise SystemExit("LEDGERLAKE_STREAM_RETENTION_S must be 0 or more")
         if self.stream_retention_s > 0 and not self.archive:
             raise SystemExit("LEDGERLAKE_STREAM_RETENTION_S needs LEDGERLAKE_ARCHIVE=true")
+        if self.console_idle_s <= 0 or self.console_absolute_s <= 0:
+            raise SystemExit(
+                "LEDGERLAKE_CONSOLE_IDLE_S and LEDGERLAKE_CONSOLE_ABSOLUTE_S must be positive"
+            )
         if self.mcp_token_budget < 1000:
             raise SystemExit("LEDGERLAKE_MCP_TOKEN_BUDGET must be at least 1000")
         if (

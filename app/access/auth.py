@@ -277,15 +277,7 @@ class AuthStore:
             if token is not None and hmac.compare_digest(
                 hash_secret(secret).encode(), token.token_hash.encode()
             ):
-                principal = state.principals.get(token.principal_id)
-                if token.revoked:
-                    raise Unauthorized("this token was revoked", code="token_revoked")
-                if token.expires_at is not None and token.expires_at <= now():
-                    raise Unauthorized("this token has expired", code="token_expired")
-                if principal is None or principal.disabled:
-                    raise Unauthorized("this principal is disabled", code="principal_disabled")
-                grants = tuple(g for g in state.grants.values() if g.principal_id == principal.id)
-                return Caller(principal, token.id, grants, state.roles)
+                return _caller(state, token.principal_id, token.id)
         if self.jwt is not None and credential.count(".") == 2:
             # PyJWKClient fetches over HTTP (blocking): off the event loop.
             identity, _claims = await anyio.to_thread.run_sync(self.jwt.identity, credential)
@@ -303,6 +295,40 @@ class AuthStore:
                 code="unknown_principal",
             )
         raise Unauthorized("invalid bearer token", code="unauthorized")
+
+    async def caller_again(
+        self, principal_id: str, token_id: str, static_token: str | None
+    ) -> Caller:
+        """The caller a console session stands for (``app/console/sessions.py``), checked
+        again as of now: the token it signed in with neither revoked nor expired, its
+        principal not disabled, its grants as they are now. Unauthorized otherwise."""
+        if principal_id == STATIC_ADMIN.id and not token_id:
+            if not static_token:
+                raise Unauthorized("LEDGERLAKE_API_TOKEN is no longer set", code="unauthorized")
+            return Caller(STATIC_ADMIN, "", ())
+        state = await self.state()
+        if token_id != "jwt":
+            token = state.tokens.get(token_id)
+            if token is None or token.principal_id != principal_id:
+                raise Unauthorized("this token was revoked", code="token_revoked")
+        return _caller(state, principal_id, token_id)
+
+
+def _caller(state: AuthState, principal_id: str, token_id: str) -> Caller:
+    """The caller of a token (``token_id``, or "jwt") of ``principal_id`` as ``state``
+    has them now; Unauthorized if the token is revoked or expired or the principal is
+    disabled."""
+    token = state.tokens.get(token_id)
+    if token is not None:
+        if token.revoked:
+            raise Unauthorized("this token was revoked", code="token_revoked")
+        if token.expires_at is not None and token.expires_at <= now():
+            raise Unauthorized("this token has expired", code="token_expired")
+    principal = state.principals.get(principal_id)
+    if principal is None or principal.disabled:
+        raise Unauthorized("this principal is disabled", code="principal_disabled")
+    grants = tuple(g for g in state.grants.values() if g.principal_id == principal.id)
+    return Caller(principal, token_id, grants, state.roles)
 
 
 async def bootstrap_admin(store: AuthStore, data_dir: Path) -> str | None:

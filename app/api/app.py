@@ -26,7 +26,9 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins import ReceiveRoutePlugin
+from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.routes import BaseRoute, HTTPRoute
+from litestar.template.config import TemplateConfig
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from app.access.auth import Forbidden, TooManyRequests, bootstrap_admin
@@ -36,6 +38,8 @@ from app.api.mcp_mount import McpMount
 from app.api.routes import DEPENDENCIES, ROUTES
 from app.api.routes.params import error_responses
 from app.api.schemas import ErrorBody, ErrorResponse
+from app.console.pages import CONSOLE, TEMPLATES
+from app.console.pages import STATIC as CONSOLE_STATIC
 from app.services import Services
 from app.settings import Settings
 from events.errors import (
@@ -138,6 +142,7 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
 
 
 # On every response: no MIME sniffing, no framing, no referrer, nothing cached.
+DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
@@ -174,10 +179,15 @@ class RequestIdMiddleware:
                 headers["x-request-id"] = rid
                 for name, value in SECURITY_HEADERS.items():
                     headers[name] = value
-                if not scope["path"].startswith("/schema"):  # Swagger UI needs its scripts
-                    headers["content-security-policy"] = (
-                        "default-src 'none'; frame-ancestors 'none'"
-                    )
+                path = scope["path"]
+                if path.startswith("/console"):
+                    # Console pages set their own policy (scripts and styles of their
+                    # own origin only), and a form post must carry its Origin (with no
+                    # referrer at all, browsers send "Origin: null").
+                    headers["referrer-policy"] = "same-origin"
+                    headers.setdefault("content-security-policy", DEFAULT_CSP)
+                elif not path.startswith("/schema"):  # Swagger UI needs its scripts
+                    headers["content-security-policy"] = DEFAULT_CSP
             await send(message)
 
         try:
@@ -352,7 +362,8 @@ def create_app(
             await services.close()
 
     app = Litestar(
-        route_handlers=[*ROUTES, ICEBERG, *mcp.handlers],
+        route_handlers=[*ROUTES, ICEBERG, CONSOLE, CONSOLE_STATIC, *mcp.handlers],
+        template_config=TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine),
         dependencies=DEPENDENCIES,
         lifespan=[lifespan],
         middleware=[RequestIdMiddleware],

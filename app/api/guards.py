@@ -12,8 +12,10 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.handlers import BaseRouteHandler
 
-from app.access.auth import Caller
+from app.access.auth import Caller, Forbidden
+from app.access.sessions import COOKIE, CSRF_HEADER, csrf_ok
 from app.services import Services
+from events.errors import Unauthorized
 from projections.catalog import SuperState
 
 
@@ -40,9 +42,12 @@ async def require_token(
     ``write``, ``grant``) is checked against the org / super / table in its path: 404
     for what the caller cannot see, 403 for what it cannot do."""
     services: Services = connection.app.state.services
-    caller = await services.auth.authenticate(
-        connection.headers.get("authorization", ""), services.settings.api_token
-    )
+    header = connection.headers.get("authorization", "")
+    session_id = connection.cookies.get(COOKIE, "")
+    if not header and session_id and connection.url.path.startswith("/v1/"):
+        caller = await session_caller(connection, services, session_id)
+    else:
+        caller = await services.auth.authenticate(header, services.settings.api_token)
     connection.state.caller = caller
     await services.auth.limit(caller, services.settings.rate_limit_per_s)
     perm = handler.opt.get("perm")
@@ -54,6 +59,29 @@ async def require_token(
             caller.require_visible(org, sup, table)
         else:
             caller.require(perm, org, sup, table)
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def session_caller(
+    connection: ASGIConnection[Any, Any, Any, Any], services: Services, session_id: str
+) -> Caller:
+    """The caller of a web console session (the API as the console calls it, with its
+    session cookie instead of a bearer token): a state-changing request must also carry
+    the session's CSRF token in ``X-CSRF-Token``, which no other site can read."""
+    session = await services.sessions.get(session_id)
+    if session is None:
+        raise Unauthorized("the console session ended; sign in again", code="session_ended")
+    method = connection.scope.get("method", "GET")
+    if method not in SAFE_METHODS and not csrf_ok(session, connection.headers.get(CSRF_HEADER)):
+        raise Forbidden(
+            f"a console request that changes something needs the {CSRF_HEADER} header",
+            code="csrf_failed",
+        )
+    return await services.auth.caller_again(
+        session.principal, session.token, services.settings.api_token
+    )
 
 
 def visible(caller: Caller, state: SuperState) -> SuperState:

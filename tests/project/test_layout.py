@@ -16,7 +16,7 @@ MAX_LINES = 500
 # The layers, bottom to top: each may import those below it (and app/ layers the shared
 # settings and logs). A module belongs to the longest layer name that prefixes it.
 STACK = ["events", "projections", "mirrors", "app.access", "app.write", "app.services",
-         "app.ops", "app.api", "app.cli"]  # fmt: skip
+         "app.ops", "app.console", "app.api", "app.cli"]  # fmt: skip
 SHARED = {"app.settings", "app.logs"}
 ALLOWED: dict[str, set[str]] = {
     name: set(STACK[:i]) | (SHARED if name.startswith("app.") else set())

@@ -1,0 +1,246 @@
+// Ledgerlake console: draws the page the URL names from the /v1 API, called with the
+// session cookie (and the CSRF token on every POST). No framework, no build step.
+// Every value from the API is put in the page as text (textContent), never as markup.
+"use strict";
+
+const csrf = document.querySelector('meta[name="csrf-token"]').content;
+const main = document.getElementById("main");
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "text") node.textContent = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(typeof child === "string" ? document.createTextNode(child) : child);
+  }
+  return node;
+}
+
+const enc = encodeURIComponent;
+const consoleUrl = (...parts) => "/console/" + parts.map(enc).join("/");
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function api(path, options = {}) {
+  const init = { credentials: "same-origin", headers: { Accept: "application/json" }, ...options };
+  if (init.method && init.method !== "GET") {
+    init.headers = { ...init.headers, "X-CSRF-Token": csrf, "Content-Type": "application/json" };
+  }
+  const response = await fetch(path, init);
+  if (response.status === 401) {
+    location.assign("/console/sign-in?next=" + enc(location.pathname + location.hash));
+    throw new ApiError(401, "session_ended", "signed out");
+  }
+  if (!response.ok) {
+    let code = "error", message = response.statusText;
+    try {
+      const body = await response.json();
+      code = body.error.code;
+      message = body.error.message;
+    } catch (_) { /* not our error shape */ }
+    throw new ApiError(response.status, code, message);
+  }
+  return response;
+}
+
+const getJson = async (path) => (await api(path)).json();
+
+function show(...nodes) {
+  main.replaceChildren(...nodes);
+}
+
+function crumbs(...items) {
+  const nav = document.getElementById("crumbs");
+  nav.replaceChildren(...items.flatMap((item, i) => {
+    const node = item.href ? el("a", { href: item.href, text: item.text }) : el("span", { text: item.text });
+    return i ? [el("span", { class: "sep", text: "/" }), node] : [node];
+  }));
+}
+
+function errorBox(error) {
+  return el("p", { class: "error", role: "alert", text: `${error.message} (${error.code || "error"})` });
+}
+
+function formatBytes(n) {
+  if (n === null || n === undefined) return "—";
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function cell(value) {
+  if (value === null || value === undefined) return el("td", { class: "null", text: "null" });
+  if (typeof value === "object") return el("td", { text: JSON.stringify(value) });
+  return el("td", { text: String(value) });
+}
+
+function grid(columns, rows, label) {
+  const head = el("tr", {}, ...columns.map((c) => el("th", { scope: "col", text: c })));
+  const body = rows.map((row) => el("tr", {}, ...row.map(cell)));
+  return el("table", { class: "grid", "aria-label": label }, el("thead", {}, head), el("tbody", {}, ...body));
+}
+
+// -- the catalog: orgs, supers and tables, with a search over table names ----------
+
+async function catalogPage() {
+  crumbs({ text: "Catalog" });
+  const { orgs } = await getJson("/v1/orgs");
+  const entries = [];
+  for (const org of orgs) {
+    const { supers } = await getJson(`/v1/${enc(org.name)}/supers`);
+    for (const sup of supers) {
+      const { tables } = await getJson(`/v1/${enc(org.name)}/${enc(sup.name)}/tables`);
+      entries.push({ org: org.name, sup: sup.name, tables });
+    }
+  }
+  const search = el("input", { id: "search", type: "search", placeholder: "table name" });
+  const list = el("div", { id: "catalog" });
+  const draw = () => {
+    const needle = search.value.trim().toLowerCase();
+    const sections = [];
+    for (const { org, sup, tables } of entries) {
+      const shown = tables.filter((t) => !needle || t.name.toLowerCase().includes(needle));
+      if (needle && !shown.length) continue;
+      const rows = shown.map((t) => [t.name, t.row_count, t.file_count, formatBytes(t.size_bytes), t.version, t.updated_at]);
+      const table = grid(["table", "rows", "files", "size", "version", "updated"], rows, `Tables of ${org}/${sup}`);
+      table.querySelectorAll("tbody tr").forEach((tr, i) => {
+        tr.firstChild.replaceChildren(el("a", { href: consoleUrl(org, sup, "tables", shown[i].name), text: shown[i].name }));
+      });
+      sections.push(el("section", { class: "super" },
+        el("h2", {}, `${org} / ${sup} `, el("a", { class: "action", href: consoleUrl(org, sup, "sql"), text: "SQL editor" })),
+        shown.length ? table : el("p", { class: "empty", text: "No tables yet." })));
+    }
+    list.replaceChildren(...(sections.length ? sections : [el("p", { class: "empty", text: "No table matches." })]));
+  };
+  search.addEventListener("input", draw);
+  draw();
+  show(el("h1", { text: "Catalog" }), el("label", { for: "search", text: "Search tables" }), search,
+    entries.length ? list : el("p", { class: "empty", text: "Nothing here yet: write rows through the API first." }));
+}
+
+// -- a table: schema, statistics, mirrors and a sample ------------------------------
+
+async function tablePage(org, sup, name) {
+  crumbs({ text: "Catalog", href: "/console" }, { text: `${org} / ${sup}`, href: consoleUrl(org, sup, "sql") }, { text: name });
+  const t = await getJson(`/v1/${enc(org)}/${enc(sup)}/tables/${enc(name)}`);
+  const stats = t.stats || {};
+  const schema = grid(["column", "type", "nulls", "min", "max"],
+    t.columns.map((c) => [c.name, c.type, stats[c.name]?.null_count ?? null, stats[c.name]?.min ?? null, stats[c.name]?.max ?? null]),
+    "Schema");
+  const facts = el("dl", { class: "facts" },
+    el("dt", { text: "Rows" }), el("dd", { text: String(t.row_count ?? "—") }),
+    el("dt", { text: "Files" }), el("dd", { text: String(t.file_count ?? "—") }),
+    el("dt", { text: "Size" }), el("dd", { text: formatBytes(t.size_bytes) }),
+    el("dt", { text: "Version" }), el("dd", { text: String(t.version) }),
+    el("dt", { text: "Updated" }), el("dd", { text: `${t.updated_at} by ${t.updated_by}` }));
+  const mirrors = grid(["format", "enabled", "version", "lag (versions)", "location", "error"],
+    (t.mirrors || []).map((m) => [m.format, m.enabled, m.version, m.lag_versions, m.location, m.error]), "Mirrors");
+  const sample = el("div", {}, el("p", { text: "Loading a sample…" }));
+  show(el("h1", { text: name }), facts, el("h2", { text: "Schema" }), schema,
+    el("h2", { text: "Mirrors" }), mirrors, el("h2", { text: "Sample" }), sample,
+    el("p", {}, el("a", { href: consoleUrl(org, sup, "sql") + "#" + enc(`select * from "${name}" limit 100`), text: "Query this table" })));
+  try {
+    const result = await runQuery(org, sup, `select * from "${name.replaceAll('"', '""')}"`, 20, 0);
+    sample.replaceChildren(grid(result.columns.map((c) => c.name), result.rows, "Sample"));
+  } catch (error) {
+    sample.replaceChildren(errorBox(error));
+  }
+}
+
+// -- the SQL editor -----------------------------------------------------------------
+
+async function runQuery(org, sup, sql, limit, offset, accept) {
+  const response = await api(`/v1/${enc(org)}/${enc(sup)}/query`, {
+    method: "POST",
+    headers: accept ? { Accept: accept } : {},
+    body: JSON.stringify({ sql, limit, offset }),
+  });
+  return accept ? response.blob() : response.json();
+}
+
+function sqlPage(org, sup) {
+  crumbs({ text: "Catalog", href: "/console" }, { text: `${org} / ${sup}` }, { text: "SQL" });
+  const initial = decodeURIComponent(location.hash.slice(1)) || "select 1";
+  const editor = el("textarea", { id: "sql", rows: "8", spellcheck: "false" });
+  editor.value = initial;
+  const limitBox = el("input", { id: "limit", type: "number", min: "1", max: "100000", value: "100" });
+  const output = el("div", { id: "results", "aria-live": "polite" });
+  const status = el("p", { id: "status", class: "status" });
+  let offset = 0;
+
+  async function run(at = 0) {
+    offset = at;
+    const sql = editor.value;
+    history.replaceState(null, "", "#" + enc(sql));
+    status.textContent = "Running…";
+    try {
+      const limit = Number(limitBox.value) || 100;
+      const result = await runQuery(org, sup, sql, limit, offset);
+      const pager = el("div", { class: "pager" },
+        el("button", { type: "button", text: "Previous page", ...(offset ? {} : { disabled: "" }), onclick: () => run(Math.max(0, offset - limit)) }),
+        el("button", { type: "button", text: "Next page", ...(result.truncated ? {} : { disabled: "" }), onclick: () => run(offset + limit) }));
+      output.replaceChildren(grid(result.columns.map((c) => c.name), result.rows, "Results"), pager);
+      status.textContent = `${result.row_count} row${result.row_count === 1 ? "" : "s"} from row ${offset + 1}` +
+        `${result.truncated ? " (more follow)" : ""} in ${result.elapsed_ms} ms`;
+    } catch (error) {
+      status.textContent = "";
+      output.replaceChildren(errorBox(error));
+    }
+  }
+
+  async function download() {
+    try {
+      const blob = await runQuery(org, sup, editor.value, Number(limitBox.value) || 100, 0, "text/csv");
+      const link = el("a", { href: URL.createObjectURL(blob), download: "result.csv" });
+      document.body.append(link);
+      link.click();
+      link.remove();
+    } catch (error) {
+      output.replaceChildren(errorBox(error));
+    }
+  }
+
+  editor.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      run(0);
+    }
+  });
+  show(el("h1", { text: `SQL on ${org} / ${sup}` }),
+    el("label", { for: "sql", text: "SQL" }), editor,
+    el("div", { class: "controls" },
+      el("label", { for: "limit", text: "Rows per page" }), limitBox,
+      el("button", { type: "button", text: "Run", onclick: () => run(0) }),
+      el("button", { type: "button", text: "Download CSV", onclick: download }),
+      el("span", { class: "hint", text: "Ctrl+Enter runs" })),
+    status, output);
+  editor.focus();
+}
+
+// -- routing ------------------------------------------------------------------------
+
+async function route() {
+  const parts = location.pathname.replace(/^\/console\/?/, "").split("/").filter(Boolean).map(decodeURIComponent);
+  try {
+    if (parts.length === 0) return await catalogPage();
+    if (parts.length === 4 && parts[2] === "tables") return await tablePage(parts[0], parts[1], parts[3]);
+    if (parts.length === 3 && parts[2] === "sql") return sqlPage(parts[0], parts[1]);
+    crumbs({ text: "Catalog", href: "/console" });
+    show(el("h1", { text: "Not found" }), el("p", { text: "No console page has this address." }));
+  } catch (error) {
+    if (error.status !== 401) show(errorBox(error));
+  }
+}
+
+route();
