@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench bench-full lint format typecheck lock clean
+.PHONY: install run test bench bench-full lint format typecheck lock clean screenshots
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(BIN)/python -m bench --full
+
+# The console's screenshots in docs/console/, taken by its browser tests.
+screenshots: $(STAMP)
+	mkdir -p docs/console
+	LEDGERLAKE_TEST_SCREENSHOTS=$(CURDIR)/docs/console $(BIN)/python -m pytest -q tests/console/test_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -42,12 +42,7 @@ async def require_token(
     ``write``, ``grant``) is checked against the org / super / table in its path: 404
     for what the caller cannot see, 403 for what it cannot do."""
     services: Services = connection.app.state.services
-    header = connection.headers.get("authorization", "")
-    session_id = connection.cookies.get(COOKIE, "")
-    if not header and session_id and connection.url.path.startswith("/v1/"):
-        caller = await session_caller(connection, services, session_id)
-    else:
-        caller = await services.auth.authenticate(header, services.settings.api_token)
+    caller = await current_caller(connection, services)
     connection.state.caller = caller
     await services.auth.limit(caller, services.settings.rate_limit_per_s)
     perm = handler.opt.get("perm")
@@ -62,6 +57,18 @@ async def require_token(
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def current_caller(
+    connection: ASGIConnection[Any, Any, Any, Any], services: Services
+) -> Caller:
+    """Who sends this request, as of now: its bearer token, or on ``/v1`` the web
+    console's session cookie. (A long response, such as an event stream, asks again.)"""
+    header = connection.headers.get("authorization", "")
+    session_id = connection.cookies.get(COOKIE, "")
+    if not header and session_id and connection.url.path.startswith("/v1/"):
+        return await session_caller(connection, services, session_id)
+    return await services.auth.authenticate(header, services.settings.api_token)
 
 
 async def session_caller(

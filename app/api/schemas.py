@@ -415,6 +415,17 @@ class GrantIn(msgspec.Struct, forbid_unknown_fields=True):
     table: str | None = None
 
 
+class TokenInfo(msgspec.Struct):
+    """A token as listed: never its secret."""
+
+    id: str
+    principal_id: str
+    name: str
+    expires_at: datetime | None
+    revoked: bool
+    created_at: datetime
+
+
 class GrantOut(msgspec.Struct):
     id: str
     principal_id: str

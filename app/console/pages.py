@@ -159,8 +159,8 @@ async def page(request: Request[Any, Any, Any], services: NamedDependency[Servic
         "console.html",
         csrf=session.csrf,
         principal=caller.principal.name,
-        principal_id=caller.principal.id,
-        admin=caller.admin,
+        # Admin pages are for those who manage principals (shown to no one else).
+        manages=caller.admin or any("grant" in caller.permissions(g) for g in caller.grants),
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from app.api.app import create_app
 from app.api.routes import V1_HANDLERS
 from app.api.routes.principals import ADMIN_HANDLERS
 from app.settings import Settings
-from events.model import TokenIssued, now
+from events.model import TokenIssued, decode_event, now
 from events.redis_log import Keys, connect
 from tests.conftest import ADMIN_TOKEN
 
@@ -288,6 +289,15 @@ class World:
         if key not in self._events_cache:
             self._events_cache[key] = self.events("admin", params)
         return self._events_cache[key]
+
+    def token_ids(self, principal_id: str) -> list[str]:
+        """The ids of the tokens issued to a principal, read from the auth stream."""
+        issued = []
+        for eid, fields in self.redis.xrange(f"{self.settings.redis_prefix}:{{auth}}:events"):
+            event = decode_event(eid, fields)
+            if isinstance(event, TokenIssued) and event.principal_id == principal_id:
+                issued.append(event.token_id)
+        return sorted(issued)
 
     def token_works(self, token: str) -> int:
         r = self.call(
@@ -750,6 +760,28 @@ def events_case(w: World, who: str, target: str) -> Cell:
                 read_only=True)  # fmt: skip
 
 
+@case("GET /v1/events/stream", EVENT_TARGETS)
+def event_stream_case(w: World, who: str, target: str) -> Cell:
+    """The same events as ``GET /v1/events``, as server-sent events (read from the
+    beginning, for a moment: ``timeout_s``), under the same rule."""
+    spec = WHO[who]
+    org, sup, table = [*target.split("/"), "", ""][:3]
+    params = {"org": org, **({"super": sup} if sup else {}), **({"table": table} if table else {})}
+
+    def ok(r: httpx.Response, _: Any) -> None:
+        assert r.headers["content-type"].startswith("text/event-stream"), r.headers
+        lines = r.text.splitlines()
+        bad = [x for x in lines if x.startswith("data:") and not x.startswith("data: {")]
+        assert not bad, bad[:3]
+        sent = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
+        got = [(e["id"], e["type"], e.get("super", ""), e.get("table", "")) for e in sent]
+        assert got == w.events(who, params), f"{len(got)} events sent: {got[:3]}"
+
+    expect = refusal_or(spec, require(spec, None, org, sup, table), (200, None))
+    return Cell("GET", "/v1/events/stream", expect, on_success=ok, read_only=True,
+                params={**params, "after": "0-0", "timeout_s": 0.2})  # fmt: skip
+
+
 @case("GET /v1/audit", list(ORGS))
 def audit_case(w: World, who: str, org: str) -> Cell:
     def ok(r: httpx.Response, _: Any) -> None:
@@ -904,6 +936,24 @@ def issue_token_case(w: World, who: str, target: str) -> Cell:
         "POST", f"/v1/principals/{pid}/tokens", refusal_or(WHO[who], refusal, (201, None)),
         json={"name": "matrix"}, on_success=ok,
     )  # fmt: skip
+
+
+@case("GET /v1/principals/{principal_id:str}/tokens", principal_targets)
+def list_tokens_case(w: World, who: str, target: str) -> Cell:
+    """A principal's tokens, never a secret: for its managers and itself, else the 404
+    of a principal that does not exist."""
+    pid, org, admin = principal_of(w, who, target)
+    refusal = principal_refusal(who, target, org, admin, "principal_not_found")
+
+    def ok(r: httpx.Response, _: Any) -> None:
+        listed = r.json()
+        assert {t["principal_id"] for t in listed} <= {pid}, r.text
+        assert all("token" not in t and "token_hash" not in t for t in listed), r.text
+        assert sorted(t["id"] for t in listed) == w.token_ids(pid)
+
+    path = f"/v1/principals/{pid}/tokens"
+    return Cell("GET", path, refusal_or(WHO[who], refusal, (200, None)), on_success=ok,
+                read_only=True)  # fmt: skip
 
 
 @case("DELETE /v1/tokens/{token_id:str}", principal_targets)

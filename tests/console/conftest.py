@@ -56,3 +56,13 @@ def page(browser: Any) -> Iterator[Any]:
         context.close()
     # An uncaught script error or a Content-Security-Policy violation fails the test.
     assert not errors, errors
+
+
+SCREENSHOTS = os.environ.get("LEDGERLAKE_TEST_SCREENSHOTS", "")
+
+
+def snap(page: Any, name: str) -> None:
+    """A screenshot of the page for docs/console/ (taken when
+    LEDGERLAKE_TEST_SCREENSHOTS names a directory: `make screenshots`)."""
+    if SCREENSHOTS:
+        page.screenshot(path=os.path.join(SCREENSHOTS, f"{name}.png"), full_page=True)

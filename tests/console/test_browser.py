@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pytest
 
+from tests.console.conftest import snap
+from tests.support.principals import member
 from tests.support.processes import Server, cli_env
 
 TOKEN = "console-test-admin-token"
@@ -35,6 +38,7 @@ def server(start_server: Any, tmp_path: Path) -> Server:
 
 def sign_in(page: Any, server: Server, path: str, token: str) -> None:
     page.goto(server.url + path)
+    snap(page, "sign-in")
     page.get_by_label("Token").fill(token)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(re.compile(re.escape(server.url + path.split("#")[0])))
@@ -55,10 +59,12 @@ def test_sign_in_browse_query_page_download_and_sign_out(page: Any, server: Serv
     schema = grid_rows(page, "Schema")
     assert [r[:2] for r in schema] == [["id", "int64"], ["region", "string"], ["amount", "float64"]]
     assert len(grid_rows(page, "Sample")) == 20
+    snap(page, "table")
 
     # The catalog lists the table; the search box narrows it down.
     page.get_by_role("link", name="Ledgerlake").click()
     page.get_by_role("link", name="orders").wait_for()
+    snap(page, "catalog")
     page.get_by_label("Search tables").fill("nothing-like-this")
     page.get_by_text("No table matches.").wait_for()
     page.get_by_label("Search tables").fill("ord")
@@ -71,6 +77,7 @@ def test_sign_in_browse_query_page_download_and_sign_out(page: Any, server: Serv
     page.get_by_role("button", name="Run").click()
     page.get_by_text("3 rows from row 1").wait_for()
     assert grid_rows(page, "Results") == [["apac", "83"], ["eu", "84"], ["us", "83"]]
+    snap(page, "sql")
 
     # Ctrl+Enter runs too, and the grid pages through a larger result.
     editor = page.get_by_label("SQL")
@@ -111,11 +118,7 @@ def test_a_wrong_token_is_told_and_a_reader_sees_only_its_org(page: Any, server:
     assert "invalid bearer token" in page.get_by_role("alert").inner_text()
 
     with server.client() as admin:
-        pid = admin.post(
-            "/v1/principals", json={"name": "ann", "kind": "user", "org": "acme"}
-        ).json()["id"]
-        admin.post("/v1/grants", json={"principal_id": pid, "role": "reader", "org": "acme"})
-        token = admin.post(f"/v1/principals/{pid}/tokens", json={"name": "c"}).json()["token"]
+        token = member(admin, "ann", "acme", "reader")["token"]
     sign_in(page, server, "/console", token)
     page.get_by_role("link", name="orders").wait_for()
     assert "globex" not in page.content() and "payroll" not in page.content()
@@ -124,3 +127,82 @@ def test_a_wrong_token_is_told_and_a_reader_sees_only_its_org(page: Any, server:
     alert = page.get_by_role("alert")
     alert.wait_for()
     assert "not" in alert.inner_text() and "globex-only" not in page.content()
+
+
+def test_events_arrive_live_and_history_restores(page: Any, server: Server) -> None:
+    sign_in(page, server, "/console/acme/events?super=sales", TOKEN)
+    page.get_by_text("Following new events live.").wait_for()
+    assert grid_rows(page, "Events")[0][1] == "RowsAppended"
+    before = len(grid_rows(page, "Events"))
+    with server.client() as client:
+        client.post("/v1/acme/sales/tables/orders/rows", json=[{"id": 1000, "region": "eu"}])
+    page.wait_for_function(
+        f"document.querySelectorAll('table[aria-label=Events] tbody tr').length > {before}"
+    )
+    newest = grid_rows(page, "Events")[0]
+    assert newest[1:4] == ["RowsAppended", "sales", "orders"] and newest[6] == "1"
+    # The filters narrow the rows down in place.
+    page.get_by_label("Event type").fill("TableCreated")
+    visible = page.locator("table[aria-label=Events] tbody tr:not([hidden])")
+    assert visible.count() == 1
+    page.get_by_label("Event type").fill("")
+    snap(page, "events")
+
+    # History: versions newest first; a past version's rows; restore it (confirmed).
+    page.goto(server.url + "/console/acme/sales/tables/orders/history")
+    versions = grid_rows(page, "Versions")
+    assert [v[0] for v in versions] == ["2", "1", "0"]  # 0: created, empty
+    page.get_by_role("button", name="Open version 1", exact=True).click()
+    assert len(grid_rows(page, "Rows of version 1")) == 100
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Restore version 1", exact=True).click()
+    page.get_by_text("Restored version 1 as version 3.").wait_for()
+    snap(page, "history")
+    with server.client() as client:
+        count = client.post("/v1/acme/sales/query", json={"sql": "select count(*) from orders"})
+    assert count.json()["rows"] == [[250]]
+
+
+def test_an_org_admin_issues_and_revokes_a_token_and_a_reader_sees_no_admin(
+    page: Any, server: Server
+) -> None:
+    with server.client() as admin:
+        boss_token = member(admin, "boss", "acme", "org_admin")["token"]
+        ann_token = member(admin, "ann", "acme", "reader")["token"]
+        made = admin.post("/v1/principals", json={"name": "gus", "kind": "user", "org": "globex"})
+        other = made.json()
+
+    sign_in(page, server, "/console", boss_token)
+    page.get_by_role("link", name="Admin").click()
+    page.get_by_role("heading", name="Principals and tokens").wait_for()
+    assert "gus" not in page.content() and other["id"] not in page.content()
+    page.get_by_label("Name of a new token for ann").fill("ci")
+    page.get_by_role("button", name="Issue a token for ann").click()
+    issued = page.get_by_label("New token", exact=True).inner_text()
+    assert issued.startswith("llt_")
+    snap(page, "admin")
+    # The new token works; then revoked from the page, it no longer does.
+    assert (
+        httpx.get(
+            f"{server.url}/v1/whoami", headers={"Authorization": f"Bearer {issued}"}
+        ).status_code
+        == 200
+    )
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Revoke ci").click()
+    page.get_by_role("button", name="Revoke ci").wait_for(state="detached")
+    assert (
+        httpx.get(
+            f"{server.url}/v1/whoami", headers={"Authorization": f"Bearer {issued}"}
+        ).status_code
+        == 401
+    )
+
+    # A reader: no Admin link, and the admin page by URL shows nothing of it.
+    page.get_by_role("button", name="Sign out").click()
+    sign_in(page, server, "/console", ann_token)
+    page.get_by_role("link", name="orders").wait_for()
+    assert page.get_by_role("link", name="Admin").count() == 0
+    page.goto(server.url + "/console/admin")
+    page.get_by_role("heading", name="Not found").wait_for()
+    assert "Issue a token" not in page.content()

@@ -16,6 +16,7 @@ from app.access.sessions import COOKIE
 from app.api.app import create_app
 from app.settings import Settings
 from tests.conftest import ADMIN_TOKEN, authed
+from tests.support.principals import member
 
 
 def console(settings: Settings) -> TestClient[Any]:
@@ -35,18 +36,6 @@ def csrf_of(client: TestClient[Any]) -> str:
     found = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
     assert found
     return found[1]
-
-
-def reader_token(admin: Any, org: str = "acme") -> str:
-    """A principal with the reader role on ``org``, and its token."""
-    made = admin.post("/v1/principals", json={"name": "ann", "kind": "user", "org": org})
-    assert made.status_code == 201, made.text
-    pid = made.json()["id"]
-    granted = admin.post("/v1/grants", json={"principal_id": pid, "role": "reader", "org": org})
-    assert granted.status_code == 201, granted.text
-    issued = admin.post(f"/v1/principals/{pid}/tokens", json={"name": "console"})
-    assert issued.status_code == 201, issued.text
-    return str(issued.json()["token"])
 
 
 def test_without_a_session_every_page_asks_to_sign_in(settings: Settings) -> None:
@@ -142,11 +131,11 @@ def test_sign_out_ends_the_session_everywhere(settings: Settings) -> None:
 def test_a_revoked_token_ends_its_session_at_once(settings: Settings) -> None:
     with authed(console(settings)) as admin, console(settings) as c:
         assert admin.post("/v1/acme/s/tables/t/rows", json=[{"id": 1}]).status_code == 200
-        token = reader_token(admin)
+        reader = member(admin, "ann", "acme", "reader")
+        token = reader["token"]
         assert sign_in(c, token).status_code == 303
         assert c.get("/v1/acme/supers").status_code == 200
-        token_id = token.removeprefix("llt_")[:18]  # llt_<t_ + 16 hex>_<secret>
-        assert admin.delete(f"/v1/tokens/{token_id}").status_code == 200
+        assert admin.delete(f"/v1/tokens/{reader['token_id']}").status_code == 200
         assert c.get("/v1/acme/supers").status_code == 401
         assert c.get("/console", follow_redirects=False).status_code == 303
 
@@ -155,7 +144,7 @@ def test_a_reader_sees_only_its_org_and_cannot_administer(settings: Settings) ->
     with authed(console(settings)) as admin, console(settings) as c:
         for org in ("acme", "globex"):
             assert admin.post(f"/v1/{org}/s/tables/t/rows", json=[{"id": 1}]).status_code == 200
-        sign_in(c, reader_token(admin))
+        sign_in(c, member(admin, "ann", "acme", "reader")["token"])
         csrf = csrf_of(c)
         assert [o["name"] for o in c.get("/v1/orgs").json()["orgs"]] == ["acme"]
         assert c.get("/v1/globex/supers").status_code == 404

@@ -24,7 +24,7 @@ from app.api.routes.catalog import (
     table_history,
 )
 from app.api.routes.changes import compact_table, delete_rows, restore_table
-from app.api.routes.events import list_events, read_audit
+from app.api.routes.events import follow_events, list_events, read_audit
 from app.api.routes.health import effective_config, health, metrics, service_info
 from app.api.routes.ingest import ingest_rows
 from app.api.routes.policies import set_policies
@@ -36,7 +36,7 @@ V1_HANDLERS = [ingest_rows, delete_rows, restore_table, compact_table, describe_
                set_policies,
                table_history,
                run_query, validate_query, super_meta, service_info,
-               list_events, read_audit, effective_config]  # fmt: skip
+               list_events, follow_events, read_audit, effective_config]  # fmt: skip
 V1 = Router(path="/", route_handlers=[*V1_HANDLERS, *ADMIN_HANDLERS], guards=[require_token])
 ROUTES: list[Any] = [health, metrics, V1]
 DEPENDENCIES = {"services": Provide(provide_services, sync_to_thread=False)}

@@ -25,6 +25,7 @@ from app.api.schemas import (
     PrincipalPatch,
     RoleIn,
     TokenIn,
+    TokenInfo,
     TokenOut,
     WhoAmI,
 )
@@ -232,6 +233,23 @@ async def issue_token(
     return TokenOut(token_id, principal.id, data.name, expires, token)
 
 
+@get("/v1/principals/{principal_id:str}/tokens", responses=_errors(404))
+async def list_tokens(
+    request: Request[Any, Any, Any],
+    services: NamedDependency[Services],
+    principal_id: FromPath[str],
+) -> list[TokenInfo]:
+    """The principal's tokens (never their secrets), revoked ones included: for its org
+    admin, or the principal itself."""
+    principal = await _principal(services, caller_of(request), principal_id)
+    state = await services.auth.state()
+    tokens = [t for t in state.tokens.values() if t.principal_id == principal.id]
+    return [
+        TokenInfo(t.id, t.principal_id, t.name, t.expires_at, t.revoked, t.created_at)
+        for t in sorted(tokens, key=lambda t: (t.created_at, t.id))
+    ]
+
+
 @delete("/v1/tokens/{token_id:str}", status_code=200, responses=_errors(404))
 async def revoke_token(
     request: Request[Any, Any, Any], services: NamedDependency[Services], token_id: FromPath[str]
@@ -386,6 +404,7 @@ ADMIN_HANDLERS = [
     create_principal,
     list_principals,
     change_principal,
+    list_tokens,
     issue_token,
     revoke_token,
     add_grant,

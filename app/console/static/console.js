@@ -118,7 +118,8 @@ async function catalogPage() {
         tr.firstChild.replaceChildren(el("a", { href: consoleUrl(org, sup, "tables", shown[i].name), text: shown[i].name }));
       });
       sections.push(el("section", { class: "super" },
-        el("h2", {}, `${org} / ${sup} `, el("a", { class: "action", href: consoleUrl(org, sup, "sql"), text: "SQL editor" })),
+        el("h2", {}, `${org} / ${sup} `, el("a", { class: "action", href: consoleUrl(org, sup, "sql"), text: "SQL editor" }),
+          el("a", { class: "action", href: consoleUrl(org, "events") + "?super=" + enc(sup), text: "Events" })),
         shown.length ? table : el("p", { class: "empty", text: "No tables yet." })));
     }
     list.replaceChildren(...(sections.length ? sections : [el("p", { class: "empty", text: "No table matches." })]));
@@ -149,7 +150,10 @@ async function tablePage(org, sup, name) {
   const sample = el("div", {}, el("p", { text: "Loading a sample…" }));
   show(el("h1", { text: name }), facts, el("h2", { text: "Schema" }), schema,
     el("h2", { text: "Mirrors" }), mirrors, el("h2", { text: "Sample" }), sample,
-    el("p", {}, el("a", { href: consoleUrl(org, sup, "sql") + "#" + enc(`select * from "${name}" limit 100`), text: "Query this table" })));
+    el("p", { class: "links" },
+      el("a", { href: consoleUrl(org, sup, "sql") + "#" + enc(`select * from "${name}" limit 100`), text: "Query this table" }),
+      el("a", { href: consoleUrl(org, sup, "tables", name, "history"), text: "History" }),
+      el("a", { href: consoleUrl(org, "events") + "?super=" + enc(sup) + "&table=" + enc(name), text: "Events" })));
   try {
     const result = await runQuery(org, sup, `select * from "${name.replaceAll('"', '""')}"`, 20, 0);
     sample.replaceChildren(grid(result.columns.map((c) => c.name), result.rows, "Sample"));
@@ -160,11 +164,11 @@ async function tablePage(org, sup, name) {
 
 // -- the SQL editor -----------------------------------------------------------------
 
-async function runQuery(org, sup, sql, limit, offset, accept) {
+async function runQuery(org, sup, sql, limit, offset, accept, asOf) {
   const response = await api(`/v1/${enc(org)}/${enc(sup)}/query`, {
     method: "POST",
     headers: accept ? { Accept: accept } : {},
-    body: JSON.stringify({ sql, limit, offset }),
+    body: JSON.stringify({ sql, limit, offset, ...(asOf || {}) }),
   });
   return accept ? response.blob() : response.json();
 }
@@ -228,13 +232,157 @@ function sqlPage(org, sup) {
   editor.focus();
 }
 
+// -- a table's history: its versions, a past version's rows, restore ---------------
+
+async function historyPage(org, sup, name) {
+  crumbs({ text: "Catalog", href: "/console" }, { text: `${org} / ${sup}`, href: consoleUrl(org, sup, "sql") },
+    { text: name, href: consoleUrl(org, sup, "tables", name) }, { text: "History" });
+  const entries = [];
+  let after = "0-0";
+  for (let i = 0; i < 20; i++) {
+    const page = await getJson(`/v1/${enc(org)}/${enc(sup)}/tables/${enc(name)}/history?after=${enc(after)}&limit=1000`);
+    entries.push(...page.entries);
+    if (!page.next_after) break;
+    after = page.next_after;
+  }
+  entries.reverse();  // newest first
+  const current = entries.length ? entries[0].version : 0;
+  const rows = entries.map((e) => [e.version, e.event_type, e.actor, e.time, e.rows_added, e.rows_removed, (e.columns_added || []).join(", ")]);
+  const timeline = grid(["version", "event", "actor", "time", "rows added", "rows removed", "columns added"], rows, "Versions");
+  const preview = el("div", { id: "preview" });
+  timeline.querySelectorAll("tbody tr").forEach((tr, i) => {
+    const version = entries[i].version;
+    const actions = el("td", {},
+      el("button", { type: "button", class: "link", text: `Open version ${version}`, onclick: () => openVersion(version) }),
+      version === current ? null : el("button", { type: "button", class: "link", text: `Restore version ${version}`, onclick: () => restore(version) }));
+    tr.append(actions);
+  });
+  timeline.querySelector("thead tr").append(el("th", { scope: "col", text: "actions" }));
+
+  async function openVersion(version) {
+    try {
+      const result = await runQuery(org, sup, `select * from "${name.replaceAll('"', '""')}"`, 100, 0, null, { as_of_version: version });
+      preview.replaceChildren(el("h2", { text: `Version ${version}` }), grid(result.columns.map((c) => c.name), result.rows, `Rows of version ${version}`));
+    } catch (error) {
+      preview.replaceChildren(errorBox(error));
+    }
+  }
+
+  async function restore(version) {
+    if (!confirm(`Make version ${version} of ${name} current again (as a new version)?`)) return;
+    try {
+      const response = await api(`/v1/${enc(org)}/${enc(sup)}/tables/${enc(name)}/restore`, {
+        method: "POST", body: JSON.stringify({ version }),
+      });
+      const done = await response.json();
+      await historyPage(org, sup, name);
+      main.prepend(el("p", { class: "notice", role: "status", text: `Restored version ${version} as version ${done.version}.` }));
+    } catch (error) {
+      preview.replaceChildren(errorBox(error));
+    }
+  }
+
+  show(el("h1", { text: `History of ${name}` }), timeline, preview);
+}
+
+// -- events: an org's log (of a super or table), following new ones live ------------
+
+async function eventsPage(org) {
+  const params = new URLSearchParams(location.search);
+  const sup = params.get("super"), table = params.get("table");
+  crumbs({ text: "Catalog", href: "/console" }, { text: org }, { text: "Events" });
+  const scope = new URLSearchParams({ org });
+  if (sup) scope.set("super", sup);
+  if (table) scope.set("table", table);
+  // The last day's events, newest first, then every new one as it is appended.
+  const since = `${Date.now() - 86400000}-0`;
+  const page = await getJson(`/v1/events?${scope}&after=${enc(since)}&limit=1000`);
+  const typeBox = el("input", { id: "type-filter", type: "search", placeholder: "RowsAppended" });
+  const actorBox = el("input", { id: "actor-filter", type: "search", placeholder: "principal id" });
+  const body = el("tbody");
+  const live = el("p", { id: "live", class: "status", role: "status", text: "Connecting…" });
+  const head = el("tr", {}, ...["time", "event", "super", "table", "version", "actor", "rows"].map((c) => el("th", { scope: "col", text: c })));
+  const table_ = el("table", { class: "grid", "aria-label": "Events" }, el("thead", {}, head), body);
+  const matches = (e) => (!typeBox.value || e.type.toLowerCase().includes(typeBox.value.toLowerCase())) &&
+    (!actorBox.value || String(e.actor).includes(actorBox.value));
+  const add = (e) => {
+    const tr = el("tr", {}, ...[e.time, e.type, e.super || "", e.table || "", e.version ?? "", e.actor, e.rows ?? e.rows_removed ?? ""].map(cell));
+    tr.dataset.type = e.type;
+    tr.dataset.actor = e.actor;
+    tr.hidden = !matches(e);
+    body.prepend(tr);
+  };
+  page.events.forEach(add);
+  const refilter = () => body.querySelectorAll("tr").forEach((tr) => { tr.hidden = !matches(tr.dataset); });
+  typeBox.addEventListener("input", refilter);
+  actorBox.addEventListener("input", refilter);
+  const last = page.events.length ? page.events[page.events.length - 1] : null;
+  const from = last ? (sup ? last.id : `${last.id}@${last.super}`) : "$";
+  const source = new EventSource(`/v1/events/stream?${scope}&after=${enc(from)}`);
+  source.addEventListener("open", () => { live.textContent = "Following new events live."; });
+  source.addEventListener("event", (message) => add(JSON.parse(message.data)));
+  source.addEventListener("error", () => { live.textContent = "Reconnecting…"; });
+  window.addEventListener("pagehide", () => source.close());
+  show(el("h1", { text: `Events of ${[org, sup, table].filter(Boolean).join(" / ")}` }),
+    el("div", { class: "controls" }, el("label", { for: "type-filter", text: "Event type" }), typeBox,
+      el("label", { for: "actor-filter", text: "Actor" }), actorBox),
+    live, table_);
+}
+
+// -- admin: principals and their tokens (for org and platform admins) --------------
+
+async function adminPage() {
+  crumbs({ text: "Catalog", href: "/console" }, { text: "Admin" });
+  const me = await getJson("/v1/whoami");
+  const principals = await getJson("/v1/principals");
+  const managed = principals.filter((p) => me.principal.admin || (p.org && me.grants.some((g) => g.role === "org_admin" && g.org === p.org && !g.super)));
+  if (!managed.length) {
+    show(el("h1", { text: "Not found" }), el("p", { text: "No console page has this address." }));
+    return;
+  }
+  const list = el("div");
+  for (const p of managed) {
+    const tokens = await getJson(`/v1/principals/${enc(p.id)}/tokens`);
+    const rows = tokens.map((t) => [t.name || "(unnamed)", t.id, t.created_at, t.expires_at, t.revoked ? "revoked" : "active"]);
+    const tokenGrid = grid(["token", "id", "created", "expires", "state"], rows, `Tokens of ${p.name}`);
+    tokenGrid.querySelector("thead tr").append(el("th", { scope: "col", text: "actions" }));
+    tokenGrid.querySelectorAll("tbody tr").forEach((tr, i) => {
+      const t = tokens[i];
+      tr.append(el("td", {}, t.revoked ? null : el("button", { type: "button", class: "link", text: `Revoke ${t.name || t.id}`,
+        onclick: async () => {
+          if (!confirm(`Revoke the token ${t.name || t.id} of ${p.name}? It stops working at once.`)) return;
+          await api(`/v1/tokens/${enc(t.id)}`, { method: "DELETE" });
+          adminPage();
+        } })));
+    });
+    const nameBox = el("input", { id: `token-name-${p.id}`, type: "text", placeholder: "laptop" });
+    const issued = el("div", { role: "status" });
+    const issue = el("button", { type: "button", text: `Issue a token for ${p.name}`, onclick: async () => {
+      const response = await api(`/v1/principals/${enc(p.id)}/tokens`, { method: "POST", body: JSON.stringify({ name: nameBox.value }) });
+      const made = await response.json();
+      await adminPage();
+      main.prepend(el("div", { class: "notice", role: "status" },
+        el("p", { text: `New token for ${p.name} (shown once: copy it now):` }),
+        el("output", { class: "secret", "aria-label": "New token", text: made.token })));
+    } });
+    list.append(el("section", { class: "principal" },
+      el("h2", { text: `${p.name} (${p.kind}${p.org ? `, ${p.org}` : ""}${p.admin ? ", platform admin" : ""}${p.disabled ? ", disabled" : ""})` }),
+      tokenGrid,
+      el("div", { class: "controls" }, el("label", { for: `token-name-${p.id}`, text: `Name of a new token for ${p.name}` }), nameBox, issue), issued));
+  }
+  show(el("h1", { text: "Principals and tokens" }), list);
+}
+
 // -- routing ------------------------------------------------------------------------
 
 async function route() {
   const parts = location.pathname.replace(/^\/console\/?/, "").split("/").filter(Boolean).map(decodeURIComponent);
   try {
     if (parts.length === 0) return await catalogPage();
+    if (parts.length === 1 && parts[0] === "admin") return await adminPage();
+    if (parts.length === 2 && parts[1] === "events") return await eventsPage(parts[0]);
     if (parts.length === 4 && parts[2] === "tables") return await tablePage(parts[0], parts[1], parts[3]);
+    if (parts.length === 5 && parts[2] === "tables" && parts[4] === "history") return await historyPage(parts[0], parts[1], parts[3]);
     if (parts.length === 3 && parts[2] === "sql") return sqlPage(parts[0], parts[1]);
     crumbs({ text: "Catalog", href: "/console" });
     show(el("h1", { text: "Not found" }), el("p", { text: "No console page has this address." }));
