@@ -9,7 +9,9 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
+import threading
 from typing import Any
 
 import anyio
@@ -24,6 +26,7 @@ log = logging.getLogger("ledgerlake.serve")
 # How ``serve``'s server processes get their settings and Redis URL: the processes are
 # spawned by uvicorn, which can only name a factory, so the parent leaves them here.
 PEER_ENV = "_LEDGERLAKE_SERVE_PEER"
+BACKGROUND_ENV = "_LEDGERLAKE_SERVE_BACKGROUND"
 PR_SET_PDEATHSIG = 1
 
 
@@ -61,10 +64,15 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         sock = listen(settings.host, settings.port)
         log.info("listening on http://%s:%d with %d server processes", settings.host,
                  sock.getsockname()[1], processes)  # fmt: skip
+        background = Background(settings, url)
+        background.start()
         # uvicorn's supervisor hands the socket to each process, restarts one that dies,
         # and stops them all (SIGTERM, graceful) on SIGINT or SIGTERM.
         supervisor = Multiprocess(config, sockets=[sock])
-        supervisor.run()
+        try:
+            supervisor.run()
+        finally:
+            background.stop()
         if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
             return STARTUP_FAILURE  # a process could not start: uvicorn stopped them all
     return 0
@@ -108,7 +116,10 @@ def peer_app() -> Any:
     _die_with(peer["parent"])
     settings = msgspec.convert(peer["settings"], Settings, strict=False, dec_hook=decode_path)
     setup_logging(settings.log_format, settings.log_level)
-    return create_app(settings, peer["redis_url"], warm=True, storage_checked=True)
+    # (The projections run in serve's background process.)
+    return create_app(
+        settings, peer["redis_url"], warm=True, storage_checked=True, run_projector=False
+    )
 
 
 def _die_with(parent: int) -> None:
@@ -129,24 +140,84 @@ async def _until_signal(stop: anyio.Event) -> None:
             return
 
 
-def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    async def main(url: str) -> None:
-        async with Services.open(settings, url) as services:
-            stop = anyio.Event()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_until_signal, stop)
-                if settings.compact_interval_s > 0 and not args.burst:
-                    tg.start_soon(services.compact_forever, settings.compact_interval_s)
-                if args.burst:
-                    n = await services.catch_up()
-                    print(f"projected {n} events", file=sys.stderr)
-                else:
-                    await services.run_projections(stop)
-                tg.cancel_scope.cancel()
+async def _work(settings: Settings, url: str, *, burst: bool = False) -> None:
+    """What ``worker`` runs (and ``serve --workers N``'s background process): the
+    projections, mirrors and archive, and background compaction, until SIGINT/SIGTERM;
+    with ``burst``, the projections until they caught up."""
+    async with Services.open(settings, url) as services:
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_until_signal, stop)
+            if settings.compact_interval_s > 0 and not burst:
+                tg.start_soon(services.compact_forever, settings.compact_interval_s)
+            if burst:
+                n = await services.catch_up()
+                print(f"projected {n} events", file=sys.stderr)
+            else:
+                await services.run_projections(stop)
+            tg.cancel_scope.cancel()
 
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     with redis_for(settings) as url:
-        anyio.run(main, url)
+        anyio.run(lambda: _work(settings, url, burst=args.burst))
     return 0
+
+
+class Background:
+    """``serve --workers N``'s background process: the projection runners, the mirrors,
+    the archive and compaction, apart from the server processes, whose requests then
+    never wait behind a Delta or Iceberg commit for the GIL. Restarted if it dies;
+    stopped (SIGTERM) after the server processes. It has its own session, so a Ctrl-C
+    at the terminal reaches only ``serve``, which stops it last."""
+
+    def __init__(self, settings: Settings, url: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != PEER_ENV}
+        peer = {"settings": settings, "redis_url": url, "parent": os.getpid()}
+        env[BACKGROUND_ENV] = msgspec.json.encode(peer, enc_hook=str).decode()
+        self.env = env
+        self.stopping = threading.Event()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.thread = threading.Thread(target=self._keep, name="background", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _keep(self) -> None:
+        code = "from app.cli.server import background_main; background_main()"
+        while not self.stopping.is_set():
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code], env=self.env, start_new_session=True
+            )
+            log.info("background process %d: projections, mirrors, archive", self.process.pid)
+            status = self.process.wait()
+            if self.stopping.is_set():
+                return
+            log.warning("the background process exited (%s); starting another", status)
+            self.stopping.wait(1.0)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.thread.join(timeout=5)
+
+
+def background_main() -> None:
+    """The entry of ``serve``'s background process (``Background``)."""
+    from app.logs import setup_logging
+
+    peer = msgspec.json.decode(os.environ[BACKGROUND_ENV])
+    _die_with(peer["parent"])
+    settings = msgspec.convert(peer["settings"], Settings, strict=False, dec_hook=decode_path)
+    setup_logging(settings.log_format, settings.log_level)
+    anyio.run(_work, settings, peer["redis_url"])
 
 
 def cmd_mcp(settings: Settings, args: argparse.Namespace) -> int:

@@ -20,14 +20,15 @@ from tests.support.processes import Server, cli_env, pid_alive
 
 ROWS = "/v1/acme/sales/tables/orders/rows"
 PEER_ENV = b"_LEDGERLAKE_SERVE_PEER="
+BACKGROUND_ENV = b"_LEDGERLAKE_SERVE_BACKGROUND="
 MAX_TRIES = 400  # fresh connections before a test gives up on reaching every process
 
 pytestmark = pytest.mark.slow
 
 
-def peers(server: Server) -> set[int]:
-    """The server processes of ``serve`` (its children that run the app)."""
-    out = set()
+def children(server: Server) -> list[tuple[int, bytes, bytes]]:
+    """The processes serve started: (pid, environment, argv)."""
+    out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -37,11 +38,20 @@ def peers(server: Server) -> set[int]:
             argv = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        # (multiprocessing's resource tracker is a child too, not a peer)
-        if ppid == server.pid and PEER_ENV in environ and b"spawn_main" in argv:
-            out.add(int(entry.name))
+        if int(stat.rsplit(")", 1)[1].split()[1]) == server.pid:
+            out.append((int(entry.name), environ, argv))
     return out
+
+
+def peers(server: Server) -> set[int]:
+    """The server processes of ``serve`` (its children that run the app)."""
+    # (multiprocessing's resource tracker is a child too, not a peer)
+    return {p for p, env, argv in children(server) if PEER_ENV in env and b"spawn_main" in argv}
+
+
+def background(server: Server) -> set[int]:
+    """serve's background process (the projections, mirrors and archive)."""
+    return {pid for pid, env, _ in children(server) if BACKGROUND_ENV in env}
 
 
 def answered_by(server: Server) -> dict[str, int]:
@@ -110,8 +120,8 @@ def test_peers_serve_one_port_and_share_the_projections(start_server: Any, tmp_p
     by_pid = each_process(server, admin, "/v1/acme/sales/tables/orders", pids)
     for responses in by_pid.values():
         assert {r.json()["row_count"] for r in responses} == {4}
-    # The projections run in both processes, under leases: each unit has one holder,
-    # and it is one of them.
+    # The projections (and mirrors, archive) run in serve's background process, apart
+    # from the server processes: it holds every lease.
     with server.client() as http:
         health = http.get("/health").json()
     assert health["status"] == "ok", health
@@ -123,7 +133,32 @@ def test_peers_serve_one_port_and_share_the_projections(start_server: Any, tmp_p
         client.close()
     assert holders, "no projection lease is held"
     holder_pids = {int(h.decode().split("-")[-2]) for h in holders if h}
-    assert holder_pids <= pids, (holder_pids, pids)
+    (worker,) = background(server)
+    assert holder_pids == {worker}, (holder_pids, worker, pids)
+
+
+def test_the_background_process_is_replaced_and_stops_with_serve(
+    start_server: Any, tmp_path: Path
+) -> None:
+    server = start(start_server, tmp_path)
+    (first,) = background(server)
+    os.kill(first, signal.SIGKILL)
+    wait_exit(first)
+    with server.client() as http:  # the server processes answer meanwhile
+        assert http.post(ROWS, json=[{"id": 1}]).status_code == 200
+    replaced: set[int] = set()
+    for _ in range(MAX_TRIES):
+        replaced = background(server)
+        if replaced:
+            break
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.get("/health").status_code == 200
+    (second,) = replaced
+    assert second != first
+    # Ctrl-C at serve stops it too (it has its own session, so only serve got the signal).
+    assert server.stop() == 0
+    wait_exit(second)
+    assert not pid_alive(second)
 
 
 def test_a_revoked_token_is_refused_by_every_process(start_server: Any, tmp_path: Path) -> None:
@@ -175,6 +210,7 @@ def test_a_dead_process_is_replaced_and_serve_takes_them_all_down(
     each_process(server, server.auth_headers(), "/v1/orgs", alive)  # the new one serves
 
     # serve killed with SIGKILL: its processes die with it and free the port.
+    alive |= background(server)
     server.kill9()
     for pid in alive:
         wait_exit(pid)
