@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import pyarrow as pa
 import pytest
 
 from tests.console.conftest import snap
@@ -104,6 +105,33 @@ def test_sign_in_browse_query_page_download_and_sign_out(page: Any, server: Serv
         ["id", "region"], ["0", "eu"], ["1", "us"], ["2", "apac"], ["3", "eu"], ["4", "us"]
     ]  # fmt: skip
 
+    # Arrow too, sorting the page by a column, the plan, and a past version.
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Download Arrow").click()
+    arrow = pa.ipc.open_stream(Path(info.value.path()).read_bytes()).read_all()
+    assert arrow.column("id").to_pylist() == [0, 1, 2, 3, 4]
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("5 rows from row 1").wait_for()
+    page.get_by_role("button", name="region").click()
+    assert [r[1] for r in grid_rows(page, "Results")] == ["apac", "eu", "eu", "us", "us"]
+    page.get_by_role("button", name="region").click()
+    assert [r[1] for r in grid_rows(page, "Results")] == ["us", "us", "eu", "eu", "apac"]
+    page.get_by_role("button", name="Plan").click()
+    assert "orders" in page.get_by_label("Plan").inner_text()
+    editor.fill("select count(*) n from orders")
+    page.get_by_label("As of version").fill("0")  # created, still empty
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("1 row from row 1").wait_for()
+    assert grid_rows(page, "Results") == [["0"]]
+    page.get_by_label("As of version").fill("")
+
+    # The platform admin's admin page also has the effective settings (secrets
+    # redacted) and the health.
+    page.goto(server.url + "/console/admin")
+    settings = grid_rows(page, "Settings")
+    assert ["api_token", "***"] in settings and TOKEN not in page.content()
+    assert '"status"' in page.get_by_label("Health").inner_text()
+
     # Sign out: the session is over, the pages ask to sign in again.
     page.get_by_role("button", name="Sign out").click()
     page.get_by_label("Token").wait_for()
@@ -174,7 +202,7 @@ def test_an_org_admin_issues_and_revokes_a_token_and_a_reader_sees_no_admin(
 
     sign_in(page, server, "/console", boss_token)
     page.get_by_role("link", name="Admin").click()
-    page.get_by_role("heading", name="Principals and tokens").wait_for()
+    page.get_by_role("heading", name="Principals, tokens and grants").wait_for()
     assert "gus" not in page.content() and other["id"] not in page.content()
     page.get_by_label("Name of a new token for ann").fill("ci")
     page.get_by_role("button", name="Issue a token for ann").click()
@@ -197,6 +225,22 @@ def test_an_org_admin_issues_and_revokes_a_token_and_a_reader_sees_no_admin(
         ).status_code
         == 401
     )
+
+    # A grant added from the page, then removed.
+    page.get_by_label("Role for ann").select_option("writer")
+    page.get_by_label("Super for ann").fill("sales")
+    page.get_by_role("button", name="Add the grant for ann").click()
+    page.get_by_role("button", name="Remove writer on acme/sales").wait_for()
+    with server.client() as admin:
+        roles = {(g["role"], g["super"]) for g in admin.get("/v1/grants").json()}
+    assert ("writer", "sales") in roles
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Remove writer on acme/sales").click()
+    page.get_by_role("button", name="Remove writer on acme/sales").wait_for(state="detached")
+    with server.client() as admin:
+        roles = {(g["role"], g["super"]) for g in admin.get("/v1/grants").json()}
+    assert ("writer", "sales") not in roles
+    assert page.get_by_role("table", name="Settings").count() == 0  # platform admins only
 
     # A reader: no Admin link, and the admin page by URL shows nothing of it.
     page.get_by_role("button", name="Sign out").click()

@@ -164,13 +164,48 @@ async function tablePage(org, sup, name) {
 
 // -- the SQL editor -----------------------------------------------------------------
 
-async function runQuery(org, sup, sql, limit, offset, accept, asOf) {
+async function runQuery(org, sup, sql, limit, offset, accept, asOf, signal) {
   const response = await api(`/v1/${enc(org)}/${enc(sup)}/query`, {
     method: "POST",
     headers: accept ? { Accept: accept } : {},
     body: JSON.stringify({ sql, limit, offset, ...(asOf || {}) }),
+    signal,
   });
   return accept ? response.blob() : response.json();
+}
+
+// A results grid whose column headers sort the rows shown (click, or Enter on one).
+function sortableGrid(columns, rows, label) {
+  const table = grid(columns, rows, label);
+  const trs = [...table.querySelector("tbody").children];  // in the rows' order
+  let by = -1, ascending = true;
+  table.querySelectorAll("thead th").forEach((th, i) => {
+    const button = el("button", { type: "button", class: "sort", text: th.textContent });
+    th.replaceChildren(button);
+    th.setAttribute("aria-sort", "none");
+    button.addEventListener("click", () => {
+      ascending = by === i ? !ascending : true;
+      by = i;
+      const order = rows.map((row, n) => [row[i], n]).sort(([x], [y]) => {
+        if (x === y) return 0;
+        if (x === null || x === undefined) return 1;
+        if (y === null || y === undefined) return -1;
+        return (x < y ? -1 : 1) * (ascending ? 1 : -1);
+      });
+      const body = table.querySelector("tbody");
+      body.replaceChildren(...order.map(([, n]) => trs[n]));
+      table.querySelectorAll("thead th").forEach((other) => other.setAttribute("aria-sort", "none"));
+      th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+    });
+  });
+  return table;
+}
+
+function saveBlob(blob, name) {
+  const link = el("a", { href: URL.createObjectURL(blob), download: name });
+  document.body.append(link);
+  link.click();
+  link.remove();
 }
 
 function sqlPage(org, sup) {
@@ -179,42 +214,71 @@ function sqlPage(org, sup) {
   const editor = el("textarea", { id: "sql", rows: "8", spellcheck: "false" });
   editor.value = initial;
   const limitBox = el("input", { id: "limit", type: "number", min: "1", max: "100000", value: "100" });
+  const versionBox = el("input", { id: "as-of-version", type: "number", min: "0", placeholder: "current" });
+  const timeBox = el("input", { id: "as-of-time", type: "text", placeholder: "2026-01-31T12:00:00Z" });
   const output = el("div", { id: "results", "aria-live": "polite" });
   const status = el("p", { id: "status", class: "status" });
-  let offset = 0;
+  const cancel = el("button", { type: "button", text: "Cancel", disabled: "" });
+  let offset = 0, running = null;
+
+  function asOf() {
+    const out = {};
+    if (versionBox.value !== "") out.as_of_version = Number(versionBox.value);
+    if (timeBox.value.trim()) out.as_of_time = timeBox.value.trim();
+    return out;
+  }
 
   async function run(at = 0) {
     offset = at;
     const sql = editor.value;
     history.replaceState(null, "", "#" + enc(sql));
     status.textContent = "Running…";
+    running = new AbortController();
+    cancel.removeAttribute("disabled");
     try {
       const limit = Number(limitBox.value) || 100;
-      const result = await runQuery(org, sup, sql, limit, offset);
+      const result = await runQuery(org, sup, sql, limit, offset, null, asOf(), running.signal);
       const pager = el("div", { class: "pager" },
         el("button", { type: "button", text: "Previous page", ...(offset ? {} : { disabled: "" }), onclick: () => run(Math.max(0, offset - limit)) }),
         el("button", { type: "button", text: "Next page", ...(result.truncated ? {} : { disabled: "" }), onclick: () => run(offset + limit) }));
-      output.replaceChildren(grid(result.columns.map((c) => c.name), result.rows, "Results"), pager);
+      output.replaceChildren(sortableGrid(result.columns.map((c) => c.name), result.rows, "Results"), pager);
       status.textContent = `${result.row_count} row${result.row_count === 1 ? "" : "s"} from row ${offset + 1}` +
         `${result.truncated ? " (more follow)" : ""} in ${result.elapsed_ms} ms`;
+    } catch (error) {
+      status.textContent = error.name === "AbortError" ? "Cancelled." : "";
+      if (error.name !== "AbortError") output.replaceChildren(errorBox(error));
+    } finally {
+      running = null;
+      cancel.setAttribute("disabled", "");
+    }
+  }
+
+  async function plan() {
+    try {
+      const response = await api(`/v1/${enc(org)}/${enc(sup)}/query/validate`, {
+        method: "POST", body: JSON.stringify({ sql: editor.value, ...asOf() }),
+      });
+      const checked = await response.json();
+      output.replaceChildren(
+        el("h2", { text: "Plan" }),
+        el("p", { text: `Reads ${checked.tables.join(", ") || "no table"}; returns ${checked.columns.map((c) => `${c.name} ${c.type}`).join(", ")}.` }),
+        el("pre", { class: "plan", "aria-label": "Plan", text: checked.plan }));
+      status.textContent = "Valid.";
     } catch (error) {
       status.textContent = "";
       output.replaceChildren(errorBox(error));
     }
   }
 
-  async function download() {
+  async function download(accept, name) {
     try {
-      const blob = await runQuery(org, sup, editor.value, Number(limitBox.value) || 100, 0, "text/csv");
-      const link = el("a", { href: URL.createObjectURL(blob), download: "result.csv" });
-      document.body.append(link);
-      link.click();
-      link.remove();
+      saveBlob(await runQuery(org, sup, editor.value, Number(limitBox.value) || 100, 0, accept, asOf()), name);
     } catch (error) {
       output.replaceChildren(errorBox(error));
     }
   }
 
+  cancel.addEventListener("click", () => running && running.abort());
   editor.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
       event.preventDefault();
@@ -225,8 +289,13 @@ function sqlPage(org, sup) {
     el("label", { for: "sql", text: "SQL" }), editor,
     el("div", { class: "controls" },
       el("label", { for: "limit", text: "Rows per page" }), limitBox,
-      el("button", { type: "button", text: "Run", onclick: () => run(0) }),
-      el("button", { type: "button", text: "Download CSV", onclick: download }),
+      el("label", { for: "as-of-version", text: "As of version" }), versionBox,
+      el("label", { for: "as-of-time", text: "As of time" }), timeBox),
+    el("div", { class: "controls" },
+      el("button", { type: "button", text: "Run", onclick: () => run(0) }), cancel,
+      el("button", { type: "button", text: "Plan", onclick: plan }),
+      el("button", { type: "button", text: "Download CSV", onclick: () => download("text/csv", "result.csv") }),
+      el("button", { type: "button", text: "Download Arrow", onclick: () => download("application/vnd.apache.arrow.stream", "result.arrow") }),
       el("span", { class: "hint", text: "Ctrl+Enter runs" })),
     status, output);
   editor.focus();
@@ -334,9 +403,9 @@ async function eventsPage(org) {
 async function adminPage() {
   crumbs({ text: "Catalog", href: "/console" }, { text: "Admin" });
   const me = await getJson("/v1/whoami");
-  const principals = await getJson("/v1/principals");
+  const [principals, grants] = await Promise.all([getJson("/v1/principals"), getJson("/v1/grants")]);
   const managed = principals.filter((p) => me.principal.admin || (p.org && me.grants.some((g) => g.role === "org_admin" && g.org === p.org && !g.super)));
-  if (!managed.length) {
+  if (!managed.length && !me.principal.admin) {
     show(el("h1", { text: "Not found" }), el("p", { text: "No console page has this address." }));
     return;
   }
@@ -368,9 +437,53 @@ async function adminPage() {
     list.append(el("section", { class: "principal" },
       el("h2", { text: `${p.name} (${p.kind}${p.org ? `, ${p.org}` : ""}${p.admin ? ", platform admin" : ""}${p.disabled ? ", disabled" : ""})` }),
       tokenGrid,
-      el("div", { class: "controls" }, el("label", { for: `token-name-${p.id}`, text: `Name of a new token for ${p.name}` }), nameBox, issue), issued));
+      el("div", { class: "controls" }, el("label", { for: `token-name-${p.id}`, text: `Name of a new token for ${p.name}` }), nameBox, issue), issued,
+      p.org ? grantsOf(p, grants.filter((g) => g.principal_id === p.id)) : null));
   }
-  show(el("h1", { text: "Principals and tokens" }), list);
+  const extra = [];
+  if (me.principal.admin) {
+    const [config, health] = await Promise.all([getJson("/v1/config"), (await fetch("/health")).json()]);
+    extra.push(el("h2", { text: "Effective settings" }),
+      grid(["setting", "value"], Object.entries(config).map(([k, v]) => [k, v]), "Settings"),
+      el("h2", { text: "Health" }), el("pre", { class: "plan", "aria-label": "Health", text: JSON.stringify(health, null, 2) }));
+  }
+  show(el("h1", { text: "Principals, tokens and grants" }), list, ...extra);
+}
+
+// A principal's grants, each removable, and a form to add one in its org.
+function grantsOf(p, grants) {
+  const rows = grants.map((g) => [g.role, g.org, g.super || "(every super)", g.table || "(every table)"]);
+  const table = grid(["role", "org", "super", "table"], rows, `Grants of ${p.name}`);
+  table.querySelector("thead tr").append(el("th", { scope: "col", text: "actions" }));
+  table.querySelectorAll("tbody tr").forEach((tr, i) => {
+    const g = grants[i];
+    tr.append(el("td", {}, el("button", { type: "button", class: "link", text: `Remove ${g.role} on ${[g.org, g.super, g.table].filter(Boolean).join("/")}`,
+      onclick: async () => {
+        if (!confirm(`Remove the grant ${g.role} of ${p.name}?`)) return;
+        await api(`/v1/grants/${enc(g.id)}`, { method: "DELETE" });
+        adminPage();
+      } })));
+  });
+  const role = el("select", { id: `grant-role-${p.id}` }, ...["reader", "writer", "org_admin"].map((r) => el("option", { value: r, text: r })));
+  const sup = el("input", { id: `grant-super-${p.id}`, type: "text", placeholder: "every super" });
+  const tbl = el("input", { id: `grant-table-${p.id}`, type: "text", placeholder: "every table" });
+  const problem = el("div");
+  const add = el("button", { type: "button", text: `Add the grant for ${p.name}`, onclick: async () => {
+    const body = { principal_id: p.id, role: role.value, org: p.org };
+    if (sup.value.trim()) body.super = sup.value.trim();
+    if (tbl.value.trim()) body.table = tbl.value.trim();
+    try {
+      await api("/v1/grants", { method: "POST", body: JSON.stringify(body) });
+      adminPage();
+    } catch (error) {
+      problem.replaceChildren(errorBox(error));
+    }
+  } });
+  return el("div", { class: "grants" }, table,
+    el("div", { class: "controls" },
+      el("label", { for: role.id, text: `Role for ${p.name}` }), role,
+      el("label", { for: sup.id, text: `Super for ${p.name}` }), sup,
+      el("label", { for: tbl.id, text: `Table for ${p.name}` }), tbl, add), problem);
 }
 
 // -- routing ------------------------------------------------------------------------
