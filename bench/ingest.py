@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 from bench.core import Measure, Server, body, post_body, raw_parquet_write, rows_table
 
 FORMATS = ("json", "arrow", "parquet")
+
+
+def at_least(share: float) -> Callable[[Measure], bool]:
+    return lambda m: (m.ratio or 0) >= share
 
 
 def run(server: Server, runs: int, full: bool) -> list[Measure]:
@@ -29,11 +34,14 @@ def run(server: Server, runs: int, full: bool) -> list[Measure]:
         mb = tables[n].nbytes / 1e6
         for kind in FORMATS:
             data, content_type = bodies[(n, kind)]
-            target = "≥ 60% of raw" if kind != "json" else ""
+            # Issue 19: Arrow and Parquet bodies at 60% of raw pyarrow at 5k rows, 80% at
+            # 100k (JSON has no target).
+            share = 0.6 if n < 100_000 else 0.8
+            target = f"≥ {share:.0%} of raw" if kind != "json" else ""
             rows = Measure(
                 "ingest", f"{n // 1000}k rows, {kind} ({len(data) / 1e6:.1f} MB body)",
-                "throughput", "rows/s", "higher", raw_label="pq.write_table",
-                target=target, check=(lambda m: (m.ratio or 0) >= 0.6) if target else None,
+                "throughput", "rows/s", "higher", raw_label="pq.write_table", target=target,
+                check=at_least(share) if target else None,
             )  # fmt: skip
             mbs = Measure(
                 "ingest", f"{n // 1000}k rows, {kind}", "throughput", "MB/s", "higher",
