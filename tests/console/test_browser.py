@@ -66,10 +66,16 @@ def test_sign_in_browse_query_page_download_and_sign_out(page: Any, server: Serv
     page.get_by_role("link", name="Ledgerlake").click()
     page.get_by_role("link", name="orders").wait_for()
     snap(page, "catalog")
-    page.get_by_label("Search tables").fill("nothing-like-this")
+    search = page.get_by_label("Search tables and columns")
+    search.fill("nothing-like-this")
     page.get_by_text("No table matches.").wait_for()
-    page.get_by_label("Search tables").fill("ord")
+    search.fill("ord")
     page.get_by_role("link", name="orders").wait_for()
+    search.fill("regi")  # a column's name finds its table, and says which column
+    page.get_by_role("cell", name="region", exact=True).wait_for()
+    assert page.get_by_role("link", name="orders").count() == 1
+    assert page.get_by_role("link", name="payroll").count() == 0
+    search.fill("")
 
     # The SQL editor: the query lives in the URL's fragment; Run fills the grid.
     sql = "select region, count(*) n from orders group by region order by region"
@@ -78,6 +84,18 @@ def test_sign_in_browse_query_page_download_and_sign_out(page: Any, server: Serv
     page.get_by_role("button", name="Run").click()
     page.get_by_text("3 rows from row 1").wait_for()
     assert grid_rows(page, "Results") == [["apac", "83"], ["eu", "84"], ["us", "83"]]
+    # A chart of the result in two clicks: the axes default to the first column and
+    # the last numeric one.
+    page.get_by_role("button", name="Bar chart").click()
+    bars = page.get_by_role("img", name="bar chart of n by region")
+    assert bars.locator("rect").count() == 3
+    heights = [
+        float(h)
+        for h in bars.locator("rect").evaluate_all("rs => rs.map(r => r.getAttribute('height'))")
+    ]
+    assert heights[1] > heights[0] == heights[2]  # eu's 84 over the others' 83
+    page.get_by_role("button", name="Line chart").click()
+    assert page.get_by_role("img", name="line chart of n by region").locator("circle").count() == 3
     snap(page, "sql")
 
     # Ctrl+Enter runs too, and the grid pages through a larger result.

@@ -104,16 +104,29 @@ async function catalogPage() {
       entries.push({ org: org.name, sup: sup.name, tables });
     }
   }
-  const search = el("input", { id: "search", type: "search", placeholder: "table name" });
+  const search = el("input", { id: "search", type: "search", placeholder: "table or column name" });
   const list = el("div", { id: "catalog" });
+  // Column names, fetched with the first search (one request per table, at most 500).
+  const columns = new Map();
+  let loading = null;
+  const loadColumns = () => loading || (loading = Promise.all(entries.flatMap(({ org, sup, tables }) =>
+    tables.slice(0, 500).map(async (t) => {
+      try {
+        const detail = await getJson(`/v1/${enc(org)}/${enc(sup)}/tables/${enc(t.name)}`);
+        columns.set(`${org}/${sup}/${t.name}`, detail.columns.map((c) => c.name));
+      } catch (_) { /* gone meanwhile: names only */ }
+    }))).then(() => draw()));
   const draw = () => {
     const needle = search.value.trim().toLowerCase();
+    if (needle && !loading) loadColumns();
     const sections = [];
     for (const { org, sup, tables } of entries) {
-      const shown = tables.filter((t) => !needle || t.name.toLowerCase().includes(needle));
+      const hits = (t) => (columns.get(`${org}/${sup}/${t.name}`) || []).filter((c) => c.toLowerCase().includes(needle));
+      const shown = tables.filter((t) => !needle || t.name.toLowerCase().includes(needle) || hits(t).length);
       if (needle && !shown.length) continue;
-      const rows = shown.map((t) => [t.name, t.row_count, t.file_count, formatBytes(t.size_bytes), t.version, t.updated_at]);
-      const table = grid(["table", "rows", "files", "size", "version", "updated"], rows, `Tables of ${org}/${sup}`);
+      const rows = shown.map((t) => [t.name, t.row_count, t.file_count, formatBytes(t.size_bytes), t.version, t.updated_at,
+        ...(needle ? [hits(t).join(", ")] : [])]);
+      const table = grid(["table", "rows", "files", "size", "version", "updated", ...(needle ? ["matching columns"] : [])], rows, `Tables of ${org}/${sup}`);
       table.querySelectorAll("tbody tr").forEach((tr, i) => {
         tr.firstChild.replaceChildren(el("a", { href: consoleUrl(org, sup, "tables", shown[i].name), text: shown[i].name }));
       });
@@ -126,7 +139,7 @@ async function catalogPage() {
   };
   search.addEventListener("input", draw);
   draw();
-  show(el("h1", { text: "Catalog" }), el("label", { for: "search", text: "Search tables" }), search,
+  show(el("h1", { text: "Catalog" }), el("label", { for: "search", text: "Search tables and columns" }), search,
     entries.length ? list : el("p", { class: "empty", text: "Nothing here yet: write rows through the API first." }));
 }
 
@@ -149,7 +162,8 @@ async function tablePage(org, sup, name) {
     (t.mirrors || []).map((m) => [m.format, m.enabled, m.version, m.lag_versions, m.location, m.error]), "Mirrors");
   const sample = el("div", {}, el("p", { text: "Loading a sample…" }));
   show(el("h1", { text: name }), facts, el("h2", { text: "Schema" }), schema,
-    el("h2", { text: "Mirrors" }), mirrors, el("h2", { text: "Sample" }), sample,
+    el("h2", { text: "Mirrors" }), mirrors, useFrom(org, sup, name, t.mirrors || []),
+    el("h2", { text: "Sample" }), sample,
     el("p", { class: "links" },
       el("a", { href: consoleUrl(org, sup, "sql") + "#" + enc(`select * from "${name}" limit 100`), text: "Query this table" }),
       el("a", { href: consoleUrl(org, sup, "tables", name, "history"), text: "History" }),
@@ -160,6 +174,29 @@ async function tablePage(org, sup, name) {
   } catch (error) {
     sample.replaceChildren(errorBox(error));
   }
+}
+
+// What to paste into Spark, Trino, DuckDB or pyiceberg to read the table's mirrors.
+function useFrom(org, sup, name, mirrors) {
+  const origin = location.origin;
+  const delta = mirrors.find((m) => m.format === "delta" && m.enabled && m.location);
+  const iceberg = mirrors.find((m) => m.format === "iceberg" && m.enabled);
+  if (!delta && !iceberg) return el("p", { class: "hint", text: "No mirror is published for this table." });
+  const snippets = [];
+  if (iceberg) {
+    snippets.push(
+      ["Spark (Iceberg REST catalog)", `spark.sql.catalog.ll=org.apache.iceberg.spark.SparkCatalog\nspark.sql.catalog.ll.type=rest\nspark.sql.catalog.ll.uri=${origin}/iceberg\nspark.sql.catalog.ll.token=<token>\n\nSELECT * FROM ll.${org}.${sup}.${name};`],
+      ["Trino (Iceberg REST connector)", `connector.name=iceberg\niceberg.catalog.type=rest\niceberg.rest-catalog.uri=${origin}/iceberg\niceberg.rest-catalog.warehouse=${org}\niceberg.rest-catalog.security=OAUTH2\niceberg.rest-catalog.oauth2.token=<token>\n\nSELECT * FROM ledgerlake.${sup}.${name};`],
+      ["pyiceberg", `from pyiceberg.catalog import load_catalog\n\ncatalog = load_catalog("ll", type="rest", uri="${origin}/iceberg", token="<token>")\ncatalog.load_table("${org}.${sup}.${name}").scan().to_arrow()`],
+      ["DuckDB (Iceberg)", `CREATE SECRET ll_token (TYPE iceberg, TOKEN '<token>');\nATTACH '${org}' AS ll (TYPE iceberg, ENDPOINT '${origin}/iceberg', SECRET ll_token);\nSELECT * FROM ll.${sup}.${name};`]);
+  }
+  if (delta) {
+    snippets.push(
+      ["Spark (Delta)", `SELECT * FROM delta.\`${delta.location}\`;`],
+      ["DuckDB (Delta)", `SELECT * FROM delta_scan('${delta.location}');`]);
+  }
+  return el("details", { class: "use-from" }, el("summary", { text: "Read it from Spark, Trino, DuckDB or Python" }),
+    ...snippets.flatMap(([title, text]) => [el("h3", { text: title }), el("pre", { class: "plan", "aria-label": title, text })]));
 }
 
 // -- the SQL editor -----------------------------------------------------------------
@@ -199,6 +236,72 @@ function sortableGrid(columns, rows, label) {
     });
   });
   return table;
+}
+
+// -- charts of a result: bar, line or scatter, drawn as SVG (no library) ------------
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(tag, attrs, ...children) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "text") node.textContent = value;
+    else node.setAttribute(key, String(value));
+  }
+  node.append(...children);
+  return node;
+}
+
+function chartControls(result) {
+  const names = result.columns.map((c) => c.name);
+  const numeric = result.columns.map((c, i) => result.rows.some((r) => typeof r[i] === "number"));
+  const yDefault = numeric.lastIndexOf(true);
+  if (yDefault < 0 || !result.rows.length) return el("div");
+  const pick = (id, label, chosen) => {
+    const select = el("select", { id }, ...names.map((n, i) => el("option", { value: String(i), text: n })));
+    select.value = String(chosen);
+    return [el("label", { for: id, text: label }), select];
+  };
+  const [xLabel, xBox] = pick("chart-x", "X axis", yDefault === 0 ? 0 : 0);
+  const [yLabel, yBox] = pick("chart-y", "Y axis", yDefault);
+  const area = el("div", { class: "chart" });
+  const draw = (kind) => area.replaceChildren(chart(kind, result, Number(xBox.value), Number(yBox.value)));
+  return el("div", {},
+    el("div", { class: "controls" }, xLabel, xBox, yLabel, yBox,
+      ...["bar", "line", "scatter"].map((kind) => el("button", { type: "button", text: `${kind[0].toUpperCase()}${kind.slice(1)} chart`, onclick: () => draw(kind) }))),
+    area);
+}
+
+function chart(kind, result, xi, yi) {
+  const width = 640, height = 320, left = 56, bottom = 40, top = 12, right = 12;
+  const points = result.rows.filter((r) => typeof r[yi] === "number");
+  const ys = points.map((r) => r[yi]);
+  const low = Math.min(0, ...ys), high = Math.max(...ys, low + 1);
+  const y = (v) => top + (height - top - bottom) * (1 - (v - low) / (high - low));
+  const numericX = kind !== "bar" && points.every((r) => typeof r[xi] === "number");
+  const xs = points.map((r, i) => (numericX ? r[xi] : i));
+  const xLow = Math.min(...xs), xHigh = Math.max(...xs, xLow + 1);
+  const x = (v) => left + (width - left - right) * (kind === "bar" ? (v + 0.5) / points.length : (v - xLow) / (xHigh - xLow));
+  const label = `${kind} chart of ${result.columns[yi].name} by ${result.columns[xi].name}`;
+  const node = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": label, class: "chart-svg" });
+  node.append(svg("line", { x1: left, y1: y(low), x2: width - right, y2: y(low), class: "axis" }),
+    svg("line", { x1: left, y1: top, x2: left, y2: height - bottom, class: "axis" }),
+    svg("text", { x: left - 6, y: y(high) + 4, "text-anchor": "end", text: String(high) }),
+    svg("text", { x: left - 6, y: y(low) + 4, "text-anchor": "end", text: String(low) }));
+  if (kind === "bar") {
+    const w = Math.max(1, ((width - left - right) / points.length) * 0.7);
+    points.forEach((r, i) => {
+      node.append(svg("rect", { x: x(i) - w / 2, y: Math.min(y(r[yi]), y(0)), width: w, height: Math.abs(y(0) - y(r[yi])), class: "bar" },
+        svg("title", { text: `${r[xi]}: ${r[yi]}` })));
+      if (points.length <= 30) node.append(svg("text", { x: x(i), y: height - bottom + 16, "text-anchor": "middle", text: String(r[xi]) }));
+    });
+  } else {
+    const coords = points.map((r, i) => [x(xs[i]), y(r[yi])]);
+    if (kind === "line") node.append(svg("polyline", { points: coords.map((c) => c.join(",")).join(" "), class: "line" }));
+    coords.forEach(([cx, cy], i) => node.append(svg("circle", { cx, cy, r: 3, class: "dot" },
+      svg("title", { text: `${points[i][xi]}: ${points[i][yi]}` }))));
+  }
+  return node;
 }
 
 function saveBlob(blob, name) {
@@ -241,7 +344,8 @@ function sqlPage(org, sup) {
       const pager = el("div", { class: "pager" },
         el("button", { type: "button", text: "Previous page", ...(offset ? {} : { disabled: "" }), onclick: () => run(Math.max(0, offset - limit)) }),
         el("button", { type: "button", text: "Next page", ...(result.truncated ? {} : { disabled: "" }), onclick: () => run(offset + limit) }));
-      output.replaceChildren(sortableGrid(result.columns.map((c) => c.name), result.rows, "Results"), pager);
+      output.replaceChildren(sortableGrid(result.columns.map((c) => c.name), result.rows, "Results"), pager,
+        chartControls(result));
       status.textContent = `${result.row_count} row${result.row_count === 1 ? "" : "s"} from row ${offset + 1}` +
         `${result.truncated ? " (more follow)" : ""} in ${result.elapsed_ms} ms`;
     } catch (error) {
